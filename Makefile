@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine with Python 3.11: `make demo` and `make test`.
+# Both create (or reuse) the virtualenv $(VENV) and install what they need into it.
+#
+# TORCH_SPEC picks the torch build. The default is the CPU build torch==2.13.0; GPU users override it,
+# e.g. `make test TORCH_SPEC='torch>=2.9'` (a CUDA build from the registry's default index). It is passed to
+# pip unquoted, so extra pip options may follow the requirement.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.orthoptim-installed
+
+.PHONY: demo test lint doctor venv clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/orthoptim doctor
+
+doctor: demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .hypothesis

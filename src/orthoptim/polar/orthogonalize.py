@@ -1,0 +1,90 @@
+"""``orthogonalize``: the public entry of the polar engine (validate, normalize, iterate, restore)."""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import check_matrix_input
+from .newton_schulz import newton_schulz
+from .normalize import NONFINITE_POLICIES, NonFinitePolicy, Normalization, normalize
+from .schedules import ScheduleSpec, as_schedule
+
+#: The schedule and step count used when the caller names none (see README "Choosing a default").
+DEFAULT_SCHEDULE = "polar_express"
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_COMPUTE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def resolve_compute_dtype(compute_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The dtype the iteration runs in.
+
+    ``None`` ("auto"): bfloat16 on accelerators (tensor cores; the polynomials tolerate its rounding, see
+    ``schedules.ROUNDING_UPPER``) and float32 on the CPU. The CPU choice is by measurement (README,
+    "Compute dtype on the CPU"): bfloat16 matmuls are only faster on CPUs with native bf16 dot products and
+    fall far behind elsewhere, while float32 is about three digits more accurate.
+    """
+    if compute_dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(compute_dtype, str):
+        if compute_dtype not in _DTYPE_NAMES:
+            raise ValueError(f"unknown compute_dtype {compute_dtype!r}; choose one of {sorted(_DTYPE_NAMES)}")
+        return _DTYPE_NAMES[compute_dtype]
+    if compute_dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, got {compute_dtype!r}")
+    return compute_dtype
+
+
+def orthogonalize(
+    G: torch.Tensor,
+    *,
+    schedule: ScheduleSpec = DEFAULT_SCHEDULE,
+    steps: int | None = None,
+    normalization: Normalization = "frobenius",
+    compute_dtype: torch.dtype | str | None = None,
+    nonfinite: NonFinitePolicy = "raise",
+) -> torch.Tensor:
+    """Approximate the polar factor ``U Vᵀ`` of each matrix in ``G`` (..., m, n) by Newton–Schulz.
+
+    Exactly scale-invariant: ``orthogonalize(t·G)`` equals ``orthogonalize(G)`` for every ``t > 0`` with
+    ``t·G`` finite and nonzero (bit for bit when ``t`` is a power of two), from float32 subnormals to
+    float32's largest values; the zero matrix maps to zeros.
+
+    Args:
+        G: real floating tensor (..., m, n), any m, n ≥ 1, any float dtype, any strides.
+        schedule: a shipped schedule name (``orthoptim.list_schedules()``), a ``Schedule``, one ``(a, b, c)``
+            triple (applied every step, as in torch.optim.Muon), or a list of triples (validated once).
+        steps: iterations; the schedule's default (5 for most) if None.
+        normalization: how σmax is bounded before the first step (``"frobenius"``).
+        compute_dtype: dtype of the iteration; None picks bfloat16 on accelerators, float32 on the CPU.
+        nonfinite: ``"raise"`` (default) raises :class:`NonFiniteError` naming the shape if ``G`` holds
+            NaN/Inf (costs one host sync); ``"propagate"`` skips the check and lets NaN flow to the output.
+
+    Returns:
+        A tensor of ``G``'s shape and dtype (a transposed view for tall matrices).
+    """
+    check_matrix_input(G, "orthogonalize")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
+    sched = as_schedule(schedule)
+    coefficients = sched.steps_coefficients(steps)
+    dtype = resolve_compute_dtype(compute_dtype, G.device)
+
+    m, n = G.shape[-2], G.shape[-1]
+    tall = m > n
+    X = G.mT if tall else G
+    batch_shape = X.shape[:-2]
+    X = X.reshape(-1, X.shape[-2], X.shape[-1])
+    X = normalize(X, normalization=normalization, margin=sched.margin, nonfinite=nonfinite, shape=G.shape)
+    X = newton_schulz(X.to(dtype), coefficients)
+    X = X.reshape(*batch_shape, X.shape[-2], X.shape[-1]).to(G.dtype)
+    return X.mT if tall else X

@@ -1,0 +1,424 @@
+"""Newton–Schulz coefficient schedules as data, and their validation.
+
+A schedule is a list of odd quintic steps ``p(x) = a·x + b·x³ + c·x⁵`` applied to the singular values
+of a normalized matrix (``X ← aX + b(XXᵀ)X + c(XXᵀ)²X``), an iteration mode that says what happens past
+the end of the list, and an input *margin*: the matrix is divided by ``margin·‖X‖`` before the first
+step so that the schedule only ever sees singular values in ``[0, (1 + rounding)/margin]``.
+
+Every shipped schedule is validated (:func:`validate_schedule`) on ``σ ∈ [lower, 1 + 2⁻⁸]``: the upper end
+covers the worst case of rounding a normalized matrix to bfloat16 (each entry moves by at most 2⁻⁹ of
+itself, so ``σmax`` moves by at most ``2⁻⁹·‖X‖_F = 2⁻⁹``), with a factor of two to spare.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+import numpy as np
+
+Triple: TypeAlias = tuple[float, float, float]
+IterationMode: TypeAlias = Literal["cycle", "repeat_last"]
+
+#: Upper end of the validated singular-value interval (see the module docstring).
+ROUNDING_UPPER = 1.0 + 2.0**-8
+#: Default lower end: the interval Polar Express and CANS were designed for (arXiv 2505.16932).
+DEFAULT_LOWER = 1e-3
+#: Largest gain a schedule may produce anywhere on its interval before we call it unbounded.
+DEFAULT_BOUND = 1.5
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A named Newton–Schulz coefficient schedule.
+
+    Attributes:
+        name: registry name (``"custom"`` for user lists).
+        coefficients: the ``(a, b, c)`` triples, one per step.
+        mode: ``"cycle"`` restarts the list after its end, ``"repeat_last"`` keeps applying the last triple.
+        margin: the input is divided by ``margin·‖X‖`` (≥ 1) so that rounding cannot push σ past what the
+            polynomials tolerate.
+        default_steps: steps used when the caller gives none.
+        lower: lower end of the interval the schedule was designed for and is validated on.
+        source: where the numbers come from.
+    """
+
+    name: str
+    coefficients: tuple[Triple, ...]
+    mode: IterationMode = "cycle"
+    margin: float = 1.0
+    default_steps: int = 5
+    lower: float = DEFAULT_LOWER
+    source: str = ""
+    note: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.coefficients:
+            raise ValueError(f"schedule {self.name!r}: the coefficient list is empty")
+        for i, triple in enumerate(self.coefficients):
+            if len(triple) != 3 or not all(math.isfinite(float(v)) for v in triple):
+                raise ValueError(
+                    f"schedule {self.name!r}: step {i} must be three finite numbers (a, b, c), got {triple!r}"
+                )
+        if self.mode not in ("cycle", "repeat_last"):
+            raise ValueError(f"schedule {self.name!r}: mode must be 'cycle' or 'repeat_last', got {self.mode!r}")
+        if not (math.isfinite(self.margin) and self.margin >= 1.0):
+            raise ValueError(f"schedule {self.name!r}: margin must be a finite number ≥ 1, got {self.margin!r}")
+        if not (isinstance(self.default_steps, int) and self.default_steps >= 1):
+            raise ValueError(f"schedule {self.name!r}: default_steps must be a positive int")
+        if not (0.0 < self.lower < 1.0):
+            raise ValueError(f"schedule {self.name!r}: lower must lie in (0, 1), got {self.lower!r}")
+
+    def steps_coefficients(self, steps: int | None = None) -> tuple[Triple, ...]:
+        """The triples actually applied for ``steps`` iterations (the schedule's default if None)."""
+        n = self.default_steps if steps is None else steps
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        k = len(self.coefficients)
+        if self.mode == "cycle":
+            return tuple(self.coefficients[i % k] for i in range(n))
+        return tuple(self.coefficients[min(i, k - 1)] for i in range(n))
+
+    def matmuls(self, steps: int | None = None) -> int:
+        """Matrix products for ``steps`` iterations: 3 per quintic step, 2 per cubic (c = 0) step."""
+        return sum(2 if c == 0.0 else 3 for (_, _, c) in self.steps_coefficients(steps))
+
+
+def _pe_safety(triples: Sequence[Triple], factor: float) -> tuple[Triple, ...]:
+    """Fold a Polar Express safety factor into every triple but the last (arXiv 2505.16932, Alg. 1).
+
+    Dividing (a, b, c) by (f, f³, f⁵) turns the step p(x) into p(x/f): it tolerates inputs up to f times its
+    design upper end. The last triple (1.875, −1.25, 0.375) is the classical Padé step and needs none.
+    """
+    head = [(a / factor, b / factor**3, c / factor**5) for (a, b, c) in triples[:-1]]
+    return (*head, tuple(triples[-1]))  # type: ignore[return-value]
+
+
+# --- the numbers, each with its source -------------------------------------------------------------
+
+# KellerJordan/Muon muon.py; torch.optim.Muon's default (torch/optim/_muon.py DEFAULT_A/B/C).
+_JORDAN: tuple[Triple, ...] = ((3.4445, -4.7750, 2.0315),)
+
+# modded-nanogpt train_gpt_medium.py (2025-02), by @YouJiacheng; optax calls it 'dion',
+# NVIDIA Emerging-Optimizers muon_utils.py calls it 'quintic'.
+_YOU: tuple[Triple, ...] = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+
+# Polar Express, arXiv 2505.16932 Algorithm 1 (ℓ = 1e-3, degree 5, 8 iterations; the last triple repeats).
+_POLAR_EXPRESS_RAW: tuple[Triple, ...] = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+
+# modded-nanogpt train_gpt.py: PolarExpress optimal_composition(l=1e-3, num_iters=5,
+# safety_factor_eps=0.02, cushion=0.02); input ÷ (1.02‖X‖_F + 1e-6) there.
+_POLAR_EXPRESS_5: tuple[Triple, ...] = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+# CANS, arXiv 2506.10935, as tabulated in NVIDIA Emerging-Optimizers
+# emerging_optimizers/orthogonalized_optimizers/muon_utils.py ("cans").
+_CANS: tuple[Triple, ...] = (
+    (8.4703, -25.1081, 18.6293),
+    (4.1828, -3.1087, 0.5806),
+    (3.9619, -2.9541, 0.5630),
+    (3.2866, -2.4647, 0.5074),
+    (2.2737, -1.6447, 0.4162),
+)
+
+# AOL list from thib-s/flash-newton-schulz newton_schulz_triton.py (2025-09 version); stays positive on (0, 1.05].
+_AOL: tuple[Triple, ...] = (
+    (4.6051, -9.6552, 5.6769),
+    (4.7505, -6.0861, 2.1790),
+    (2.7763, -2.3190, 0.5523),
+    (2.4231, -2.2861, 0.8193),
+)
+
+# The later AOL list as copied into NVIDIA Emerging-Optimizers muon_utils.py ("aol"); designed for
+# AOL-preconditioned input (arXiv 2512.04632). Its 4-step composite maps σ ∈ (0.884, 1] to negative
+# values, so an input with any singular value near σmax gets that direction's sign flipped. Refused.
+_AOL_EMERGING: tuple[Triple, ...] = (
+    (4.0098, -7.0585, 2.4635),
+    (3.4585, -5.5479, 2.5959),
+    (2.7573, -3.2939, 1.4254),
+    (2.7215, -3.0494, 1.3169),
+)
+
+# DeepSeek-V4 report, as encoded in NVIDIA Emerging-Optimizers muon_utils.py ("deepseekv4"):
+# 8 Jordan steps to pull σ up fast, then 2 steps of (2, −1.5, 0.5) that converge to 1.
+_DEEPSEEKV4: tuple[Triple, ...] = _JORDAN * 8 + ((2.0, -1.5, 0.5),) * 2
+
+# Relaxed cubic schedule, arXiv 2606.00371 (u = 1.3, ℓ₀ = 7e-3): c = 0, two matmuls per step.
+_CUBIC5: tuple[Triple, ...] = (
+    (3.3656576, -3.3420992, 0.0),
+    (2.5744352, -1.4957376, 0.0),
+    (2.5368962, -1.4312570, 0.0),
+    (2.4418906, -1.2764040, 0.0),
+    (2.2230472, -0.9630650, 0.0),
+)
+
+_SHIPPED: dict[str, Schedule] = {
+    s.name: s
+    for s in (
+        Schedule("jordan", _JORDAN, "cycle", 1.0, 5, source="KellerJordan/Muon muon.py; torch.optim.Muon default"),
+        Schedule("you", _YOU, "cycle", 1.0, 5, source="modded-nanogpt train_gpt_medium.py (2025-02)"),
+        Schedule(
+            "polar_express",
+            _pe_safety(_POLAR_EXPRESS_RAW, 1.01),
+            "repeat_last",
+            1.01,
+            5,
+            source="arXiv 2505.16932 Algorithm 1; safety factor 1.01 folded in, input ÷ 1.01‖X‖",
+        ),
+        Schedule(
+            "polar_express_5",
+            _POLAR_EXPRESS_5,
+            "repeat_last",
+            1.02,
+            5,
+            source="modded-nanogpt train_gpt.py (ℓ=1e-3, safety 0.02, cushion 0.02), input ÷ 1.02‖X‖",
+        ),
+        Schedule(
+            "cans",
+            _CANS,
+            "repeat_last",
+            1.01,
+            5,
+            source="arXiv 2506.10935 via NVIDIA Emerging-Optimizers muon_utils.py",
+            # The published list reaches ~1e103 at σ = 1.01 and leaves (0, 1.3] at σ = 1 + 4e-6: it has no
+            # room for rounding at all. We divide the input by 1.01‖X‖ (as Polar Express does).
+            note="input margin 1.01 added by orthoptim: the published list blows up for σ > 1 + 4e-6",
+        ),
+        Schedule("aol", _AOL, "cycle", 1.0, 4, source="thib-s/flash-newton-schulz newton_schulz_triton.py"),
+        Schedule(
+            "deepseekv4",
+            _DEEPSEEKV4,
+            "repeat_last",
+            1.0,
+            10,
+            source="DeepSeek-V4 report via NVIDIA Emerging-Optimizers muon_utils.py",
+        ),
+        Schedule(
+            "cubic5",
+            _CUBIC5,
+            "cycle",
+            1.01,
+            5,
+            source="arXiv 2606.00371 (relaxed cubic, c = 0)",
+            # The composite turns negative for σ > 1.0035: bf16 rounding of a normalized matrix alone can
+            # reach σ = 1 + 2⁻⁹. Dividing the input by 1.01‖X‖ keeps σ ≤ 0.994 after rounding.
+            note="input margin 1.01 added by orthoptim: the published list flips sign for σ > 1.0035",
+        ),
+        Schedule("newton_schulz", ((1.5, -0.5, 0.0),), "cycle", 1.0, 12, source="classical cubic Newton–Schulz"),
+        Schedule(
+            "pade5",
+            ((1.875, -1.25, 0.375),),
+            "cycle",
+            1.0,
+            10,
+            source="classical quintic (Padé) Newton–Schulz step",
+        ),
+    )
+}
+
+_ALIASES: dict[str, str] = {"quintic": "you", "simple": "jordan", "pe": "polar_express"}
+
+_REFUSED: dict[str, str] = {
+    "aol_emerging": (
+        "the 4-step 'aol' list copied into NVIDIA Emerging-Optimizers (4.0098, -7.0585, 2.4635), ... maps "
+        "singular values above ~0.884 to negative values, flipping the sign of the update along the leading "
+        "directions after any normalization that guarantees σ ≤ 1; use schedule='aol' "
+        "(thib-s/flash-newton-schulz's list, which stays positive)"
+    ),
+}
+
+ScheduleSpec: TypeAlias = str | Schedule | Triple | Sequence[Triple]
+
+
+def list_schedules() -> list[str]:
+    """Names of the shipped schedules (aliases not included)."""
+    return sorted(_SHIPPED)
+
+
+def get_schedule(name: str) -> Schedule:
+    """Look up a shipped schedule by name (``"quintic"`` and ``"simple"`` are aliases).
+
+    Raises ``ValueError`` for unknown names and for lists that orthoptim refuses to run (see
+    ``validate_schedule``), naming why.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"schedule name must be a str, got {type(name).__name__}")
+    key = _ALIASES.get(name, name)
+    if key in _REFUSED:
+        raise ValueError(f"schedule {name!r} is refused: {_REFUSED[key]}")
+    if key not in _SHIPPED:
+        raise ValueError(f"unknown schedule {name!r}; shipped schedules: {', '.join(list_schedules())}")
+    return _SHIPPED[key]
+
+
+def raw_coefficients(name: str) -> tuple[Triple, ...]:
+    """The coefficients of a shipped *or refused* list, for inspection and for tests of the refusal."""
+    if name in _SHIPPED:
+        return _SHIPPED[name].coefficients
+    if name == "aol_emerging":
+        return _AOL_EMERGING
+    if name == "polar_express_raw":
+        return _POLAR_EXPRESS_RAW
+    raise ValueError(f"no coefficient list named {name!r}")
+
+
+@dataclass(frozen=True)
+class ScheduleReport:
+    """What :func:`validate_schedule` found, on the interval ``σ ∈ [lower, upper]`` of *input* singular
+    values (before the schedule's margin is applied)."""
+
+    lower: float
+    upper: float
+    steps: int
+    min_gain: float
+    max_gain: float
+    argmin: float
+    argmax: float
+    positive: bool
+    bounded: bool
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.positive and self.bounded
+
+    def describe(self) -> str:
+        return (
+            f"{self.steps} steps on σ ∈ [{self.lower:g}, {self.upper:.6g}]: output ∈ "
+            f"[{self.min_gain:.4g} (at σ={self.argmin:.3g}), {self.max_gain:.4g} (at σ={self.argmax:.3g})]"
+        )
+
+
+def composite(coeffs: Sequence[Triple], x: np.ndarray) -> np.ndarray:
+    """Apply the steps ``coeffs`` to scalars ``x`` in float64 (the scalar picture of the iteration)."""
+    y = np.asarray(x, dtype=np.float64).copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for a, b, c in coeffs:
+            y2 = y * y
+            y = y * (a + y2 * (b + c * y2))
+    return y
+
+
+def _grid(lower: float, upper: float, points: int) -> np.ndarray:
+    # Log-spaced over [lower, 1] (where the small σ live) plus linear just above 1 (where blow-ups live).
+    parts = [np.geomspace(lower, min(upper, 1.0), points)]
+    if upper > 1.0:
+        parts.append(np.linspace(1.0, upper, max(points // 10, 2)))
+    return np.concatenate(parts)
+
+
+def validate_schedule(
+    coeffs: ScheduleSpec,
+    *,
+    steps: int | None = None,
+    lower: float | None = None,
+    upper: float = ROUNDING_UPPER,
+    margin: float | None = None,
+    bound: float = DEFAULT_BOUND,
+    points: int = 20001,
+) -> ScheduleReport:
+    """Evaluate a schedule's composite scalar polynomial in float64 on a dense grid over ``[lower, upper]``.
+
+    ``coeffs`` is a schedule name, a :class:`Schedule`, one ``(a, b, c)`` triple, or a list of triples.
+    The grid runs over *input* singular values after normalization by ``‖X‖`` (so ``σ ≤ 1`` in exact
+    arithmetic; ``upper`` > 1 models rounding); each is divided by the schedule's ``margin`` before the
+    first step, as :func:`orthoptim.orthogonalize` does. The report says the smallest and largest output,
+    whether the output stays positive (no sign flip of any direction) and whether it stays ``≤ bound``.
+    """
+    sched = as_schedule(coeffs, validate=False)
+    lo = sched.lower if lower is None else float(lower)
+    mg = sched.margin if margin is None else float(margin)
+    if not (0.0 < lo < upper):
+        raise ValueError(f"need 0 < lower < upper, got lower={lo!r}, upper={upper!r}")
+    if not (math.isfinite(mg) and mg > 0):
+        raise ValueError(f"margin must be a positive finite number, got {mg!r}")
+    triples = sched.steps_coefficients(steps)
+    x = _grid(lo, upper, points)
+    y = composite(triples, x / mg)
+    finite = np.isfinite(y)
+    y_safe = np.where(finite, y, np.inf)
+    i_min = int(np.argmin(np.where(finite, y, -np.inf)))
+    i_max = int(np.argmax(y_safe))
+    min_gain = float(np.where(finite, y, -np.inf)[i_min])
+    max_gain = float(y_safe[i_max])
+    return ScheduleReport(
+        lower=lo,
+        upper=float(upper),
+        steps=len(triples),
+        min_gain=min_gain,
+        max_gain=max_gain,
+        argmin=float(x[i_min]),
+        argmax=float(x[i_max]),
+        positive=bool(finite.all() and min_gain > 0.0),
+        bounded=bool(finite.all() and max_gain <= bound),
+        bound=bound,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_custom(triples: tuple[Triple, ...]) -> Schedule:
+    sched = Schedule("custom", triples, "cycle", 1.0, len(triples), source="user")
+    report = validate_schedule(sched)
+    if not report.ok:
+        raise ValueError(
+            "custom schedule rejected: "
+            + report.describe()
+            + f"; it must stay in (0, {report.bound}] for σ up to {report.upper:.6g} (rounding slack). "
+            "Build a Schedule(...) with a margin > 1 if it needs one, or pass validate=False at your own risk."
+        )
+    return sched
+
+
+def as_schedule(spec: ScheduleSpec, *, validate: bool = True) -> Schedule:
+    """Turn a schedule name, a :class:`Schedule`, one triple or a list of triples into a :class:`Schedule`.
+
+    Custom lists are validated (cached per list) unless ``validate=False``; a ``Schedule`` object is
+    taken as given.
+    """
+    if isinstance(spec, Schedule):
+        return spec
+    if isinstance(spec, str):
+        return get_schedule(spec)
+    try:
+        items = list(spec)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"schedule must be a name, a Schedule, an (a, b, c) triple or a list of triples; got {spec!r}"
+        ) from None
+    if items and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+        items = [tuple(items)]
+    try:
+        triples = tuple(tuple(float(v) for v in t) for t in items)
+    except (TypeError, ValueError):
+        raise TypeError(f"schedule list must hold (a, b, c) triples of numbers; got {spec!r}") from None
+    for t in triples:
+        if len(t) != 3:
+            raise ValueError(f"each schedule step must be an (a, b, c) triple; got {t!r}")
+    if not triples:
+        raise ValueError("schedule list is empty")
+    if validate:
+        return _checked_custom(triples)  # type: ignore[arg-type]
+    return Schedule("custom", triples, "cycle", 1.0, len(triples), source="user")  # type: ignore[arg-type]

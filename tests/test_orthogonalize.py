@@ -1,0 +1,192 @@
+"""orthogonalize against float64 SVD, torch.optim.Muon's routine, and its input contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import orthoptim
+from orthoptim.polar import composite, get_schedule, list_schedules, polar
+
+from .conftest import gains, with_spectrum
+
+
+def expected_gains(name: str, s: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+    """Closed form: the output's gain along singular direction i is p(sᵢ / (margin·‖s‖₂)) (float64 scalars)."""
+    sched = get_schedule(name)
+    x = (s / (sched.margin * s.norm())).numpy()
+    return torch.from_numpy(composite(sched.steps_coefficients(steps), x))
+
+
+@pytest.mark.parametrize("name", list_schedules())
+def test_float64_iteration_matches_closed_form(name: str) -> None:
+    """In float64 the matrix iteration must act on each singular value exactly as the scalar polynomial."""
+    s = torch.logspace(0, -2.5, 24, dtype=torch.float64)
+    G, U, V = with_spectrum(24, 40, s, seed=5)
+    O = orthoptim.orthogonalize(G, schedule=name, compute_dtype=torch.float64)
+    M = gains(O, U, V)
+    assert torch.allclose(torch.diagonal(M), expected_gains(name, s), atol=1e-9)
+    off = M - torch.diag(torch.diagonal(M))
+    assert off.abs().max() < 1e-9
+
+
+# Tolerances on the gain around the closed-form float64 value. bf16 rounds every entry by up to 2^-9 at
+# each product; steps with large coefficients (CANS: b = -25, c = 18.6) amplify that the most. Measured
+# worst cases on this test's matrix (float32 / bf16, CPU): jordan 6e-7 / 0.017, polar_express 4e-6 / 0.033,
+# cans 2e-5 / 0.19; the bounds below leave room for other BLAS summation orders.
+GAIN_TOL = {torch.float32: 2e-4, torch.bfloat16: 0.12}
+GAIN_TOL_AGGRESSIVE_BF16 = {"cans": 0.3}
+
+
+@pytest.mark.parametrize("compute_dtype", list(GAIN_TOL))
+@pytest.mark.parametrize("name", ["jordan", "polar_express", "polar_express_5", "cans", "you", "cubic5"])
+def test_low_precision_gains_near_closed_form(name: str, compute_dtype: torch.dtype) -> None:
+    s = torch.logspace(0, -2.5, 32, dtype=torch.float64)
+    G, U, V = with_spectrum(32, 96, s, seed=6)
+    O = orthoptim.orthogonalize(G.float(), schedule=name, compute_dtype=compute_dtype)
+    got = torch.diagonal(gains(O, U, V))
+    tol = GAIN_TOL[compute_dtype]
+    if compute_dtype == torch.bfloat16:
+        tol = GAIN_TOL_AGGRESSIVE_BF16.get(name, tol)
+    assert (got - expected_gains(name, s)).abs().max() < tol
+
+
+@pytest.mark.parametrize("steps,tol", [(6, 0.01), (8, 1e-3)])
+def test_polar_express_converges_to_svd_polar(steps: int, tol: float) -> None:
+    """More Polar Express steps → the float64 SVD polar factor (spectrum ≥ 1e-2·σmax, float32 compute)."""
+    s = torch.logspace(0, -2, 20, dtype=torch.float64)
+    G, _, _ = with_spectrum(20, 50, s, seed=7)
+    O = orthoptim.orthogonalize(G.float(), schedule="polar_express", steps=steps)
+    P = polar(G)
+    assert torch.linalg.matrix_norm(O.double() - P, ord=2) < tol
+
+
+def test_torch_muon_coefficients_match_torch_optim_muon() -> None:
+    """With torch.optim.Muon's coefficients, steps and bf16 compute we reproduce its routine up to bf16."""
+    muon_ns = pytest.importorskip("torch.optim._muon")._zeropower_via_newtonschulz
+    G = torch.randn(64, 160, generator=torch.Generator().manual_seed(8))
+    for A in (G, G.T):
+        theirs = muon_ns(A, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
+        ours = orthoptim.orthogonalize(A, schedule=(3.4445, -4.7750, 2.0315), steps=5, compute_dtype="bf16")
+        assert ours.shape == A.shape
+        rel = (ours - theirs).norm() / theirs.norm()
+        assert rel < 0.03, rel  # bf16: a few roundings per step, same math
+
+
+def test_batched_equals_loop() -> None:
+    G = torch.randn(3, 2, 12, 20, generator=torch.Generator().manual_seed(9))
+    G[1, 0] *= 1e-30  # wildly different scales inside one batch: each matrix is prescaled on its own
+    G[2, 1] = 0.0
+    out = orthoptim.orthogonalize(G)
+    assert out.shape == G.shape
+    for i in range(3):
+        for j in range(2):
+            single = orthoptim.orthogonalize(G[i, j])
+            assert torch.allclose(out[i, j], single, atol=1e-6, rtol=0)
+    assert torch.equal(out[2, 1], torch.zeros(12, 20))
+
+
+def test_tall_is_transpose_of_wide() -> None:
+    G = torch.randn(50, 18, generator=torch.Generator().manual_seed(10))
+    assert torch.equal(orthoptim.orthogonalize(G), orthoptim.orthogonalize(G.T.contiguous()).T)
+    assert torch.equal(orthoptim.orthogonalize(G.T), orthoptim.orthogonalize(G).T)
+
+
+def test_zero_and_partially_zero() -> None:
+    assert torch.equal(orthoptim.orthogonalize(torch.zeros(5, 7)), torch.zeros(5, 7))
+    assert torch.equal(orthoptim.orthogonalize(torch.zeros(2, 3, 3, dtype=torch.bfloat16)), torch.zeros(2, 3, 3))
+    # A zero row stays zero (its direction has σ = 0).
+    G = torch.randn(6, 9, generator=torch.Generator().manual_seed(11))
+    G[2] = 0
+    out = orthoptim.orthogonalize(G)
+    assert torch.equal(out[2], torch.zeros(9)) and torch.isfinite(out).all()
+
+
+def test_nonfinite_raise_names_shape_and_propagate_gives_nan() -> None:
+    G = torch.randn(2, 4, 5)
+    G[1, 2, 3] = float("nan")
+    with pytest.raises(orthoptim.NonFiniteError, match=r"shape \(2, 4, 5\).*1 of 2 matrices.*index 1"):
+        orthoptim.orthogonalize(G)
+    H = torch.randn(4, 5)
+    H[0, 0] = float("inf")
+    with pytest.raises(orthoptim.NonFiniteError, match=r"\(4, 5\)"):
+        orthoptim.orthogonalize(H)
+    out = orthoptim.orthogonalize(G, nonfinite="propagate")
+    assert torch.isnan(out[1]).all()
+    assert torch.isfinite(out[0]).all()  # the clean matrix of the batch is untouched
+    assert torch.isnan(orthoptim.orthogonalize(H, nonfinite="propagate")).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (1, 1), (2000, 3), (3, 2000)])
+def test_vectors_and_extreme_aspect_ratios(shape: tuple[int, int]) -> None:
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    out = orthoptim.orthogonalize(G.float(), schedule="polar_express", steps=8)
+    P = polar(G)
+    assert out.shape == G.shape
+    assert (out.double() - P).abs().max() < 1e-3
+
+
+def test_non_contiguous_views() -> None:
+    base = torch.randn(40, 60, generator=torch.Generator().manual_seed(13))
+    view = base[::2, 1::3]  # strided, non-contiguous
+    assert not view.is_contiguous()
+    assert torch.equal(orthoptim.orthogonalize(view), orthoptim.orthogonalize(view.contiguous()))
+    before = base.clone()
+    orthoptim.orthogonalize(base)
+    assert torch.equal(base, before)  # input untouched
+
+
+def test_float16_extremes() -> None:
+    """Entries up to fp16's max and entries deep in its subnormal range: the output acts on the singular
+    values of the values actually passed as the float64 closed form says."""
+    sched = get_schedule("polar_express")
+    G = torch.randn(8, 12, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    big = (G / G.abs().max() * 65504).half()  # entries up to fp16's max
+    tiny = (G / G.abs().max() * 2.0**-20).half()  # all below fp16's smallest normal (6.1e-5)
+    assert bool((tiny.abs() < torch.finfo(torch.float16).tiny).all())
+    for X in (big, tiny):
+        out = orthoptim.orthogonalize(X)
+        assert out.dtype == torch.float16 and torch.isfinite(out).all()
+        U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
+        expected = composite(sched.steps_coefficients(), (S / (sched.margin * S.norm())).numpy())
+        M = U.T @ out.double() @ Vh.T
+        assert (torch.diagonal(M) - torch.from_numpy(expected)).abs().max() < 5e-3  # fp16 output rounding
+        assert (M - torch.diag(torch.diagonal(M))).abs().max() < 5e-3
+
+
+def test_output_dtype_follows_input() -> None:
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        G = torch.randn(5, 6).to(dtype)
+        assert orthoptim.orthogonalize(G).dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "bad,exc,pattern",
+    [
+        (torch.ones(3, 3, dtype=torch.int64), TypeError, "floating-point"),
+        (torch.ones(3, 3, dtype=torch.complex64), TypeError, "complex"),
+        (torch.ones(5), ValueError, "1 dim"),
+        (torch.ones(0, 4), ValueError, "empty"),
+        (torch.ones(2, 0, 4), ValueError, "empty"),
+        ([[1.0, 2.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_is_named(bad: object, exc: type[Exception], pattern: str) -> None:
+    with pytest.raises(exc, match=pattern):
+        orthoptim.orthogonalize(bad)  # type: ignore[arg-type]
+
+
+def test_bad_options_are_named() -> None:
+    G = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        orthoptim.orthogonalize(G, schedule="nope")
+    with pytest.raises(ValueError, match="steps"):
+        orthoptim.orthogonalize(G, steps=0)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        orthoptim.orthogonalize(G, compute_dtype="int8")
+    with pytest.raises(ValueError, match="normalization"):
+        orthoptim.orthogonalize(G, normalization="spectral")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="nonfinite"):
+        orthoptim.orthogonalize(G, nonfinite="skip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="refused"):
+        orthoptim.orthogonalize(G, schedule="aol_emerging")

@@ -1,0 +1,133 @@
+"""Schedules as data: every shipped list validated, refusals and fixes explained, iteration modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import orthoptim
+from orthoptim.polar import Schedule, as_schedule, get_schedule, list_schedules, validate_schedule
+from orthoptim.polar.schedules import ROUNDING_UPPER, raw_coefficients
+
+EXPECTED = {
+    "jordan",
+    "you",
+    "polar_express",
+    "polar_express_5",
+    "cans",
+    "aol",
+    "deepseekv4",
+    "cubic5",
+    "newton_schulz",
+    "pade5",
+}
+
+
+def test_shipped_names_and_aliases() -> None:
+    assert set(list_schedules()) == EXPECTED
+    assert get_schedule("quintic") is get_schedule("you")
+    assert get_schedule("simple") is get_schedule("jordan")
+    assert orthoptim.list_schedules() == list_schedules()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_shipped_schedule_validates(name: str) -> None:
+    sched = get_schedule(name)
+    assert sched.source, "every schedule names its source"
+    report = validate_schedule(name)
+    assert report.ok, report.describe()
+    assert report.upper == ROUNDING_UPPER and report.lower == sched.lower
+    # Independent check of the report on a grid of our own (plain numpy polynomial evaluation).
+    x = np.geomspace(sched.lower, ROUNDING_UPPER, 4001) / sched.margin
+    y = x.copy()
+    for a, b, c in sched.steps_coefficients():
+        y = np.polyval([c, 0, b, 0, a, 0], y)
+    assert report.min_gain <= y.min() + 1e-9 and report.max_gain >= y.max() - 1e-9
+    assert y.min() > 0
+
+
+def test_exact_arithmetic_anchors_from_references() -> None:
+    """Worst cases over σ ∈ [1e-3, 1] quoted in REFERENCES.md (float64, no margin)."""
+    anchors = {"jordan": (0.47, 1.20), "you": (0.48, 1.15), "cans": (0.88, 1.12)}
+    for name, (lo, hi) in anchors.items():
+        r = validate_schedule(name, upper=1.0, margin=1.0)
+        assert abs(r.min_gain - lo) < 0.01 and abs(r.max_gain - hi) < 0.01, (name, r.describe())
+    r5 = validate_schedule("polar_express", upper=1.0, margin=1.0)
+    assert 0.84 < r5.min_gain < 0.86 and 1.11 < r5.max_gain < 1.13
+    r6 = validate_schedule("polar_express", steps=6, upper=1.0, margin=1.0)
+    assert r6.min_gain > 0.99 and r6.max_gain < 1.002
+
+
+def test_polar_express_safety_factor_matches_published_rounded_list() -> None:
+    """Our 1.01-safety list, rounded to 4 digits, equals NVIDIA Emerging-Optimizers' (muon_utils.py)."""
+    published = [
+        (8.2051, -22.9019, 16.4607),
+        (4.0664, -2.8612, 0.5184),
+        (3.9096, -2.8234, 0.5250),
+        (3.2856, -2.4153, 0.4853),
+        (2.2779, -1.6198, 0.3985),
+        (1.8726, -1.2307, 0.3585),
+        (1.8564, -1.2132, 0.3568),
+        (1.8750, -1.2500, 0.3750),
+    ]
+    ours = get_schedule("polar_express").coefficients
+    assert len(ours) == 8
+    for mine, theirs in zip(ours, published, strict=True):
+        assert np.allclose(mine, theirs, atol=6e-5), (mine, theirs)
+
+
+def test_refused_aol_list_flips_sign_and_is_refused() -> None:
+    report = validate_schedule(list(raw_coefficients("aol_emerging")), upper=1.0)
+    assert not report.positive
+    assert 0.85 < report.argmin <= 1.0  # the sign flip lives near σmax
+    with pytest.raises(ValueError, match=r"refused.*negative"):
+        get_schedule("aol_emerging")
+
+
+def test_fixed_lists_need_their_margin() -> None:
+    """cans and cubic5 as published fail within bf16 rounding of σ = 1; with the 1.01 margin they pass."""
+    for name in ("cans", "cubic5"):
+        bare = validate_schedule(name, margin=1.0)
+        assert not bare.ok, bare.describe()
+        assert validate_schedule(name).ok
+    assert get_schedule("cans").margin == get_schedule("cubic5").margin == 1.01
+    raw_pe = validate_schedule(list(raw_coefficients("polar_express_raw")), upper=1.01, margin=1.0)
+    assert not raw_pe.bounded  # why Polar Express ships with a safety factor
+
+
+def test_iteration_modes() -> None:
+    pe = get_schedule("polar_express")
+    c = pe.steps_coefficients(10)
+    assert c[:8] == pe.coefficients and c[8] == c[9] == pe.coefficients[-1]
+    you = get_schedule("you")
+    c = you.steps_coefficients(7)
+    assert c[5] == you.coefficients[0] and c[6] == you.coefficients[1]
+    assert get_schedule("deepseekv4").steps_coefficients() == ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2
+    assert get_schedule("cubic5").matmuls() == 10 and get_schedule("jordan").matmuls() == 15
+
+
+def test_custom_lists() -> None:
+    triple = (3.4445, -4.7750, 2.0315)
+    s = as_schedule(triple)
+    assert s.coefficients == (triple,) and s.name == "custom"
+    assert as_schedule([triple, triple]).coefficients == (triple, triple)
+    with pytest.raises(ValueError, match="custom schedule rejected"):
+        as_schedule(list(raw_coefficients("aol_emerging")))
+    with pytest.raises(TypeError):
+        as_schedule(3.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="triple"):
+        as_schedule([(1.0, 2.0)])  # type: ignore[list-item]
+    # A Schedule object is the escape hatch: taken as given.
+    own = Schedule("mine", ((1.5, -0.5, 0.0),), margin=1.0, default_steps=3)
+    assert as_schedule(own) is own
+
+
+def test_schedule_dataclass_validates_fields() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        Schedule("x", ())
+    with pytest.raises(ValueError, match="mode"):
+        Schedule("x", ((1.0, 0.0, 0.0),), mode="loop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="margin"):
+        Schedule("x", ((1.0, 0.0, 0.0),), margin=0.5)
+    with pytest.raises(ValueError, match="finite"):
+        Schedule("x", ((float("nan"), 0.0, 0.0),))
