@@ -9,6 +9,7 @@ from .polar import (
     nuclear_norm,
     orthogonalize,
     polar,
+    resolve_compute_dtype,
     validate_schedule,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "nuclear_norm",
     "orthogonalize",
     "polar",
+    "resolve_compute_dtype",
     "validate_schedule",
 ]

@@ -1,0 +1,72 @@
+"""Command line: ``orthoptim doctor`` (more subcommands arrive with their issues). Uses the public API only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for part in text.split(","):
+        try:
+            m, n = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad shape {part!r}: expected MxN, e.g. 256x1024") from None
+        if m < 1 or n < 1:
+            raise argparse.ArgumentTypeError(f"bad shape {part!r}: both sides must be ≥ 1")
+        shapes.append((m, n))
+    return shapes
+
+
+def _parse_names(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orthoptim", description="orthogonalized optimizers and their polar engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    doc = sub.add_parser(
+        "doctor",
+        help="scale sweep 1e-38..1e38, accuracy vs float64 SVD and speed, per schedule and for torch.optim.Muon",
+    )
+    doc.add_argument(
+        "--shapes", type=_parse_shapes, default=None, help="comma-separated MxN (default: 256x256,128x512,768x768)"
+    )
+    doc.add_argument(
+        "--schedules", type=_parse_names, default=None, help="comma-separated names (default: all shipped)"
+    )
+    doc.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    doc.add_argument("--compute-dtype", default=None, help="float32, bfloat16, float16, float64 (default: auto)")
+    doc.add_argument("--repeats", type=int, default=5, help="timed calls per routine (median reported)")
+    doc.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "doctor":
+        from .doctor import DEFAULT_SHAPES, format_report, run_doctor
+
+        if args.repeats < 1:
+            print("orthoptim doctor: --repeats must be ≥ 1", file=sys.stderr)
+            return 2
+        try:
+            report = run_doctor(
+                args.shapes or DEFAULT_SHAPES,
+                args.schedules,
+                device=args.device,
+                compute_dtype=args.compute_dtype,
+                repeats=args.repeats,
+                progress=not args.no_progress,
+            )
+        except (ValueError, TypeError, RuntimeError) as exc:
+            print(f"orthoptim doctor: {exc}", file=sys.stderr)
+            return 2
+        print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

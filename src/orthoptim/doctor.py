@@ -1,0 +1,213 @@
+"""``orthoptim doctor``: does orthogonalization behave at every scale, how accurate is it, how fast?
+
+For each shape it measures, for every orthoptim schedule and for torch.optim.Muon's built-in routine:
+
+* **scale sweep** — ``‖O(t·G)‖_F / ‖O(G)‖_F`` for ``t`` from 1e-38 to 1e38 (float32 input with max-abs entry 1,
+  so ``t·G`` stays finite). Orthogonalization is scale-invariant, so every ratio should be 1.
+* **gains** — the output's gain ``uᵢᵀ O vᵢ`` along each singular direction of the input, against a float64 SVD,
+  for a gaussian matrix and a heavy-tailed one (σᵢ = 1/i), counted where σᵢ ≥ 1e-3·σmax. 1 is exact.
+* **time per call** (median; CUDA events on a GPU).
+
+Uses only the public API (plus torch's own Muon routine, which is private to torch and optional).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import __version__, get_schedule, list_schedules, orthogonalize, resolve_compute_dtype
+
+SCALES: tuple[float, ...] = (1e-38, 1e-30, 1e-20, 1e-10, 1e-5, 1.0, 1e5, 1e10, 1e20, 1e30, 1e38)
+DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((256, 256), (128, 512), (768, 768))
+#: A ratio further than this from 1 counts as a scale failure.
+SCALE_TOLERANCE = 0.01
+#: Gains are counted along directions with σ ≥ this fraction of σmax.
+GAIN_FLOOR = 1e-3
+TORCH_MUON = "torch.optim.Muon"
+TORCH_MUON_COEFFS = (3.4445, -4.7750, 2.0315)  # torch/optim/_muon.py DEFAULT_A/B/C
+
+
+@dataclass
+class Row:
+    """One routine on one shape."""
+
+    routine: str
+    steps: int
+    matmuls: int
+    dtype: str
+    ratios: dict[float, float] = field(default_factory=dict)
+    gain_gaussian: tuple[float, float] = (float("nan"), float("nan"))
+    gain_heavy: tuple[float, float] = (float("nan"), float("nan"))
+    ms: float = float("nan")
+
+    @property
+    def scale_failures(self) -> list[float]:
+        return [t for t, r in self.ratios.items() if not abs(r - 1.0) <= SCALE_TOLERANCE]
+
+
+@dataclass
+class ShapeReport:
+    shape: tuple[int, int]
+    rows: list[Row]
+
+
+@dataclass
+class DoctorReport:
+    device: str
+    torch_version: str
+    shapes: list[ShapeReport]
+
+
+def _torch_muon_routine() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    try:
+        from torch.optim._muon import _zeropower_via_newtonschulz as ns
+    except ImportError:  # torch < 2.9
+        return None
+    return lambda G: ns(G, TORCH_MUON_COEFFS, 5, 1e-7)
+
+
+def _heavy_tailed(m: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=gen))
+    s = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
+    return (u * s) @ v.T
+
+
+def _gain_range(
+    fn: Callable[[torch.Tensor], torch.Tensor], G64: torch.Tensor, device: torch.device
+) -> tuple[float, float]:
+    U, S, Vh = torch.linalg.svd(G64, full_matrices=False)
+    keep = S >= GAIN_FLOOR * S[0]
+    O = fn(G64.to(device=device, dtype=torch.float32)).to(device="cpu", dtype=torch.float64)
+    g = torch.einsum("ik,ij,kj->k", U[:, keep], O, Vh[keep])  # diagonal of UᵀOV on the kept directions
+    return float(g.min()), float(g.max())
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _measure(
+    row: Row, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, int], device: torch.device, repeats: int
+) -> Row:
+    gen = torch.Generator().manual_seed(shape[0] * 7919 + shape[1])
+    G = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    base = (G / G.abs().max()).to(device=device, dtype=torch.float32)
+    base = base / base.abs().max()  # max-abs exactly 1: t·base is finite for t ≤ 1e38
+    ref_norm = float(fn(base).float().norm())
+    for t in SCALES:
+        row.ratios[t] = float(fn(base * t).float().norm()) / ref_norm
+    row.gain_gaussian = _gain_range(fn, G, device)
+    row.gain_heavy = _gain_range(fn, _heavy_tailed(*shape, gen), device)
+    row.ms = _time_ms(lambda: fn(base), device, repeats)
+    return row
+
+
+def run_doctor(
+    shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
+    schedules: Sequence[str] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    compute_dtype: torch.dtype | str | None = None,
+    repeats: int = 5,
+    progress: bool = True,
+) -> DoctorReport:
+    """Measure every schedule (default: all shipped) and torch.optim.Muon's routine on each shape."""
+    from tqdm import tqdm
+
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = list(schedules) if schedules is not None else list_schedules()
+    for name in names:
+        get_schedule(name)  # unknown names fail before any work
+    for shape in shapes:
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"doctor: shapes must be (m, n) with m, n ≥ 1, got {shape!r}")
+    muon = _torch_muon_routine()
+    dtype_label = str(resolve_compute_dtype(compute_dtype, dev)).replace("torch.", "")
+    jobs = [(shape, name) for shape in shapes for name in [*names, *([TORCH_MUON] if muon else [])]]
+    reports = {shape: ShapeReport(tuple(shape), []) for shape in shapes}  # type: ignore[misc]
+    for shape, name in tqdm(jobs, desc="orthoptim doctor", unit="run", disable=not progress, leave=False):
+        if name == TORCH_MUON:
+            assert muon is not None
+            row = Row(TORCH_MUON, 5, 15, "bfloat16")
+            fn = muon
+        else:
+            sched = get_schedule(name)
+            row = Row(name, len(sched.steps_coefficients()), sched.matmuls(), dtype_label)
+
+            def fn(G: torch.Tensor, _n: str = name) -> torch.Tensor:
+                return orthogonalize(G, schedule=_n, compute_dtype=compute_dtype)
+
+        reports[shape].rows.append(_measure(row, fn, tuple(shape), dev, repeats))  # type: ignore[arg-type]
+    return DoctorReport(str(dev), torch.__version__, list(reports.values()))
+
+
+def _fmt_range(r: tuple[float, float]) -> str:
+    return f"[{r[0]:.3f}, {r[1]:.3f}]"
+
+
+def _fmt_failures(row: Row) -> str:
+    bad = row.scale_failures
+    return "none" if not bad else " ".join(f"{t:.0e}" for t in bad)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def format_report(report: DoctorReport) -> str:
+    """The report as plain-text tables (what ``orthoptim doctor`` prints)."""
+    out = [
+        f"orthoptim {__version__} doctor — torch {report.torch_version}, device {report.device}",
+        f"scale sweep: ‖O(t·G)‖/‖O(G)‖ for t in 1e-38..1e38 (fail: off by > {SCALE_TOLERANCE:g}); "
+        f"gains uᵢᵀOvᵢ vs float64 SVD for σᵢ ≥ {GAIN_FLOOR:g}·σmax (1 = exact)",
+    ]
+    for sr in report.shapes:
+        m, n = sr.shape
+        out.append(f"\n== {m}×{n} ==")
+        header = ["routine", "steps", "matmuls", "dtype", "scale ratio min..max", "scale failures",
+                  "gain gaussian", "gain σᵢ=1/i", "ms/call"]  # fmt: skip
+        rows = [
+            [
+                r.routine,
+                str(r.steps),
+                str(r.matmuls),
+                r.dtype,
+                f"{min(r.ratios.values()):.4f}..{max(r.ratios.values()):.4f}",
+                _fmt_failures(r),
+                _fmt_range(r.gain_gaussian),
+                _fmt_range(r.gain_heavy),
+                f"{r.ms:.2f}",
+            ]
+            for r in sr.rows
+        ]
+        out.append(_table(header, rows))
+        # The sweep itself for the default schedule and torch's routine, side by side.
+        shown = [r for r in sr.rows if r.routine in ("polar_express", TORCH_MUON)]
+        if shown:
+            out.append("")
+            sweep_rows = [[f"{t:.0e}", *(f"{r.ratios[t]:.4f}" for r in shown)] for t in SCALES]
+            out.append(_table(["scale t", *(f"{r.routine} ‖O(tG)‖/‖O(G)‖" for r in shown)], sweep_rows))
+    return "\n".join(out)
