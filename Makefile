@@ -27,11 +27,11 @@ demo: $(STAMP)
 doctor: demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks examples)
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
 	$(BIN)/python -m pytest -q
 
 clean:
