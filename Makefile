@@ -29,9 +29,11 @@ doctor: demo
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
 	$(BIN)/ruff format --check src tests $(wildcard benchmarks examples)
+	$(BIN)/mypy
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 clean:

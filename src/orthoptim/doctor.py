@@ -133,7 +133,7 @@ def run_doctor(
     progress: bool = True,
 ) -> DoctorReport:
     """Measure every schedule (default: all shipped) and torch.optim.Muon's routine on each shape."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     names = list(schedules) if schedules is not None else list_schedules()
@@ -145,7 +145,7 @@ def run_doctor(
     muon = _torch_muon_routine()
     dtype_label = str(resolve_compute_dtype(compute_dtype, dev)).replace("torch.", "")
     jobs = [(shape, name) for shape in shapes for name in [*names, *([TORCH_MUON] if muon else [])]]
-    reports = {shape: ShapeReport(tuple(shape), []) for shape in shapes}  # type: ignore[misc]
+    reports = {shape: ShapeReport((shape[0], shape[1]), []) for shape in shapes}
     for shape, name in tqdm(jobs, desc="orthoptim doctor", unit="run", disable=not progress, leave=False):
         if name == TORCH_MUON:
             assert muon is not None

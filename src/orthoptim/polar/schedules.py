@@ -16,7 +16,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
@@ -93,8 +93,8 @@ def _pe_safety(triples: Sequence[Triple], factor: float) -> tuple[Triple, ...]:
     Dividing (a, b, c) by (f, f³, f⁵) turns the step p(x) into p(x/f): it tolerates inputs up to f times its
     design upper end. The last triple (1.875, −1.25, 0.375) is the classical Padé step and needs none.
     """
-    head = [(a / factor, b / factor**3, c / factor**5) for (a, b, c) in triples[:-1]]
-    return (*head, tuple(triples[-1]))  # type: ignore[return-value]
+    head: list[Triple] = [(a / factor, b / factor**3, c / factor**5) for (a, b, c) in triples[:-1]]
+    return (*head, triples[-1])
 
 
 # --- the numbers, each with its source -------------------------------------------------------------
@@ -403,7 +403,7 @@ def as_schedule(spec: ScheduleSpec, *, validate: bool = True) -> Schedule:
     if isinstance(spec, str):
         return get_schedule(spec)
     try:
-        items = list(spec)  # type: ignore[arg-type]
+        items: list[Any] = list(spec)  # type: ignore[arg-type,call-overload,attr-defined]
     except TypeError:
         raise TypeError(
             f"schedule must be a name, a Schedule, an (a, b, c) triple or a list of triples; got {spec!r}"
