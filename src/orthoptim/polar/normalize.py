@@ -14,6 +14,22 @@ Two steps, both per matrix of a batch:
    norm 0 and is divided by the floor 0.5, which every nonzero matrix already exceeds, giving exact zeros.
 
 Why ``σmax ≤ 1`` after dividing by ``margin·‖X‖_F``: ``‖X‖_F² = Σσᵢ² ≥ σmax²`` and ``margin ≥ 1``.
+
+Two tighter normalizations work on the Gram matrix ``A = XXᵀ`` (m×m, the small side) of the Frobenius-normalized
+matrix, which the first Newton–Schulz step needs anyway, so they cost O(m²) extra, not another product:
+
+* ``"schatten4"`` (Gram iteration, arXiv 2305.16173; KellerJordan/Muon PR 14): divide ``X`` by ``‖A‖_F^{1/2}``.
+  ``‖A‖_F² = Σσᵢ⁴ ≥ σmax⁴``, so the bound holds; it is much tighter than Frobenius for spread spectra
+  (for σᵢ = 1/i it is within 1.04 of σmax, Frobenius 1.28).
+* ``"aol"`` (Turbo-Muon, arXiv 2512.04632): scale the rows of ``X`` by ``dᵢ = (Σⱼ|Aᵢⱼ|)^{-1/2}``. Schur test with
+  weights ``pᵢ = 1/dᵢ``: ``Σⱼ dᵢ|Aᵢⱼ|dⱼ·pⱼ = dᵢ Σⱼ|Aᵢⱼ| = pᵢ``, so ``‖DAD‖₂ ≤ 1`` and ``σmax(DX)² = ‖DAD‖₂ ≤ 1``.
+  Unlike the others this is a *preconditioner*, not a scalar: the iteration converges to the polar factor of
+  ``DX``, which differs from that of ``X`` unless the rows are balanced. Measure before you rely on it.
+
+Rounding (bfloat16 compute): ``A`` is computed from the rounded ``X_b`` and stored rounded, each entry off by at
+most 2⁻⁹ of itself, so the exact Gram of ``X_b`` is bounded by ``(1 + 2⁻⁹)`` times what the bound used and
+``σmax ≤ (1 + 2⁻⁹)^{1/2} < 1 + 2⁻¹⁰`` — inside the ``1 + 2⁻⁸`` every shipped schedule is validated for. The scale
+is never applied to ``X_b`` itself (which would round again): it is folded into the first step's m×m factor.
 """
 
 from __future__ import annotations
@@ -24,10 +40,10 @@ import torch
 
 from .errors import NonFiniteError
 
-Normalization: TypeAlias = Literal["frobenius"]
+Normalization: TypeAlias = Literal["frobenius", "schatten4", "aol"]
 NonFinitePolicy: TypeAlias = Literal["raise", "propagate"]
 
-NORMALIZATIONS: tuple[str, ...] = ("frobenius",)
+NORMALIZATIONS: tuple[str, ...] = ("frobenius", "schatten4", "aol")
 NONFINITE_POLICIES: tuple[str, ...] = ("raise", "propagate")
 
 # After the prescale every nonzero matrix has max-abs entry ≥ 0.5, hence norm ≥ 0.5.
@@ -87,7 +103,10 @@ def normalize(
     who: str = "orthogonalize",
     shape: torch.Size | None = None,
 ) -> torch.Tensor:
-    """Return ``X`` (..., m, n) scaled per matrix so that its spectral norm is ≤ 1/margin (exact arithmetic).
+    """Return ``X`` (..., m, n) divided per matrix by ``margin·‖X‖_F`` (spectral norm ≤ 1/margin, exact arithmetic).
+
+    This is the Frobenius normalization; ``"schatten4"`` and ``"aol"`` start from its result and continue with
+    :func:`gram_scale` on the Gram matrix. ``normalization`` is only validated here.
 
     Computed in float32 (float64 for float64 input) whatever ``X``'s dtype; the result has that work dtype.
     Zero matrices stay exactly zero. With ``nonfinite="raise"``, a NaN/Inf anywhere raises
@@ -108,3 +127,27 @@ def normalize(
         raise_if_nonfinite(amax, X.shape if shape is None else shape, who)
     norm = torch.linalg.vector_norm(scaled, dim=(-2, -1), keepdim=True)
     return scaled / (norm.clamp_min(_NORM_FLOOR) * margin)
+
+
+def gram_scale(A: torch.Tensor, normalization: Normalization, margin: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale for a Gram-based normalization, from ``A = XXᵀ`` (B, m, m) of a Frobenius-normalized ``X``.
+
+    Returns ``(A_s, scale)``: ``scale`` (B, m, 1), in float32 (float64 for float64 ``A``), holds the factor
+    for each row of ``X`` (the same for every row under ``"schatten4"``), so that ``X_s = scale·X`` has
+    ``σmax ≤ 1/margin``; ``A_s = X_s X_sᵀ`` (in ``A``'s dtype) is its Gram matrix, ready for the first
+    Newton–Schulz step. Zero matrices give zeros.
+    """
+    Af = A.to(work_dtype(A.dtype))
+    if normalization == "schatten4":
+        k = A.shape[-1]
+        # ‖X‖_F = 1 ⇒ ‖A‖_F² = Σσ⁴ ≥ (Σσ²)²/k = 1/k: the floor only ever catches the zero matrix.
+        fro = torch.linalg.vector_norm(Af, dim=(-2, -1), keepdim=True).clamp_min(0.25 / k**0.5)
+        scale = (fro.rsqrt() / margin).expand(*A.shape[:-1], 1)
+    elif normalization == "aol":
+        rowsum = Af.abs().sum(dim=-1, keepdim=True)
+        # Any floor keeps dᵢ² ≤ 1/rowsumᵢ, which is all the Schur bound needs; zero rows stay zero.
+        scale = rowsum.clamp_min(torch.finfo(Af.dtype).tiny).rsqrt() / margin
+    else:
+        raise ValueError(f"gram_scale: {normalization!r} is not a Gram-based normalization")
+    A_s = (Af * scale * scale.mT).to(A.dtype)
+    return A_s, scale

@@ -6,7 +6,7 @@ import torch
 
 from .checks import check_matrix_input
 from .newton_schulz import newton_schulz
-from .normalize import NONFINITE_POLICIES, NonFinitePolicy, Normalization, normalize
+from .normalize import NONFINITE_POLICIES, NonFinitePolicy, Normalization, gram_scale, normalize
 from .schedules import ScheduleSpec, as_schedule
 
 #: The schedule and step count used when the caller names none (see README "Choosing a default").
@@ -64,7 +64,10 @@ def orthogonalize(
         schedule: a shipped schedule name (``orthoptim.list_schedules()``), a ``Schedule``, one ``(a, b, c)``
             triple (applied every step, as in torch.optim.Muon), or a list of triples (validated once).
         steps: iterations; the schedule's default (5 for most) if None.
-        normalization: how σmax is bounded before the first step (``"frobenius"``).
+        normalization: how σmax is bounded before the first step: ``"frobenius"`` (divide by ‖G‖_F),
+            ``"schatten4"`` (divide by ‖GGᵀ‖_F^{1/2}, tighter, reuses the first Gram product) or ``"aol"``
+            (row scaling from the Gram matrix; a preconditioner that changes the limit, see
+            ``orthoptim.polar.normalize``).
         compute_dtype: dtype of the iteration; None picks bfloat16 on accelerators, float32 on the CPU.
         nonfinite: ``"raise"`` (default) raises :class:`NonFiniteError` naming the shape if ``G`` holds
             NaN/Inf (costs one host sync); ``"propagate"`` skips the check and lets NaN flow to the output.
@@ -84,7 +87,12 @@ def orthogonalize(
     X = G.mT if tall else G
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, X.shape[-2], X.shape[-1])
-    X = normalize(X, normalization=normalization, margin=sched.margin, nonfinite=nonfinite, shape=G.shape)
-    X = newton_schulz(X.to(dtype), coefficients)
+    if normalization == "frobenius":
+        X = normalize(X, margin=sched.margin, nonfinite=nonfinite, shape=G.shape)
+        X = newton_schulz(X.to(dtype), coefficients)
+    else:
+        X = normalize(X, normalization=normalization, nonfinite=nonfinite, shape=G.shape).to(dtype)
+        A_s, scale = gram_scale(torch.bmm(X, X.mT), normalization, sched.margin)
+        X = newton_schulz(X, coefficients, first_gram=A_s, row_scale=scale)
     X = X.reshape(*batch_shape, X.shape[-2], X.shape[-1]).to(G.dtype)
     return X.mT if tall else X

@@ -1,0 +1,108 @@
+"""Normalizations: each bounds σmax by 1 (checked by float64 SVD) and drives the iteration as the closed form says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import orthoptim
+from orthoptim.polar import composite, get_schedule
+from orthoptim.polar.normalize import exact_pow2, gram_scale, normalize, pow2_prescale
+
+from .conftest import gains, with_spectrum
+
+
+def adversarial_spectra(k: int) -> dict[str, torch.Tensor]:
+    i = torch.arange(1, k + 1, dtype=torch.float64)
+    return {
+        "flat": torch.ones(k, dtype=torch.float64),
+        "rank1": torch.cat([torch.ones(1, dtype=torch.float64), torch.zeros(k - 1, dtype=torch.float64)]),
+        "cluster_at_max": torch.where(i <= k // 2, 1.0, 1e-3).to(torch.float64),
+        "one_dominant": torch.cat([torch.tensor([1e4], dtype=torch.float64), torch.ones(k - 1, dtype=torch.float64)]),
+        "harmonic": 1.0 / i,
+        "exponential": torch.exp(-i / 3.0),
+    }
+
+
+def test_exact_pow2_matches_python() -> None:
+    for dtype, lo, hi in ((torch.float32, -126, 127), (torch.float64, -1022, 1023)):
+        k = torch.arange(lo, hi + 1)
+        assert torch.equal(exact_pow2(k, dtype), torch.tensor([2.0 ** int(v) for v in k], dtype=dtype))
+
+
+def test_prescale_puts_max_in_half_open_unit_interval() -> None:
+    X = torch.tensor([[[3e-45, -1e-45]], [[-3.0e38, 1.0]], [[0.0, 0.0]]], dtype=torch.float32)
+    scaled, amax = pow2_prescale(X)
+    top = scaled.abs().amax(dim=(-2, -1))
+    assert torch.all((top[:2] >= 0.5) & (top[:2] < 1.0)) and top[2] == 0
+    assert torch.equal(amax.reshape(-1), X.abs().amax(dim=(-2, -1)))
+
+
+@pytest.mark.parametrize("normalization", ["schatten4", "aol"])
+@pytest.mark.parametrize("kind", list(adversarial_spectra(12)))
+def test_gram_normalizations_bound_sigma_max(normalization: str, kind: str) -> None:
+    s = adversarial_spectra(12)[kind]
+    G, _, _ = with_spectrum(12, 30, s, seed=3)
+    X = normalize(G.unsqueeze(0))  # Frobenius-normalized, float64
+    A_s, scale = gram_scale(X @ X.mT, normalization, margin=1.0)  # type: ignore[arg-type]
+    Xs = scale * X
+    smax = torch.linalg.matrix_norm(Xs, ord=2)
+    assert smax <= 1.0 + 1e-12, (kind, float(smax))
+    assert torch.allclose(A_s, Xs @ Xs.mT, atol=1e-12)
+    if normalization == "schatten4":  # divided by (Σσ⁴)^{1/4} exactly
+        assert torch.allclose(smax, s.max() / s.pow(4).sum().pow(0.25), rtol=1e-10)
+
+
+def test_schatten4_float64_iteration_matches_closed_form() -> None:
+    sched = get_schedule("polar_express")
+    s = torch.logspace(0, -3, 30, dtype=torch.float64)
+    G, U, V = with_spectrum(30, 70, s, seed=4)
+    O = orthoptim.orthogonalize(G, normalization="schatten4", compute_dtype=torch.float64)
+    x = (s / (sched.margin * s.pow(4).sum().pow(0.25))).numpy()
+    M = gains(O, U, V)
+    assert torch.allclose(torch.diagonal(M), torch.from_numpy(composite(sched.steps_coefficients(), x)), atol=1e-9)
+    assert (M - torch.diag(torch.diagonal(M))).abs().max() < 1e-9
+
+
+def test_aol_float64_iteration_is_newton_schulz_on_row_scaled_matrix() -> None:
+    """Reference built from scratch: D from the float64 Gram, SVD of D·X/‖X‖_F, closed-form gains on it."""
+    sched = get_schedule("polar_express")
+    G = torch.randn(10, 25, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    G[3] *= 40.0  # unbalanced rows: AOL's scaling matters
+    Xf = G / G.norm()
+    d = (Xf @ Xf.T).abs().sum(-1).rsqrt() / sched.margin
+    U, S, Vh = torch.linalg.svd(d[:, None] * Xf, full_matrices=False)
+    expected = U @ torch.diag(torch.from_numpy(composite(sched.steps_coefficients(), S.numpy()))) @ Vh
+    O = orthoptim.orthogonalize(G, normalization="aol", compute_dtype=torch.float64)
+    assert torch.allclose(O, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("normalization", ["schatten4", "aol"])
+def test_gram_normalizations_are_scale_invariant_and_safe(normalization: str) -> None:
+    G = torch.randn(9, 21, generator=torch.Generator().manual_seed(6))
+    G = G / G.abs().max()
+    ref = orthoptim.orthogonalize(G, normalization=normalization)  # type: ignore[arg-type]
+    for k in (-100, -50, 0, 50, 127):  # every entry stays a normal float32: the scaling is exact
+        out = orthoptim.orthogonalize(G * 2.0**k, normalization=normalization)  # type: ignore[arg-type]
+        assert torch.equal(out, ref), k
+    zero = orthoptim.orthogonalize(torch.zeros(2, 4, 6), normalization=normalization)  # type: ignore[arg-type]
+    assert torch.equal(zero, torch.zeros(2, 4, 6))
+    G[0, 0] = float("nan")
+    with pytest.raises(orthoptim.NonFiniteError):
+        orthoptim.orthogonalize(G, normalization=normalization)  # type: ignore[arg-type]
+    tall = torch.randn(40, 7)
+    assert torch.equal(
+        orthoptim.orthogonalize(tall, normalization=normalization),  # type: ignore[arg-type]
+        orthoptim.orthogonalize(tall.T.contiguous(), normalization=normalization).T,  # type: ignore[arg-type]
+    )
+
+
+def test_schatten4_is_tighter_than_frobenius_on_spread_spectra() -> None:
+    """The point of it: with many small singular values ‖X‖_F ≫ σmax, so Frobenius starts them lower."""
+    s = torch.logspace(0, -3, 256, dtype=torch.float64)  # ‖s‖₂ ≈ 4.4 σmax, (Σs⁴)^{1/4} ≈ 1.8 σmax
+    G, U, V = with_spectrum(256, 300, s, seed=7)
+    worst = {}
+    for norm in ("frobenius", "schatten4"):
+        O = orthoptim.orthogonalize(G.float(), normalization=norm)  # type: ignore[arg-type]
+        worst[norm] = float(torch.diagonal(gains(O, U, V)).min())
+    assert worst["schatten4"] > worst["frobenius"] + 0.1, worst
