@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import orthoptim
 from orthoptim.polar import Schedule, as_schedule, get_schedule, list_schedules, validate_schedule
-from orthoptim.polar.schedules import ROUNDING_UPPER, raw_coefficients
+from orthoptim.polar.schedules import ROUNDING_UPPER, STEP_ROUNDING_BY_PRECISION, raw_coefficients
 
 EXPECTED = {
     "jordan",
@@ -34,27 +35,45 @@ def test_shipped_names_and_aliases() -> None:
 def test_every_shipped_schedule_validates(name: str) -> None:
     sched = get_schedule(name)
     assert sched.source, "every schedule names its source"
-    report = validate_schedule(name)
-    assert report.ok, report.describe()
-    assert report.upper == ROUNDING_UPPER and report.lower == sched.lower
+    fp32 = validate_schedule(name, step_rounding=STEP_ROUNDING_BY_PRECISION["float32"])
+    assert fp32.ok, fp32.describe()
+    assert fp32.upper == ROUNDING_UPPER and fp32.lower == sched.lower
     # Independent check of the report on a grid of our own (plain numpy polynomial evaluation).
     x = np.geomspace(sched.lower, ROUNDING_UPPER, 4001) / sched.margin
     y = x.copy()
     for a, b, c in sched.steps_coefficients():
         y = np.polyval([c, 0, b, 0, a, 0], y)
-    assert report.min_gain <= y.min() + 1e-9 and report.max_gain >= y.max() - 1e-9
+    assert fp32.min_gain <= y.min() + 1e-9 and fp32.max_gain >= y.max() - 1e-9
     assert y.min() > 0
+    # bfloat16: every shipped schedule but cans survives the rounding model.
+    assert validate_schedule(name).ok == (name != "cans"), validate_schedule(name).describe()
+
+
+def test_cans_is_refused_in_low_precision_with_a_clear_error() -> None:
+    """CANS's first step maps σ ≈ 0.82 to 0.008 from terms ~20: bf16 rounding flips those directions."""
+    a, b, c = get_schedule("cans").coefficients[0]
+    x = np.linspace(0.5, 1.0, 5001)
+    p1 = a * x + b * x**3 + c * x**5
+    assert p1.min() < 0.02 and (abs(b) * x**3 + abs(c) * x**5)[p1.argmin()] > 15  # the cancellation
+    G = torch.randn(6, 10)
+    for dtype in ("bfloat16", "float16"):
+        with pytest.raises(ValueError, match=rf"'cans' is refused in {dtype}.*float32"):
+            orthoptim.orthogonalize(G, schedule="cans", compute_dtype=dtype)
+    assert torch.isfinite(orthoptim.orthogonalize(G, schedule="cans", compute_dtype="float32")).all()
+    trusted = Schedule("cans_anyway", get_schedule("cans").coefficients, trusted=True)
+    assert orthoptim.orthogonalize(G, schedule=trusted, compute_dtype="bfloat16").shape == G.shape
 
 
 def test_exact_arithmetic_anchors_from_references() -> None:
     """Worst cases over σ ∈ [1e-3, 1] quoted in REFERENCES.md (float64, no margin)."""
-    anchors = {"jordan": (0.47, 1.20), "you": (0.48, 1.15), "cans": (0.88, 1.12)}
+    anchors = {"jordan": (0.47, 1.20), "you": (0.48, 1.15), "cans_published": (0.88, 1.12)}
     for name, (lo, hi) in anchors.items():
-        r = validate_schedule(name, upper=1.0, margin=1.0)
+        spec = list(raw_coefficients(name)) if name == "cans_published" else name
+        r = validate_schedule(spec, upper=1.0, margin=1.0, step_rounding=0.0)
         assert abs(r.min_gain - lo) < 0.01 and abs(r.max_gain - hi) < 0.01, (name, r.describe())
-    r5 = validate_schedule("polar_express", upper=1.0, margin=1.0)
+    r5 = validate_schedule("polar_express", upper=1.0, margin=1.0, step_rounding=0.0)
     assert 0.84 < r5.min_gain < 0.86 and 1.11 < r5.max_gain < 1.13
-    r6 = validate_schedule("polar_express", steps=6, upper=1.0, margin=1.0)
+    r6 = validate_schedule("polar_express", steps=6, upper=1.0, margin=1.0, step_rounding=0.0)
     assert r6.min_gain > 0.99 and r6.max_gain < 1.002
 
 
@@ -84,13 +103,19 @@ def test_refused_aol_list_flips_sign_and_is_refused() -> None:
         get_schedule("aol_emerging")
 
 
-def test_fixed_lists_need_their_margin() -> None:
-    """cans and cubic5 as published fail within bf16 rounding of σ = 1; with the 1.01 margin they pass."""
-    for name in ("cans", "cubic5"):
-        bare = validate_schedule(name, margin=1.0)
-        assert not bare.ok, bare.describe()
-        assert validate_schedule(name).ok
-    assert get_schedule("cans").margin == get_schedule("cubic5").margin == 1.01
+def test_fixed_lists_fail_as_published_and_pass_as_shipped() -> None:
+    """cubic5 as published flips sign within bf16 rounding of σ = 1 (fix: input margin 1.01); cans as published
+    blows up once rounding between steps pushes σ above a step's design interval (fix: safety 1.01 per step)."""
+    cubic = validate_schedule(list(raw_coefficients("cubic5_published")))
+    assert not cubic.positive and cubic.min_gain < 0, cubic.describe()
+    assert get_schedule("cubic5").margin == 1.01 and validate_schedule("cubic5").ok  # bf16 model included
+    cans = validate_schedule(list(raw_coefficients("cans_published")), upper=1.0, step_rounding=0.0)
+    assert cans.ok  # fine in exact arithmetic on [1e-3, 1] ...
+    cans = validate_schedule(list(raw_coefficients("cans_published")), upper=1.0)
+    assert not cans.bounded and cans.perturbed_max > 1e6, cans.describe()  # ... not under rounding
+    shipped = validate_schedule("cans", step_rounding=STEP_ROUNDING_BY_PRECISION["float32"])
+    assert shipped.ok, shipped.describe()
+    assert get_schedule("cans").coefficients[0] == pytest.approx((8.4703 / 1.01, -25.1081 / 1.01**3, 18.6293 / 1.01**5))
     raw_pe = validate_schedule(list(raw_coefficients("polar_express_raw")), upper=1.01, margin=1.0)
     assert not raw_pe.bounded  # why Polar Express ships with a safety factor
 

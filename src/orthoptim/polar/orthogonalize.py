@@ -7,7 +7,7 @@ import torch
 from .checks import check_matrix_input
 from .newton_schulz import newton_schulz
 from .normalize import NONFINITE_POLICIES, NonFinitePolicy, Normalization, gram_scale, normalize
-from .schedules import ScheduleSpec, as_schedule
+from .schedules import ScheduleSpec, as_schedule, check_precision
 
 #: The schedule and step count used when the caller names none (see README "Choosing a default").
 DEFAULT_SCHEDULE = "polar_express"
@@ -63,7 +63,9 @@ def orthogonalize(
         G: real floating tensor (..., m, n), any m, n ≥ 1, any float dtype, any strides.
         schedule: a shipped schedule name (``orthoptim.list_schedules()``), a ``Schedule``, one ``(a, b, c)``
             triple (applied every step, as in torch.optim.Muon), or a list of triples (validated once).
-        steps: iterations; the schedule's default (5 for most) if None.
+        steps: iterations; the schedule's default (5 for most) if None. A schedule that fails validation under
+            the compute dtype's rounding model is refused with a ``ValueError`` saying which dtypes it is safe in
+            (``cans`` in bfloat16 and float16).
         normalization: how σmax is bounded before the first step: ``"frobenius"`` (divide by ‖G‖_F),
             ``"schatten4"`` (divide by ‖GGᵀ‖_F^{1/2}, tighter, reuses the first Gram product) or ``"aol"``
             (row scaling from the Gram matrix; a preconditioner that changes the limit, see
@@ -81,6 +83,7 @@ def orthogonalize(
     sched = as_schedule(schedule)
     coefficients = sched.steps_coefficients(steps)
     dtype = resolve_compute_dtype(compute_dtype, G.device)
+    check_precision(sched, steps, str(dtype).replace("torch.", ""))
 
     m, n = G.shape[-2], G.shape[-1]
     tall = m > n

@@ -7,7 +7,9 @@ step so that the schedule only ever sees singular values in ``[0, (1 + rounding)
 
 Every shipped schedule is validated (:func:`validate_schedule`) on ``σ ∈ [lower, 1 + 2⁻⁸]``: the upper end
 covers the worst case of rounding a normalized matrix to bfloat16 (each entry moves by at most 2⁻⁹ of
-itself, so ``σmax`` moves by at most ``2⁻⁹·‖X‖_F = 2⁻⁹``), with a factor of two to spare.
+itself, so ``σmax`` moves by at most ``2⁻⁹·‖X‖_F = 2⁻⁹``), with a factor of two to spare. It is also checked
+with every step's input perturbed by ``1 ± 2⁻⁸`` (rounding between steps), which is what catches lists whose
+later polynomials have no headroom above their design intervals.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ ROUNDING_UPPER = 1.0 + 2.0**-8
 DEFAULT_LOWER = 1e-3
 #: Largest gain a schedule may produce anywhere on its interval before we call it unbounded.
 DEFAULT_BOUND = 1.5
+#: Unit of the per-step rounding model used by validation: twice the bfloat16 unit roundoff 2⁻⁹.
+STEP_ROUNDING = 2.0**-8
+#: The same for each compute precision (twice its unit roundoff), by torch dtype name.
+STEP_ROUNDING_BY_PRECISION: dict[str, float] = {
+    "bfloat16": 2.0**-8,
+    "float16": 2.0**-10,
+    "float32": 2.0**-23,
+    "float64": 2.0**-52,
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,8 @@ class Schedule:
         default_steps: steps used when the caller gives none.
         lower: lower end of the interval the schedule was designed for and is validated on.
         source: where the numbers come from.
+        note: what orthoptim changed relative to the source, and why.
+        trusted: skip the per-compute-dtype safety check in ``orthogonalize`` (you own the risk).
     """
 
     name: str
@@ -54,6 +67,7 @@ class Schedule:
     lower: float = DEFAULT_LOWER
     source: str = ""
     note: str = field(default="", compare=False)
+    trusted: bool = False
 
     def __post_init__(self) -> None:
         if not self.coefficients:
@@ -87,14 +101,13 @@ class Schedule:
         return sum(2 if c == 0.0 else 3 for (_, _, c) in self.steps_coefficients(steps))
 
 
-def _pe_safety(triples: Sequence[Triple], factor: float) -> tuple[Triple, ...]:
-    """Fold a Polar Express safety factor into every triple but the last (arXiv 2505.16932, Alg. 1).
+def _with_safety(triples: Sequence[Triple], factor: float) -> tuple[Triple, ...]:
+    """Fold a Polar Express safety factor into each triple (arXiv 2505.16932, Alg. 1).
 
     Dividing (a, b, c) by (f, f³, f⁵) turns the step p(x) into p(x/f): it tolerates inputs up to f times its
-    design upper end. The last triple (1.875, −1.25, 0.375) is the classical Padé step and needs none.
+    design upper end, at the price of pulling small σ up slightly less.
     """
-    head: list[Triple] = [(a / factor, b / factor**3, c / factor**5) for (a, b, c) in triples[:-1]]
-    return (*head, triples[-1])
+    return tuple((a / factor, b / factor**3, c / factor**5) for (a, b, c) in triples)
 
 
 # --- the numbers, each with its source -------------------------------------------------------------
@@ -182,7 +195,8 @@ _SHIPPED: dict[str, Schedule] = {
         Schedule("you", _YOU, "cycle", 1.0, 5, source="modded-nanogpt train_gpt_medium.py (2025-02)"),
         Schedule(
             "polar_express",
-            _pe_safety(_POLAR_EXPRESS_RAW, 1.01),
+            # Every triple but the last, the classical Padé step (1.875, −1.25, 0.375), which needs none.
+            (*_with_safety(_POLAR_EXPRESS_RAW[:-1], 1.01), _POLAR_EXPRESS_RAW[-1]),
             "repeat_last",
             1.01,
             5,
@@ -198,14 +212,16 @@ _SHIPPED: dict[str, Schedule] = {
         ),
         Schedule(
             "cans",
-            _CANS,
+            _with_safety(_CANS, 1.01),
             "repeat_last",
-            1.01,
+            1.0,
             5,
-            source="arXiv 2506.10935 via NVIDIA Emerging-Optimizers muon_utils.py",
-            # The published list reaches ~1e103 at σ = 1.01 and leaves (0, 1.3] at σ = 1 + 4e-6: it has no
-            # room for rounding at all. We divide the input by 1.01‖X‖ (as Polar Express does).
-            note="input margin 1.01 added by orthoptim: the published list blows up for σ > 1 + 4e-6",
+            source="arXiv 2506.10935 via NVIDIA Emerging-Optimizers muon_utils.py; safety 1.01 folded into every step",
+            # The published list has no room above its design intervals: σ = 1 + 4e-6 already leaves (0, 1.3],
+            # and a 2⁻⁸ rounding between steps drives it to ~1e10 (bfloat16 runs produced σ ~ 1e15 outputs in
+            # the stress test). Folding the Polar Express safety factor 1.01 into every step (p(x) → p(x/1.01))
+            # gives each step 1% of headroom; the exact-arithmetic worst gain drops from 0.884 to 0.857.
+            note="safety factor 1.01 folded into every step by orthoptim: the published list blows up under rounding",
         ),
         Schedule("aol", _AOL, "cycle", 1.0, 4, source="thib-s/flash-newton-schulz newton_schulz_triton.py"),
         Schedule(
@@ -282,13 +298,22 @@ def raw_coefficients(name: str) -> tuple[Triple, ...]:
         return _AOL_EMERGING
     if name == "polar_express_raw":
         return _POLAR_EXPRESS_RAW
+    if name == "cans_published":
+        return _CANS
+    if name == "cubic5_published":
+        return _CUBIC5
     raise ValueError(f"no coefficient list named {name!r}")
 
 
 @dataclass(frozen=True)
 class ScheduleReport:
     """What :func:`validate_schedule` found, on the interval ``σ ∈ [lower, upper]`` of *input* singular
-    values (before the schedule's margin is applied)."""
+    values (before the schedule's margin is applied).
+
+    ``min_gain``/``max_gain`` are the exact-arithmetic composite's extremes; ``perturbed_min``/``perturbed_max``
+    those of the rounding model of :func:`rounded_composite` with unit ``step_rounding`` per step (0 turns it
+    off). A schedule can be fine in exact arithmetic and still blow up, or flip signs, in low precision.
+    """
 
     lower: float
     upper: float
@@ -297,9 +322,20 @@ class ScheduleReport:
     max_gain: float
     argmin: float
     argmax: float
-    positive: bool
-    bounded: bool
+    perturbed_min: float
+    perturbed_max: float
+    step_rounding: float
     bound: float
+
+    @property
+    def positive(self) -> bool:
+        """No direction's sign flips, with or without per-step rounding."""
+        return self.min_gain > 0.0 and self.perturbed_min > 0.0
+
+    @property
+    def bounded(self) -> bool:
+        """Every output stays ≤ ``bound``, with or without per-step rounding."""
+        return self.max_gain <= self.bound and self.perturbed_max <= self.bound
 
     @property
     def ok(self) -> bool:
@@ -308,18 +344,45 @@ class ScheduleReport:
     def describe(self) -> str:
         return (
             f"{self.steps} steps on σ ∈ [{self.lower:g}, {self.upper:.6g}]: output ∈ "
-            f"[{self.min_gain:.4g} (at σ={self.argmin:.3g}), {self.max_gain:.4g} (at σ={self.argmax:.3g})]"
+            f"[{self.min_gain:.4g} (at σ={self.argmin:.3g}), {self.max_gain:.4g} (at σ={self.argmax:.3g})]; "
+            f"with rounding {self.step_rounding:.3g} per step ∈ [{self.perturbed_min:.4g}, {self.perturbed_max:.4g}]"
         )
 
 
 def composite(coeffs: Sequence[Triple], x: np.ndarray) -> np.ndarray:
-    """Apply the steps ``coeffs`` to scalars ``x`` in float64 (the scalar picture of the iteration)."""
+    """Apply the steps ``coeffs`` to scalars ``x`` in float64 (the scalar picture of the iteration).
+
+    Values that overflow come out as ±inf or nan.
+    """
     y = np.asarray(x, dtype=np.float64).copy()
     with np.errstate(over="ignore", invalid="ignore"):
         for a, b, c in coeffs:
             y2 = y * y
             y = y * (a + y2 * (b + c * y2))
     return y
+
+
+def rounded_composite(coeffs: Sequence[Triple], x: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """The composite along a pessimistic low and high path of a rounding model with unit ``delta`` per step.
+
+    Each step ``X ← aX + BX`` with ``B = bA + cA²`` rounds (i) its input matrix, moving σ by a relative
+    ``±delta``, and (ii) the m×m factor ``B``, relative to the size of its terms, which moves the step's output
+    by up to ``delta·(|b|σ³ + |c|σ⁵)``. The high path takes (i) upwards (a step whose polynomial has no room
+    above its design interval blows up); the low path takes (i) downwards and subtracts (ii) (a step whose
+    output is a small difference of large terms — CANS's first step maps σ ≈ 0.82 to 0.008 from terms ~20 —
+    can cross zero and flip that direction's sign, which no later odd step undoes).
+    """
+    lo = np.asarray(x, dtype=np.float64).copy()
+    hi = lo.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for a, b, c in coeffs:
+            y = lo * (1.0 - delta)
+            y3 = y * y * y
+            lo = a * y + b * y3 + c * y3 * y * y - delta * (abs(b) * y3 + abs(c) * y3 * y * y)
+            y = hi * (1.0 + delta)
+            y3 = y * y * y
+            hi = a * y + b * y3 + c * y3 * y * y
+    return lo, hi
 
 
 def _grid(lower: float, upper: float, points: int) -> np.ndarray:
@@ -330,6 +393,12 @@ def _grid(lower: float, upper: float, points: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def _extremes(y: np.ndarray) -> tuple[float, float]:
+    """(min, max) where any non-finite value counts as −inf for the min and +inf for the max."""
+    finite = np.isfinite(y)
+    return float(np.where(finite, y, -np.inf).min()), float(np.where(finite, y, np.inf).max())
+
+
 def validate_schedule(
     coeffs: ScheduleSpec,
     *,
@@ -338,15 +407,18 @@ def validate_schedule(
     upper: float = ROUNDING_UPPER,
     margin: float | None = None,
     bound: float = DEFAULT_BOUND,
+    step_rounding: float = STEP_ROUNDING,
     points: int = 20001,
 ) -> ScheduleReport:
     """Evaluate a schedule's composite scalar polynomial in float64 on a dense grid over ``[lower, upper]``.
 
     ``coeffs`` is a schedule name, a :class:`Schedule`, one ``(a, b, c)`` triple, or a list of triples.
     The grid runs over *input* singular values after normalization by ``‖X‖`` (so ``σ ≤ 1`` in exact
-    arithmetic; ``upper`` > 1 models rounding); each is divided by the schedule's ``margin`` before the
-    first step, as :func:`orthoptim.orthogonalize` does. The report says the smallest and largest output,
-    whether the output stays positive (no sign flip of any direction) and whether it stays ``≤ bound``.
+    arithmetic; ``upper`` > 1 models rounding of the normalized matrix); each is divided by the schedule's
+    ``margin`` before the first step, as :func:`orthoptim.orthogonalize` does. The composite is evaluated
+    exactly and under the rounding model of :func:`rounded_composite` with unit ``step_rounding`` (default
+    2⁻⁸, twice bfloat16's unit roundoff; :data:`STEP_ROUNDING_BY_PRECISION` lists the others). The report says
+    the extremes, whether the output stays positive (no sign flip of any direction) and ``≤ bound``.
     """
     sched = as_schedule(coeffs, validate=False)
     lo = sched.lower if lower is None else float(lower)
@@ -355,25 +427,26 @@ def validate_schedule(
         raise ValueError(f"need 0 < lower < upper, got lower={lo!r}, upper={upper!r}")
     if not (math.isfinite(mg) and mg > 0):
         raise ValueError(f"margin must be a positive finite number, got {mg!r}")
+    if not (0.0 <= step_rounding < 0.5):
+        raise ValueError(f"step_rounding must be in [0, 0.5), got {step_rounding!r}")
     triples = sched.steps_coefficients(steps)
-    x = _grid(lo, upper, points)
-    y = composite(triples, x / mg)
+    x = _grid(lo, upper, points) / mg
+    y = composite(triples, x)
+    min_gain, max_gain = _extremes(y)
+    low, high = rounded_composite(triples, x, step_rounding)
+    (low_min, low_max), (high_min, high_max) = _extremes(low), _extremes(high)
     finite = np.isfinite(y)
-    y_safe = np.where(finite, y, np.inf)
-    i_min = int(np.argmin(np.where(finite, y, -np.inf)))
-    i_max = int(np.argmax(y_safe))
-    min_gain = float(np.where(finite, y, -np.inf)[i_min])
-    max_gain = float(y_safe[i_max])
     return ScheduleReport(
         lower=lo,
         upper=float(upper),
         steps=len(triples),
         min_gain=min_gain,
         max_gain=max_gain,
-        argmin=float(x[i_min]),
-        argmax=float(x[i_max]),
-        positive=bool(finite.all() and min_gain > 0.0),
-        bounded=bool(finite.all() and max_gain <= bound),
+        argmin=float(x[int(np.argmin(np.where(finite, y, -np.inf)))] * mg),
+        argmax=float(x[int(np.argmax(np.where(finite, y, np.inf)))] * mg),
+        perturbed_min=min(low_min, high_min),
+        perturbed_max=max(low_max, high_max),
+        step_rounding=float(step_rounding),
         bound=bound,
     )
 
@@ -381,13 +454,14 @@ def validate_schedule(
 @functools.lru_cache(maxsize=256)
 def _checked_custom(triples: tuple[Triple, ...]) -> Schedule:
     sched = Schedule("custom", triples, "cycle", 1.0, len(triples), source="user")
-    report = validate_schedule(sched)
+    # Exact arithmetic here; orthogonalize checks the rounding model for the compute dtype it runs in.
+    report = validate_schedule(sched, step_rounding=0.0)
     if not report.ok:
         raise ValueError(
             "custom schedule rejected: "
             + report.describe()
             + f"; it must stay in (0, {report.bound}] for σ up to {report.upper:.6g} (rounding slack). "
-            "Build a Schedule(...) with a margin > 1 if it needs one, or pass validate=False at your own risk."
+            "Build a Schedule(..., margin=...) if it needs headroom, or Schedule(..., trusted=True) at your own risk."
         )
     return sched
 
@@ -395,8 +469,8 @@ def _checked_custom(triples: tuple[Triple, ...]) -> Schedule:
 def as_schedule(spec: ScheduleSpec, *, validate: bool = True) -> Schedule:
     """Turn a schedule name, a :class:`Schedule`, one triple or a list of triples into a :class:`Schedule`.
 
-    Custom lists are validated (cached per list) unless ``validate=False``; a ``Schedule`` object is
-    taken as given.
+    Custom lists are validated in exact arithmetic (cached per list) unless ``validate=False``; a ``Schedule``
+    object is taken as given. ``orthogonalize`` additionally checks the schedule for its compute dtype.
     """
     if isinstance(spec, Schedule):
         return spec
@@ -422,3 +496,28 @@ def as_schedule(spec: ScheduleSpec, *, validate: bool = True) -> Schedule:
     if validate:
         return _checked_custom(triples)  # type: ignore[arg-type]
     return Schedule("custom", triples, "cycle", 1.0, len(triples), source="user")  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=1024)
+def check_precision(sched: Schedule, steps: int | None, precision: str) -> None:
+    """Raise ``ValueError`` if ``sched`` (at ``steps``) fails validation under ``precision``'s rounding model.
+
+    ``precision`` is a torch dtype name (``"bfloat16"``, ...). Cached: a dictionary lookup after the first call.
+    """
+    if sched.trusted:
+        return
+    delta = STEP_ROUNDING_BY_PRECISION.get(precision)
+    if delta is None:
+        raise ValueError(f"no rounding model for compute precision {precision!r}")
+    report = validate_schedule(sched, steps=steps, step_rounding=delta)
+    if not report.ok:
+        safe = [
+            p
+            for p, d in STEP_ROUNDING_BY_PRECISION.items()
+            if validate_schedule(sched, steps=steps, step_rounding=d).ok
+        ]
+        raise ValueError(
+            f"schedule {sched.name!r} is refused in {precision}: {report.describe()} — it flips signs or blows up "
+            f"under {precision} rounding. Use compute_dtype in {safe} or another schedule "
+            "(or Schedule(..., trusted=True) at your own risk)."
+        )

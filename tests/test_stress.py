@@ -1,0 +1,29 @@
+"""'Never unstable': ≥ 10,000 random and adversarial matrices × every schedule × normalization × {fp32, bf16}."""
+
+from __future__ import annotations
+
+import torch
+
+from orthoptim.stress import NORMALIZATIONS, SHAPES, SPECTRA, adversarial_batch, run_stress
+
+
+def test_adversarial_batch_covers_what_it_claims() -> None:
+    X = adversarial_batch((6, 24), 100)
+    assert X.shape == (100, 6, 24) and X.dtype == torch.float32
+    assert torch.isfinite(X).all() and bool((X.abs().amax(dim=(-2, -1)) > 0).all())
+    amax = X.abs().amax(dim=(-2, -1)).double()
+    assert amax.min() < 1e-30 and amax.max() > 1e30  # tiny and huge scales
+    s = torch.linalg.svdvals(X.double() / amax.view(-1, 1, 1))
+    assert bool((s[:, 1] < 1e-6 * s[:, 0]).any())  # rank-1 members
+    assert bool(((s[:, 0] - s[:, -1]) < 1e-5 * s[:, 0]).any())  # orthogonal (flat, up to fp32 rounding) members
+
+
+def test_stress_no_configuration_is_unstable() -> None:
+    results = run_stress(1700)  # 6 shapes × 1700 = 10,200 matrices per configuration
+    assert len(results) == 10 * len(NORMALIZATIONS) * 2
+    assert all(r.matrices >= 10_000 for r in results)
+    failures = [r for r in results if not r.ok]
+    assert not failures, "\n".join(str(r) for r in failures)
+    refused = {(r.schedule, r.compute_dtype) for r in results if r.refused}
+    assert refused == {("cans", "bfloat16")}  # refused up front, never run unsafely
+    assert len(SHAPES) * 1700 >= 10_000 and len(SPECTRA) >= 10
