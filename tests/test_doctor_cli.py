@@ -36,3 +36,10 @@ def test_cli_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["doctor", "--shapes", "4by4"])
     assert "bad shape" in capsys.readouterr().err
+
+
+def test_doctor_reports_refused_configurations() -> None:
+    report = run_doctor([(8, 12)], ["cans"], compute_dtype="bfloat16", repeats=1, progress=False)
+    row = next(r for r in report.shapes[0].rows if r.routine == "cans")
+    assert row.refused == "refused in bfloat16" and not row.ratios
+    assert "refused in bfloat16" in format_report(report)

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doc.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     doc.add_argument("--compute-dtype", default=None, help="float32, bfloat16, float16, float64 (default: auto)")
+    doc.add_argument(
+        "--normalization", default="frobenius", choices=("frobenius", "schatten4", "aol"), help="(default: frobenius)"
+    )
     doc.add_argument("--repeats", type=int, default=5, help="timed calls per routine (median reported)")
     doc.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -58,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.schedules,
                 device=args.device,
                 compute_dtype=args.compute_dtype,
+                normalization=args.normalization,
                 repeats=args.repeats,
                 progress=not args.no_progress,
             )

@@ -44,6 +44,7 @@ class Row:
     gain_gaussian: tuple[float, float] = (float("nan"), float("nan"))
     gain_heavy: tuple[float, float] = (float("nan"), float("nan"))
     ms: float = float("nan")
+    refused: str = ""
 
     @property
     def scale_failures(self) -> list[float]:
@@ -61,6 +62,7 @@ class DoctorReport:
     device: str
     torch_version: str
     shapes: list[ShapeReport]
+    normalization: str = "frobenius"
 
 
 def _torch_muon_routine() -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -129,10 +131,14 @@ def run_doctor(
     *,
     device: str | torch.device | None = None,
     compute_dtype: torch.dtype | str | None = None,
+    normalization: str = "frobenius",
     repeats: int = 5,
     progress: bool = True,
 ) -> DoctorReport:
-    """Measure every schedule (default: all shipped) and torch.optim.Muon's routine on each shape."""
+    """Measure every schedule (default: all shipped) and torch.optim.Muon's routine on each shape.
+
+    A schedule that orthoptim refuses in the compute dtype (e.g. ``cans`` in bfloat16) gets a row saying so.
+    """
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -156,10 +162,18 @@ def run_doctor(
             row = Row(name, len(sched.steps_coefficients()), sched.matmuls(), dtype_label)
 
             def fn(G: torch.Tensor, _n: str = name) -> torch.Tensor:
-                return orthogonalize(G, schedule=_n, compute_dtype=compute_dtype)
+                return orthogonalize(G, schedule=_n, compute_dtype=compute_dtype, normalization=normalization)  # type: ignore[arg-type]
 
+            try:
+                fn(torch.ones(2, 2, device=dev))
+            except ValueError as exc:
+                if "refused" not in str(exc):
+                    raise
+                row.refused = f"refused in {dtype_label}"
+                reports[shape].rows.append(row)
+                continue
         reports[shape].rows.append(_measure(row, fn, tuple(shape), dev, repeats))  # type: ignore[arg-type]
-    return DoctorReport(str(dev), torch.__version__, list(reports.values()))
+    return DoctorReport(str(dev), torch.__version__, list(reports.values()), normalization)
 
 
 def _fmt_range(r: tuple[float, float]) -> str:
@@ -180,7 +194,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def format_report(report: DoctorReport) -> str:
     """The report as plain-text tables (what ``orthoptim doctor`` prints)."""
     out = [
-        f"orthoptim {__version__} doctor — torch {report.torch_version}, device {report.device}",
+        f"orthoptim {__version__} doctor — torch {report.torch_version}, device {report.device}, "
+        f"normalization {report.normalization}",
         f"scale sweep: ‖O(t·G)‖/‖O(G)‖ for t in 1e-38..1e38 (fail: off by > {SCALE_TOLERANCE:g}); "
         f"gains uᵢᵀOvᵢ vs float64 SVD for σᵢ ≥ {GAIN_FLOOR:g}·σmax (1 = exact)",
     ]
@@ -190,7 +205,9 @@ def format_report(report: DoctorReport) -> str:
         header = ["routine", "steps", "matmuls", "dtype", "scale ratio min..max", "scale failures",
                   "gain gaussian", "gain σᵢ=1/i", "ms/call"]  # fmt: skip
         rows = [
-            [
+            [r.routine, str(r.steps), str(r.matmuls), r.dtype, r.refused, "", "", "", ""]
+            if r.refused
+            else [
                 r.routine,
                 str(r.steps),
                 str(r.matmuls),
