@@ -1,5 +1,6 @@
 """orthoptim: orthogonalized optimizers on a scale-invariant polar-factor engine."""
 
+from .optim import Hybrid, Muon, NorMuon, PolarGrad, available, clip_grad_norm_, create, split_params
 from .polar import (
     NonFiniteError,
     Schedule,
@@ -16,15 +17,23 @@ from .polar import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Hybrid",
+    "Muon",
     "NonFiniteError",
+    "NorMuon",
+    "PolarGrad",
     "Schedule",
     "ScheduleReport",
     "__version__",
+    "available",
+    "clip_grad_norm_",
+    "create",
     "get_schedule",
     "list_schedules",
     "nuclear_norm",
     "orthogonalize",
     "polar",
     "resolve_compute_dtype",
+    "split_params",
     "validate_schedule",
 ]

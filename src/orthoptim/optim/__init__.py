@@ -1,0 +1,25 @@
+"""Thin torch.optim.Optimizer shells over one functional update (``base.py``)."""
+
+from .base import NONFINITE_MODES, OrthogonalizedOptimizer
+from .hybrid import Hybrid, clip_grad_norm_, split_params
+from .muon import Muon
+from .normuon import NorMuon
+from .polargrad import PolarGrad
+from .registry import available, create
+from .shapes import SCALE_MODES, lr_scale, matrix_layout
+
+__all__ = [
+    "NONFINITE_MODES",
+    "SCALE_MODES",
+    "Hybrid",
+    "Muon",
+    "NorMuon",
+    "OrthogonalizedOptimizer",
+    "PolarGrad",
+    "available",
+    "clip_grad_norm_",
+    "create",
+    "lr_scale",
+    "matrix_layout",
+    "split_params",
+]

@@ -1,0 +1,122 @@
+"""``orthoptim.Hybrid``: hidden matrices orthogonalized, everything else AdamW — one optimizer object."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .muon import Muon
+
+#: Module names treated as the output head by :func:`split_params` (the last component of the module path).
+HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "output", "out_proj_vocab", "classifier", "fc_out", "decoder")
+
+
+def split_params(
+    model: nn.Module,
+    *,
+    exclude_embeddings: bool = True,
+    exclude_head: bool = True,
+    head_names: Iterable[str] = HEAD_NAMES,
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split ``model``'s trainable parameters into (hidden matrices, everything else).
+
+    Hidden matrices are weights with ≥ 2 dims (Linear, conv, stacked experts). Excluded by default, as Muon's
+    authors recommend: embedding tables (``nn.Embedding``/``nn.EmbeddingBag``), the output head (a module whose
+    name is in ``head_names``), and any weight shared with an embedding (tied heads). Each parameter appears
+    once (shared parameters are deduplicated).
+    """
+    heads = set(head_names)
+    embedding_ids = {
+        id(p) for mod in model.modules() if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) for p in mod.parameters()
+    }
+    head_ids: set[int] = set()
+    for name, mod in model.named_modules():
+        if name and name.rsplit(".", 1)[-1] in heads:
+            head_ids.update(id(p) for p in mod.parameters(recurse=False))
+    matrices: list[nn.Parameter] = []
+    others: list[nn.Parameter] = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        excluded = (exclude_embeddings and id(p) in embedding_ids) or (exclude_head and id(p) in head_ids)
+        (matrices if p.ndim >= 2 and not excluded else others).append(p)
+    return matrices, others
+
+
+class Hybrid(Muon):
+    """One optimizer: an orthogonalized update (Muon, or NorMuon/PolarGrad via ``row_norm``/``scale_mode``) for
+    hidden matrices and AdamW for the rest (embeddings, head, biases, gains).
+
+    ``params`` is an ``nn.Module`` (split by :func:`split_params`), a pair ``(matrices, others)``, or a list of
+    param groups each with ``"algorithm": "muon"`` or ``"adamw"``. Works with torch lr schedulers (each group has
+    its own ``lr``; schedulers scale all groups), ``zero_grad``, closures and ``state_dict``. The non-finite policy
+    covers both halves: a skipped step leaves AdamW's moments untouched too.
+
+    Keyword arguments are :class:`orthoptim.Muon`'s for the matrices (``lr`` default 0.02, ``weight_decay`` 0)
+    plus ``adamw_lr`` (3e-4), ``adamw_betas`` ((0.9, 0.95)), ``adamw_eps`` (1e-8), ``adamw_weight_decay`` (0).
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | tuple[Iterable[Any], Iterable[Any]] | list[dict[str, Any]],
+        *,
+        lr: float = 0.02,
+        weight_decay: float = 0.0,
+        adamw_lr: float = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        **kw: Any,
+    ) -> None:
+        adamw = {"lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps, "weight_decay": adamw_weight_decay}
+        groups: list[dict[str, Any]]
+        if isinstance(params, nn.Module):
+            params = split_params(params)
+        if isinstance(params, tuple):
+            if len(params) != 2:
+                raise ValueError("Hybrid(params): a tuple must be (matrix_params, other_params)")
+            mats, rest = list(params[0]), list(params[1])
+            groups = []
+            if mats:
+                groups.append({"params": mats, "algorithm": "muon"})
+            if rest:
+                groups.append({"params": rest, "algorithm": "adamw", **adamw})
+        else:
+            groups = []
+            for g in params:
+                if not isinstance(g, dict) or g.get("algorithm") not in ("muon", "adamw"):
+                    raise ValueError('Hybrid(params): each param group needs "algorithm": "muon" or "adamw"')
+                groups.append({**adamw, **g} if g["algorithm"] == "adamw" else dict(g))
+        if not groups:
+            raise ValueError("Hybrid got no parameters")
+        super().__init__(groups, lr=lr, weight_decay=weight_decay, **kw)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group.setdefault("algorithm", "muon")
+        super().add_param_group(param_group)
+
+
+def is_scale_invariant(group: dict[str, Any]) -> bool:
+    """Whether a group's update ignores the gradient's scale (orthogonalized, not ``"nuclear"``)."""
+    return group.get("algorithm", "muon") != "adamw" and "schedule" in group and group.get("scale_mode") != "nuclear"
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+) -> torch.Tensor:
+    """Clip gradients of the groups whose update depends on the gradient's scale; return their total norm.
+
+    Orthogonalized updates (Muon, NorMuon) are scale-invariant: clipping them does nothing useful, and
+    including their gradients in a global norm lets one huge layer shrink the clip coefficient for everything.
+    So the norm is computed over, and the clip applied to, AdamW groups and ``scale_mode="nuclear"`` groups only
+    (every group of an optimizer that is not orthoptim's). With none of those, returns a zero norm.
+    """
+    params = [p for g in optimizer.param_groups if not is_scale_invariant(g) for p in g["params"] if p.grad is not None]
+    if not params:
+        device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+        return torch.zeros((), device=device)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite)

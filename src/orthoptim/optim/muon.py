@@ -1,0 +1,103 @@
+"""``orthoptim.Muon``: a drop-in for torch.optim.Muon on the scale-invariant polar engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ..polar import DEFAULT_SCHEDULE
+from ..polar.schedules import ScheduleSpec
+from .base import NonFiniteMode, OrthogonalizedOptimizer, check_number
+from .shapes import ScaleMode, ShapePolicy
+
+_TORCH_ADJUST = (None, "original", "match_rms_adamw")
+_TORCH_DEFAULT_STEPS = 5  # torch/optim/_muon.py DEFAULT_NS_STEPS
+
+
+def resolve_schedule(
+    schedule: ScheduleSpec | None, ns_coefficients: tuple[float, float, float] | None, ns_steps: int | None
+) -> tuple[ScheduleSpec, int | None]:
+    """torch.optim.Muon's ``ns_coefficients``/``ns_steps`` or orthoptim's ``schedule`` (not both)."""
+    if schedule is not None and ns_coefficients is not None:
+        raise ValueError("pass either ns_coefficients (torch.optim.Muon style) or schedule, not both")
+    if ns_coefficients is not None:
+        coeffs = tuple(float(v) for v in ns_coefficients)
+        if len(coeffs) != 3:
+            raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {ns_coefficients!r}")
+        # A bare triple runs torch's default 5 steps unless told otherwise.
+        return coeffs, _TORCH_DEFAULT_STEPS if ns_steps is None else ns_steps  # type: ignore[return-value]
+    return (DEFAULT_SCHEDULE if schedule is None else schedule), ns_steps
+
+
+class Muon(OrthogonalizedOptimizer):
+    """Muon: momentum, then the orthogonalized (polar-factor) update, for matrix parameters.
+
+    Accepts every argument of ``torch.optim.Muon`` with the same meaning — swapping the import works, and
+    ``ns_coefficients=(3.4445, -4.775, 2.0315), ns_steps=5`` reproduces torch.optim.Muon's parameters up to
+    bfloat16 rounding (with ``compute_dtype="bfloat16"``). ``eps`` is accepted and ignored: orthoptim's
+    normalization is exactly scale-invariant and needs no floor (README, "Scale invariance").
+
+    Args:
+        params: matrices (2-D; conv weights are flattened, 3-D weights are batches of matrices — see
+            ``shape_policy``), or param groups. 0-D/1-D parameters raise and point to ``orthoptim.Hybrid``.
+        lr, weight_decay, momentum, nesterov: as torch.optim.Muon (decoupled weight decay with the unadjusted lr).
+        ns_coefficients: one (a, b, c) triple applied every step (torch.optim.Muon style).
+        eps: accepted for compatibility; unused.
+        ns_steps: Newton–Schulz steps (default: the schedule's, 5 for a bare triple).
+        adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"`` (torch's names for ``scale_mode``).
+        schedule: orthoptim schedule name, ``Schedule`` or list of triples (default ``"polar_express"``).
+        normalization: ``"frobenius"`` | ``"schatten4"`` | ``"aol"``.
+        compute_dtype: dtype of the iteration (default: bfloat16 on GPUs, float32 on the CPU).
+        scale_mode: ``"original"`` | ``"match_rms_adamw"`` | ``"unit_rms"`` | ``"nuclear"`` (see README table).
+        shape_policy: ``"auto"`` | ``"flatten"`` | ``"batch"`` (``orthoptim.optim.shapes.matrix_layout``).
+        nonfinite: ``"skip"`` (default) | ``"raise"`` | ``"propagate"`` (``orthoptim.optim.base``).
+        warn_nonfinite: warn when a step is skipped (reads the device flag once per step).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] | None = None,
+        eps: float = 1e-7,
+        ns_steps: int | None = None,
+        adjust_lr_fn: str | None = None,
+        *,
+        schedule: ScheduleSpec | None = None,
+        normalization: str = "frobenius",
+        compute_dtype: torch.dtype | str | None = None,
+        scale_mode: ScaleMode | None = None,
+        shape_policy: ShapePolicy = "auto",
+        nonfinite: NonFiniteMode = "skip",
+        warn_nonfinite: bool = True,
+        **extra: Any,
+    ) -> None:
+        if adjust_lr_fn not in _TORCH_ADJUST:
+            raise ValueError(f"adjust_lr_fn must be one of {_TORCH_ADJUST}, got {adjust_lr_fn!r}")
+        if scale_mode is not None and adjust_lr_fn is not None and scale_mode != adjust_lr_fn:
+            raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} and scale_mode={scale_mode!r} disagree; pass one")
+        check_number("eps", eps, 0.0)
+        sched, steps = resolve_schedule(schedule, ns_coefficients, ns_steps)
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "eps": eps,
+            "schedule": sched,
+            "ns_steps": steps,
+            "normalization": normalization,
+            "compute_dtype": compute_dtype,
+            "scale_mode": scale_mode or adjust_lr_fn or "original",
+            "shape_policy": shape_policy,
+            "row_norm": False,
+            "beta2": 0.95,
+            "row_eps": 1e-8,
+            **extra,
+        }
+        super().__init__(params, defaults, nonfinite, warn_nonfinite)

@@ -1,0 +1,382 @@
+"""The optimizers against torch.optim.Muon / torch.optim.AdamW, float64-SVD references and the published formulas."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import orthoptim
+from orthoptim.optim import lr_scale
+
+from .conftest import with_spectrum
+
+JORDAN = (3.4445, -4.7750, 2.0315)
+
+
+def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def run(opt: torch.optim.Optimizer, params: list[nn.Parameter], steps: int, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        opt.step()
+
+
+SHAPES = [(32, 48), (64, 32), (48, 48)]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"adjust_lr_fn": "match_rms_adamw"},
+        {"nesterov": False, "momentum": 0.9, "weight_decay": 0.0},
+    ],
+)
+def test_muon_matches_torch_optim_muon(kw: dict[str, object]) -> None:
+    ours, theirs = make_params(SHAPES), make_params(SHAPES)
+    start = [p.detach().clone() for p in ours]
+    run(torch.optim.Muon(theirs, lr=0.02, **kw), theirs, 6)  # type: ignore[arg-type]
+    opt = orthoptim.Muon(ours, lr=0.02, ns_coefficients=JORDAN, ns_steps=5, compute_dtype="bfloat16", **kw)  # type: ignore[arg-type]
+    run(opt, ours, 6)
+    for a, b, w in zip(ours, theirs, start, strict=True):
+        rel = float(((a - b).norm() / (b - w).norm()).detach())
+        assert rel < 0.03, rel  # same math, bf16 rounding apart
+
+
+def reference_muon(shapes: list[tuple[int, int]], steps: int, lr: float, mu: float, wd: float) -> list[torch.Tensor]:
+    """Muon written out in float64 from its definition (torch.optim.Muon docs), Jordan NS in float64."""
+    ps = [p.detach().double() for p in make_params(shapes)]
+    bufs = [torch.zeros_like(p) for p in ps]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for i, p in enumerate(ps):
+            g = torch.randn(p.shape, generator=gen).double()
+            bufs[i] = mu * bufs[i] + (1 - mu) * g
+            m = g + mu * (bufs[i] - g)
+            x = m.T if m.shape[0] > m.shape[1] else m
+            x = x / x.norm()
+            for _ in range(5):
+                a = x @ x.T
+                x = JORDAN[0] * x + (JORDAN[1] * a + JORDAN[2] * a @ a) @ x
+            o = x.T if m.shape[0] > m.shape[1] else x
+            p.mul_(1 - lr * wd).sub_(lr * math.sqrt(max(1, p.shape[0] / p.shape[1])) * o)
+    return ps
+
+
+def test_muon_float32_matches_float64_definition() -> None:
+    ours = make_params(SHAPES)
+    run(orthoptim.Muon(ours, lr=0.02, ns_coefficients=JORDAN, compute_dtype="float32"), ours, 4)
+    for a, b in zip(ours, reference_muon(SHAPES, 4, 0.02, 0.95, 0.1), strict=True):  # type: ignore[arg-type]
+        assert torch.allclose(a.double(), b, atol=2e-5)
+
+
+def test_conv_and_batched_weights() -> None:
+    """A conv weight acts as its (out, in·k·k) matrix; a 3-D weight as independent matrices."""
+    conv, flat = make_params([(8, 3, 3, 3)]), make_params([(8, 27)])
+    run(orthoptim.Muon(conv, lr=0.02), conv, 3)
+    run(orthoptim.Muon(flat, lr=0.02), flat, 3)
+    assert torch.allclose(conv[0].reshape(8, 27), flat[0], atol=1e-6)
+    batched = make_params([(4, 6, 10)])
+    singles = [nn.Parameter(batched[0][i].detach().clone()) for i in range(4)]
+    opt_b = orthoptim.Muon(batched, lr=0.02)
+    opt_s = orthoptim.Muon(singles, lr=0.02)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        g = torch.randn(4, 6, 10, generator=gen)
+        batched[0].grad = g.clone()
+        for i, p in enumerate(singles):
+            p.grad = g[i].clone()
+        opt_b.step()
+        opt_s.step()
+    for i, p in enumerate(singles):
+        assert torch.allclose(batched[0][i], p, atol=1e-6)
+    conv1d = make_params([(8, 3, 5)])
+    opt = orthoptim.Muon([{"params": conv1d, "shape_policy": "flatten"}], lr=0.02)
+    run(opt, conv1d, 1)
+
+
+@pytest.mark.parametrize("mode", ["original", "match_rms_adamw", "unit_rms"])
+def test_scale_modes_set_the_update_size(mode: str) -> None:
+    """One step, no momentum or decay, fully converged polar factor: Δθ = −lr·scale·UVᵀ (float64 SVD)."""
+    for shape in ((24, 40), (40, 24)):
+        (p,) = make_params([shape])
+        w0 = p.detach().clone()
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+        opt = orthoptim.Muon([p], lr=0.01, momentum=0.0, weight_decay=0.0, scale_mode=mode, ns_steps=10)  # type: ignore[arg-type]
+        p.grad = g
+        opt.step()
+        expected = -0.01 * lr_scale(mode, *shape) * orthoptim.polar(g.double())  # type: ignore[arg-type]
+        assert torch.allclose((p - w0).double(), expected, atol=2e-5 * lr_scale(mode, *shape))
+    if mode == "unit_rms":
+        rms = float((p - w0).pow(2).mean().sqrt())
+        assert math.isclose(rms, 0.01, rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("cond", [1e3, 1e5])
+def test_polargrad_nuclear_norm_within_one_percent(cond: float) -> None:
+    s = torch.logspace(0, -math.log10(cond), 40, dtype=torch.float64)
+    G, _, _ = with_spectrum(40, 90, s, seed=6)
+    p = nn.Parameter(torch.zeros(40, 90))
+    opt = orthoptim.PolarGrad([p], lr=1e-3, momentum=0.0, weight_decay=0.0)
+    p.grad = G.float()
+    opt.step()
+    O = orthoptim.orthogonalize(G.float(), steps=8)  # the same computation the step ran
+    s_est = float(-(p.double() / 1e-3 * O.double()).sum() / O.double().pow(2).sum())
+    truth = float(orthoptim.nuclear_norm(G))
+    assert abs(s_est - truth) / truth < 0.01, (s_est, truth)
+
+
+def test_normuon_matches_published_formula() -> None:
+    """One step from zero state, against the formula applied to the float64-SVD polar factor."""
+    (p,) = make_params([(16, 40)])
+    w0 = p.detach().clone()
+    g = torch.randn(16, 40, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    opt = orthoptim.NorMuon([p], lr=0.01, momentum=0.0, weight_decay=0.0, ns_steps=10, beta2=0.95, row_eps=1e-8)
+    p.grad = g.float()
+    opt.step()
+    O = orthoptim.polar(g)
+    v = 0.05 * O.pow(2).mean(dim=1)  # β₂·0 + (1 − β₂)·mean_j O_ij²
+    normed = O / (v + 1e-8).sqrt().unsqueeze(1)
+    normed = normed * (O.norm() / normed.norm())
+    assert torch.allclose((p - w0).double(), -0.01 * normed, atol=1e-5)
+    assert torch.allclose(opt.state[p]["second_moment"].double().reshape(-1), v, rtol=1e-3)
+
+
+def test_vectors_are_refused_with_a_pointer_to_hybrid() -> None:
+    with pytest.raises(ValueError, match="Hybrid"):
+        orthoptim.Muon([nn.Parameter(torch.zeros(5))])
+    with pytest.raises(ValueError, match="Hybrid"):
+        orthoptim.NorMuon([nn.Parameter(torch.zeros(()))])
+
+
+@pytest.mark.parametrize(
+    "kw,pattern",
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"momentum": 1.5}, "momentum"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"adjust_lr_fn": "bogus"}, "adjust_lr_fn"),
+        ({"ns_coefficients": JORDAN, "schedule": "jordan"}, "not both"),
+        ({"scale_mode": "huge"}, "scale mode"),
+        ({"normalization": "l1"}, "normalization"),
+        ({"nonfinite": "ignore"}, "nonfinite"),
+        ({"ns_steps": 0}, "steps"),
+        ({"schedule": "aol_emerging"}, "refused"),
+    ],
+)
+def test_bad_arguments_are_named(kw: dict[str, object], pattern: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        orthoptim.Muon(make_params([(4, 4)]), **kw)  # type: ignore[arg-type]
+
+
+def snapshot(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> tuple[list[torch.Tensor], dict[str, object]]:
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def assert_same_state(a: dict, b: dict, ignore: tuple[str, ...] = ("nonfinite_skips",)) -> None:  # type: ignore[type-arg]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        for key, val in a["state"][k].items():
+            if key not in ignore:
+                assert torch.equal(val, b["state"][k][key]), key
+
+
+@pytest.mark.parametrize("cls", [orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad])
+def test_nonfinite_skip_leaves_everything_bit_identical(cls: type) -> None:
+    params = make_params(SHAPES)
+    opt = cls(params, lr=0.02)
+    run(opt, params, 2)
+    before, state = snapshot(opt, params)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    params[1].grad[3, 4] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"shape \(64, 32\)"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+    assert_same_state(state, opt.state_dict())  # type: ignore[arg-type]
+    assert opt.nonfinite_skips == 1
+    params[0].grad[0, 0] = float("inf")
+    params[1].grad[3, 4] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.warn_on_skip = False
+        opt.step()  # skipped silently
+    assert opt.nonfinite_skips == 2
+    run(opt, params, 1)  # and training goes on
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_nonfinite_raise_and_propagate() -> None:
+    params = make_params(SHAPES)
+    opt = orthoptim.Muon(params, lr=0.02, nonfinite="raise")
+    run(opt, params, 1)
+    before, state = snapshot(opt, params)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    params[2].grad[0, 0] = float("inf")
+    with pytest.raises(orthoptim.NonFiniteError, match=r"\(48, 48\)"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+    assert_same_state(state, opt.state_dict(), ignore=())  # type: ignore[arg-type]
+    opt = orthoptim.Muon(params, lr=0.02, nonfinite="propagate")
+    params[2].grad = torch.full((48, 48), float("nan"))
+    opt.step()
+    assert torch.isnan(params[2]).all()
+
+
+def test_hybrid_split_adamw_half_matches_torch_adamw() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 50))
+    mats, rest = orthoptim.split_params(model)
+    assert {id(p) for p in mats} == {id(model[1].weight), id(model[3].weight)}
+    assert {id(p) for p in rest} == {id(model[0].weight), id(model[1].bias), id(model[3].bias)}
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.body = nn.Linear(16, 32)
+            self.lm_head = nn.Linear(32, 50)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lm_head(torch.relu(self.body(self.emb(x))))
+
+    net = Net()
+    mats, _ = orthoptim.split_params(net)
+    assert [id(p) for p in mats] == [id(net.body.weight)]
+    twin = copy.deepcopy(net)
+    opt = orthoptim.Hybrid(net, lr=0.02, adamw_lr=1e-3, adamw_betas=(0.9, 0.99), adamw_weight_decay=0.01)
+    ref = torch.optim.AdamW(orthoptim.split_params(twin)[1], lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01)
+    ref_muon = orthoptim.Muon(orthoptim.split_params(twin)[0], lr=0.02, weight_decay=0.0)  # the other half, alike
+    x = torch.randint(0, 50, (8, 5))
+    for _ in range(5):
+        for m, opts in ((net, (opt,)), (twin, (ref, ref_muon))):
+            for o in opts:
+                o.zero_grad()
+            loss = m(x).logsumexp(-1).mean()
+            loss.backward()
+            for o in opts:
+                o.step()
+    for a, b in zip(orthoptim.split_params(net)[1], orthoptim.split_params(twin)[1], strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_hybrid_scheduler_closure_and_state_dict_resume_bit_exact() -> None:
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+
+    def make(model: nn.Module) -> tuple[orthoptim.Hybrid, torch.optim.lr_scheduler.LRScheduler]:
+        mats = [p for p in model.parameters() if p.ndim == 2]
+        rest = [p for p in model.parameters() if p.ndim < 2]
+        opt = orthoptim.Hybrid((mats, rest), lr=0.02, adamw_lr=1e-3)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    def train(
+        model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, n: int
+    ) -> None:
+        for _ in range(n):
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            sched.step()
+
+    opt, sched = make(net)
+    train(net, opt, sched, 3)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01) and opt.param_groups[1]["lr"] == pytest.approx(5e-4)
+    saved_model, saved_opt = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    saved_sched = copy.deepcopy(sched.state_dict())
+    train(net, opt, sched, 3)
+    twin = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    twin.load_state_dict(saved_model)
+    opt2, sched2 = make(twin)
+    opt2.load_state_dict(copy.deepcopy(saved_opt))
+    sched2.load_state_dict(saved_sched)
+    train(twin, opt2, sched2, 3)
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_group_aware_clip_ignores_scale_invariant_groups() -> None:
+    mats, rest = make_params([(8, 8), (8, 4)]), make_params([(8,), (4,)])
+    opt = orthoptim.Hybrid((mats, rest))
+    for p in mats:
+        p.grad = torch.full(p.shape, 1e6)
+    for p in rest:
+        p.grad = torch.full(p.shape, 3.0)
+    norm = orthoptim.clip_grad_norm_(opt, 1.0)
+    assert float(norm) == pytest.approx(3.0 * math.sqrt(12))
+    assert all(torch.equal(p.grad, torch.full(p.shape, 1e6)) for p in mats)  # type: ignore[arg-type]
+    assert float(torch.cat([p.grad for p in rest]).norm()) == pytest.approx(1.0, rel=1e-5)  # type: ignore[misc]
+    assert float(orthoptim.clip_grad_norm_(orthoptim.Muon(make_params([(3, 3)])), 1.0)) == 0.0
+
+
+def overfit(opt_factory: object, clip: bool, steps: int = 150) -> float:
+    """Fixed-batch MLP regression; the middle layer's gradient is scaled by 1e12 by a hook."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 64, bias=False), nn.Tanh(), nn.Linear(64, 64, bias=False), nn.Tanh(),
+                        nn.Linear(64, 4, bias=False))  # fmt: skip
+    net[2].weight.register_hook(lambda g: g * 1e12)
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    opt = opt_factory(net.parameters())  # type: ignore[operator]
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+    return float(nn.functional.mse_loss(net(x), y).detach())
+
+
+def test_acceptance_global_clipping_does_not_stall_orthoptim_but_stalls_torch_muon() -> None:
+    ours = lambda ps: orthoptim.Muon(ps, lr=0.02, weight_decay=0.0)  # noqa: E731
+    theirs = lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.0)  # noqa: E731
+    # Measured (CPU, torch 2.13, 150 steps): ours 0.00311 free / 0.00317 clipped; torch.optim.Muon 0.00194 free /
+    # 0.355 clipped. Clipping rescales each step's gradient by a slowly varying factor, which momentum weighs a
+    # little differently, so "the same loss" is asserted within 25%; torch's stall is > 10×.
+    ours_free, ours_clipped = overfit(ours, False), overfit(ours, True)
+    theirs_free, theirs_clipped = overfit(theirs, False), overfit(theirs, True)
+    assert abs(ours_clipped - ours_free) <= 0.25 * ours_free, (ours_clipped, ours_free)
+    assert theirs_clipped > 10 * theirs_free, (theirs_clipped, theirs_free)  # the scenario bites
+    assert ours_clipped < 0.1 * theirs_clipped
+
+
+def test_registry() -> None:
+    assert orthoptim.available() == ["hybrid", "muon", "normuon", "polargrad"]
+    opt = orthoptim.create("NorMuon", make_params([(4, 6)]), lr=0.01)
+    assert isinstance(opt, orthoptim.NorMuon)
+    with pytest.raises(ValueError, match="available"):
+        orthoptim.create("lion", make_params([(4, 6)]))
+
+
+def test_bfloat16_params_keep_float32_statistics_across_state_dict() -> None:
+    params = [nn.Parameter(torch.randn(8, 12).bfloat16())]
+    opt = orthoptim.NorMuon(params, lr=0.01)
+    run(opt, params, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    twin = [nn.Parameter(params[0].detach().clone())]
+    opt2 = orthoptim.NorMuon(twin, lr=0.01)
+    opt2.load_state_dict(saved)
+    assert opt2.state[twin[0]]["second_moment"].dtype == torch.float32
+    assert torch.equal(opt2.state[twin[0]]["second_moment"], opt.state[params[0]]["second_moment"])
+    for p in (params, twin):
+        p[0].grad = torch.ones(8, 12, dtype=torch.bfloat16)
+    opt.step()
+    opt2.step()
+    assert torch.equal(params[0], twin[0])
