@@ -1,0 +1,79 @@
+"""Optimizer step time on GPT-2-small's 48 hidden matrices, orthoptim vs torch.optim.Muon, same process.
+
+    .venv/bin/python benchmarks/step_cpu.py [--layers 12] [--repeats 3] [--device cpu]
+
+Matrices: per layer {768×2304, 768×768, 3072×768, 768×3072} (the shapes listed for GPT-2 small in the project's
+issue), fp32 parameters with random gradients. Prints median ms per ``step()`` and the ratio to torch.optim.Muon
+measured in the same run. Not a test: machines are shared and noisy; compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import orthoptim
+
+SHAPES = ((768, 2304), (768, 768), (3072, 768), (768, 3072))
+
+
+def params_and_grads(layers: int, device: str) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=gen).to(device) * 0.02) for _ in range(layers) for s in SHAPES]
+    grads = [torch.randn(p.shape, generator=gen).to(device) for p in params]
+    return params, grads
+
+
+def time_steps(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], args: argparse.Namespace) -> float:
+    params, grads = params_and_grads(args.layers, args.device)
+    opt = make(params)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    opt.step()  # warm-up (and state allocation)
+    times = []
+    for _ in range(args.repeats):
+        if args.device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        if args.device != "cpu":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    jordan = (3.4445, -4.7750, 2.0315)
+    configs: list[tuple[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]] = [
+        ("torch.optim.Muon (Jordan NS5, bf16, per-matrix loop)", lambda ps: torch.optim.Muon(ps, lr=0.02)),
+        (
+            "orthoptim.Muon, same math (Jordan NS5, bf16), megabatched",
+            lambda ps: orthoptim.Muon(ps, lr=0.02, ns_coefficients=jordan, ns_steps=5, compute_dtype="bfloat16"),
+        ),
+        ("orthoptim.Muon defaults, bf16 compute", lambda ps: orthoptim.Muon(ps, lr=0.02, compute_dtype="bfloat16")),
+        ("orthoptim.Muon defaults (CPU: float32 compute)", lambda ps: orthoptim.Muon(ps, lr=0.02)),
+    ]
+    print(
+        f"# optimizer step, {4 * args.layers} matrices (GPT-2 small shapes), device {args.device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
+    print("\n| configuration | ms / step | × torch.optim.Muon |\n|---|---|---|")
+    base = None
+    for name, make in configs:
+        ms = time_steps(make, args)
+        base = base or ms
+        print(f"| {name} | {ms:.0f} | {ms / base:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
