@@ -57,7 +57,7 @@ def test_schatten4_float64_iteration_matches_closed_form() -> None:
     sched = get_schedule("polar_express")
     s = torch.logspace(0, -3, 30, dtype=torch.float64)
     G, U, V = with_spectrum(30, 70, s, seed=4)
-    O = orthoptim.orthogonalize(G, normalization="schatten4", compute_dtype=torch.float64)
+    O = orthoptim.orthogonalize(G, schedule="polar_express", normalization="schatten4", compute_dtype=torch.float64)
     x = (s / (sched.margin * s.pow(4).sum().pow(0.25))).numpy()
     M = gains(O, U, V)
     assert torch.allclose(torch.diagonal(M), torch.from_numpy(composite(sched.steps_coefficients(), x)), atol=1e-9)
@@ -73,7 +73,7 @@ def test_aol_float64_iteration_is_newton_schulz_on_row_scaled_matrix() -> None:
     d = (Xf @ Xf.T).abs().sum(-1).rsqrt() / sched.margin
     U, S, Vh = torch.linalg.svd(d[:, None] * Xf, full_matrices=False)
     expected = U @ torch.diag(torch.from_numpy(composite(sched.steps_coefficients(), S.numpy()))) @ Vh
-    O = orthoptim.orthogonalize(G, normalization="aol", compute_dtype=torch.float64)
+    O = orthoptim.orthogonalize(G, schedule="polar_express", normalization="aol", compute_dtype=torch.float64)
     assert torch.allclose(O, expected, atol=1e-10)
 
 

@@ -23,7 +23,7 @@ def test_float64_iteration_matches_closed_form(name: str) -> None:
     """In float64 the matrix iteration must act on each singular value exactly as the scalar polynomial."""
     s = torch.logspace(0, -2.5, 24, dtype=torch.float64)
     G, U, V = with_spectrum(24, 40, s, seed=5)
-    O = orthoptim.orthogonalize(G, schedule=name, compute_dtype=torch.float64)
+    O = orthoptim.orthogonalize(G, schedule=name, normalization="frobenius", compute_dtype=torch.float64)
     M = gains(O, U, V)
     assert torch.allclose(torch.diagonal(M), expected_gains(name, s), atol=1e-9)
     off = M - torch.diag(torch.diagonal(M))
@@ -47,7 +47,7 @@ LOW_PRECISION_CASES = [
 def test_low_precision_gains_near_closed_form(name: str, compute_dtype: torch.dtype) -> None:
     s = torch.logspace(0, -2.5, 32, dtype=torch.float64)
     G, U, V = with_spectrum(32, 96, s, seed=6)
-    O = orthoptim.orthogonalize(G.float(), schedule=name, compute_dtype=compute_dtype)
+    O = orthoptim.orthogonalize(G.float(), schedule=name, normalization="frobenius", compute_dtype=compute_dtype)
     got = torch.diagonal(gains(O, U, V))
     assert (got - expected_gains(name, s)).abs().max() < GAIN_TOL[compute_dtype]
 
@@ -68,7 +68,9 @@ def test_torch_muon_coefficients_match_torch_optim_muon() -> None:
     G = torch.randn(64, 160, generator=torch.Generator().manual_seed(8))
     for A in (G, G.T):
         theirs = muon_ns(A, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
-        ours = orthoptim.orthogonalize(A, schedule=(3.4445, -4.7750, 2.0315), steps=5, compute_dtype="bf16")
+        ours = orthoptim.orthogonalize(
+            A, schedule=(3.4445, -4.7750, 2.0315), steps=5, normalization="frobenius", compute_dtype="bf16"
+        )
         assert ours.shape == A.shape
         rel = (ours - theirs).norm() / theirs.norm()
         assert rel < 0.03, rel  # bf16: a few roundings per step, same math
@@ -146,7 +148,7 @@ def test_float16_extremes() -> None:
     tiny = (G / G.abs().max() * 2.0**-20).half()  # all below fp16's smallest normal (6.1e-5)
     assert bool((tiny.abs() < torch.finfo(torch.float16).tiny).all())
     for X in (big, tiny):
-        out = orthoptim.orthogonalize(X)
+        out = orthoptim.orthogonalize(X, schedule="polar_express", normalization="frobenius")
         assert out.dtype == torch.float16 and torch.isfinite(out).all()
         U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
         expected = composite(sched.steps_coefficients(), (S / (sched.margin * S.norm())).numpy())

@@ -11,6 +11,7 @@ from orthoptim.polar import Schedule, as_schedule, get_schedule, list_schedules,
 from orthoptim.polar.schedules import ROUNDING_UPPER, STEP_ROUNDING_BY_PRECISION, raw_coefficients
 
 EXPECTED = {
+    "orthoptim",
     "jordan",
     "you",
     "polar_express",
@@ -156,3 +157,15 @@ def test_schedule_dataclass_validates_fields() -> None:
         Schedule("x", ((1.0, 0.0, 0.0),), margin=0.5)
     with pytest.raises(ValueError, match="finite"):
         Schedule("x", ((float("nan"), 0.0, 0.0),))
+
+
+def test_orthoptim_schedule_is_the_designers_output_and_meets_its_bounds() -> None:
+    from orthoptim.polar import design_schedule
+
+    shipped = get_schedule("orthoptim")
+    designed = design_schedule(8, 1e-3, safety=0.01, cushion=0.015)
+    assert np.allclose(np.array(shipped.coefficients), np.array(designed.coefficients), rtol=1e-12, atol=0)
+    assert shipped.margin == designed.margin == 1.01
+    five, six = validate_schedule("orthoptim"), validate_schedule("orthoptim", steps=6)
+    assert five.ok and 0.859 < five.min_gain and five.max_gain < 1.129, five.describe()
+    assert six.ok and 0.996 < six.min_gain and six.max_gain < 1.0016, six.describe()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from orthoptim import list_schedules
 from orthoptim.stress import NORMALIZATIONS, SHAPES, SPECTRA, adversarial_batch, run_stress
 
 
@@ -20,10 +21,18 @@ def test_adversarial_batch_covers_what_it_claims() -> None:
 
 def test_stress_no_configuration_is_unstable() -> None:
     results = run_stress(1700)  # 6 shapes × 1700 = 10,200 matrices per configuration
-    assert len(results) == 10 * len(NORMALIZATIONS) * 2
+    assert len(results) == len(list_schedules()) * len(NORMALIZATIONS) * 2
     assert all(r.matrices >= 10_000 for r in results)
     failures = [r for r in results if not r.ok]
     assert not failures, "\n".join(str(r) for r in failures)
     refused = {(r.schedule, r.compute_dtype) for r in results if r.refused}
     assert refused == {("cans", "bfloat16")}  # refused up front, never run unsafely
     assert len(SHAPES) * 1700 >= 10_000 and len(SPECTRA) >= 10
+
+
+def test_stress_default_schedules_at_more_steps() -> None:
+    """Users run 6 or 8 steps for accuracy: the default and Polar Express stay stable there too."""
+    for steps in (6, 8):
+        results = run_stress(850, schedules=["orthoptim", "polar_express"], steps=steps)
+        failures = [r for r in results if not r.ok]
+        assert not failures, "\n".join(str(r) for r in failures)

@@ -1,4 +1,4 @@
-"""Command line: ``orthoptim doctor`` (more subcommands arrive with their issues). Uses the public API only."""
+"""Command line: ``orthoptim doctor | coeffs`` (also ``python -m orthoptim``). Uses the public API only."""
 
 from __future__ import annotations
 
@@ -40,15 +40,53 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     doc.add_argument("--compute-dtype", default=None, help="float32, bfloat16, float16, float64 (default: auto)")
     doc.add_argument(
-        "--normalization", default="frobenius", choices=("frobenius", "schatten4", "aol"), help="(default: frobenius)"
+        "--normalization", default="schatten4", choices=("frobenius", "schatten4", "aol"), help="(default: schatten4)"
     )
     doc.add_argument("--repeats", type=int, default=5, help="timed calls per routine (median reported)")
     doc.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    co = sub.add_parser("coeffs", help="design a Newton–Schulz schedule, print it as Python, optionally plot it")
+    co.add_argument("--steps", type=int, required=True, help="number of steps")
+    co.add_argument("--lower", type=float, default=1e-3, help="smallest σ (after normalization) to bring to ~1")
+    co.add_argument("--degree", type=int, default=5, choices=(3, 5), help="odd polynomial degree per step")
+    co.add_argument("--safety", type=float, default=0.0, help="Polar Express safety (e.g. 0.02)")
+    co.add_argument("--cushion", type=float, default=0.0, help="Polar Express cushion (e.g. 0.02)")
+    co.add_argument("--plot", default=None, help="write a PNG of the composite vs the named schedules here")
+    co.add_argument(
+        "--compare", type=_parse_names, default=["jordan", "polar_express", "orthoptim"], help="schedules to plot"
+    )
     return parser
+
+
+def _coeffs(args: argparse.Namespace) -> int:
+    from . import design_schedule, get_schedule, validate_schedule
+
+    sched = design_schedule(
+        args.steps, args.lower, degree=args.degree, safety=args.safety, cushion=args.cushion, name="designed"
+    )
+    report = validate_schedule(sched)
+    print(f"# orthoptim coeffs --steps {args.steps} --lower {args.lower:g} --degree {args.degree}"
+          f" --safety {args.safety:g} --cushion {args.cushion:g}")  # fmt: skip
+    print(f"# {report.describe()}; input margin {sched.margin:g}")
+    print("coefficients = [")
+    for a, b, c in sched.coefficients:
+        print(f"    ({a!r}, {b!r}, {c!r}),")
+    print("]")
+    if args.plot:
+        from .plots import plot_schedules
+
+        named = {f"designed ℓ={args.lower:g}": sched, **{n: get_schedule(n) for n in args.compare}}
+        print(f"# plot: {plot_schedules(named, args.plot, lower=min(1e-4, args.lower / 10))}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "coeffs":
+        try:
+            return _coeffs(args)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            print(f"orthoptim coeffs: {exc}", file=sys.stderr)
+            return 2
     if args.command == "doctor":
         from .doctor import DEFAULT_SHAPES, format_report, run_doctor
 

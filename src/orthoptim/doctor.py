@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__, get_schedule, list_schedules, orthogonalize, resolve_compute_dtype
+from .polar import DEFAULT_SCHEDULE
 
 SCALES: tuple[float, ...] = (1e-38, 1e-30, 1e-20, 1e-10, 1e-5, 1.0, 1e5, 1e10, 1e20, 1e30, 1e38)
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((256, 256), (128, 512), (768, 768))
@@ -62,7 +63,7 @@ class DoctorReport:
     device: str
     torch_version: str
     shapes: list[ShapeReport]
-    normalization: str = "frobenius"
+    normalization: str = "schatten4"
 
 
 def _torch_muon_routine() -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -131,7 +132,7 @@ def run_doctor(
     *,
     device: str | torch.device | None = None,
     compute_dtype: torch.dtype | str | None = None,
-    normalization: str = "frobenius",
+    normalization: str = "schatten4",
     repeats: int = 5,
     progress: bool = True,
 ) -> DoctorReport:
@@ -222,7 +223,7 @@ def format_report(report: DoctorReport) -> str:
         ]
         out.append(_table(header, rows))
         # The sweep itself for the default schedule and torch's routine, side by side.
-        shown = [r for r in sr.rows if r.routine in ("polar_express", TORCH_MUON)]
+        shown = [r for r in sr.rows if r.routine in (DEFAULT_SCHEDULE, TORCH_MUON)]
         if shown:
             out.append("")
             sweep_rows = [[f"{t:.0e}", *(f"{r.ratios[t]:.4f}" for r in shown)] for t in SCALES]

@@ -141,10 +141,14 @@ def run_stress(
     normalizations: Sequence[str] = NORMALIZATIONS,
     compute_dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
     shapes: Sequence[tuple[int, int]] = SHAPES,
+    steps: int | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> list[StressResult]:
-    """Run every configuration over ``matrices_per_shape × len(shapes)`` matrices; return one result each."""
+    """Run every configuration over ``matrices_per_shape × len(shapes)`` matrices; return one result each.
+
+    ``steps`` overrides every schedule's default step count (validation and bound use the same count).
+    """
     names = list(schedules) if schedules is not None else list_schedules()
     batches = []
     for shape in shapes:
@@ -157,19 +161,19 @@ def run_stress(
     results = []
     for name, norm, dtype in tqdm(configs, desc="stress", unit="config", disable=not progress, leave=False):
         sched = get_schedule(name)
-        report = validate_schedule(name)
-        bound = schedule_bound(name)
+        report = validate_schedule(name, steps=steps)
+        bound = max(DEFAULT_BOUND, report.max_gain + 0.1)
         precision = str(dtype).replace("torch.", "")
         total = sum(x.shape[0] for x, _ in batches)
         try:
-            check_precision(sched, None, precision)
+            check_precision(sched, steps, precision)
         except ValueError:
             results.append(StressResult(name, norm, precision, total, 0, 0.0, bound, 0, float("nan"), "refused"))
             continue
         nonfinite = negative = 0
         worst_sigma, worst_gain = 0.0, float("inf")
         for X, wide in batches:
-            O = orthogonalize(X, schedule=name, normalization=norm, compute_dtype=dtype)  # type: ignore[arg-type]
+            O = orthogonalize(X, schedule=name, steps=steps, normalization=norm, compute_dtype=dtype)  # type: ignore[arg-type]
             Ow = (O if O.shape == wide.shape else O.mT).to(torch.float64)
             bad = ~torch.isfinite(Ow).flatten(1).all(-1)
             nonfinite += int(bad.sum())

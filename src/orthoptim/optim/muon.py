@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..polar import DEFAULT_SCHEDULE
+from ..polar import DEFAULT_NORMALIZATION, DEFAULT_SCHEDULE
 from ..polar.schedules import ScheduleSpec
 from .base import NonFiniteMode, OrthogonalizedOptimizer, check_number
 from .shapes import ScaleMode, ShapePolicy
@@ -47,8 +47,9 @@ class Muon(OrthogonalizedOptimizer):
         eps: accepted for compatibility; unused.
         ns_steps: Newton–Schulz steps (default: the schedule's, 5 for a bare triple).
         adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"`` (torch's names for ``scale_mode``).
-        schedule: orthoptim schedule name, ``Schedule`` or list of triples (default ``"polar_express"``).
-        normalization: ``"frobenius"`` | ``"schatten4"`` | ``"aol"``.
+        schedule: orthoptim schedule name, ``Schedule`` or list of triples (default ``"orthoptim"``, 5 steps).
+        normalization: ``"schatten4"`` | ``"frobenius"`` | ``"aol"``. Default: ``"schatten4"``, or ``"frobenius"``
+            when ``ns_coefficients`` is given (torch.optim.Muon's math, for a faithful drop-in).
         compute_dtype: dtype of the iteration (default: bfloat16 on GPUs, float32 on the CPU).
         scale_mode: ``"original"`` | ``"match_rms_adamw"`` | ``"unit_rms"`` | ``"nuclear"`` (see README table).
         shape_policy: ``"auto"`` | ``"flatten"`` | ``"batch"`` (``orthoptim.optim.shapes.matrix_layout``).
@@ -69,7 +70,7 @@ class Muon(OrthogonalizedOptimizer):
         adjust_lr_fn: str | None = None,
         *,
         schedule: ScheduleSpec | None = None,
-        normalization: str = "frobenius",
+        normalization: str | None = None,
         compute_dtype: torch.dtype | str | None = None,
         scale_mode: ScaleMode | None = None,
         shape_policy: ShapePolicy = "auto",
@@ -91,7 +92,7 @@ class Muon(OrthogonalizedOptimizer):
             "eps": eps,
             "schedule": sched,
             "ns_steps": steps,
-            "normalization": normalization,
+            "normalization": normalization or ("frobenius" if ns_coefficients is not None else DEFAULT_NORMALIZATION),
             "compute_dtype": compute_dtype,
             "scale_mode": scale_mode or adjust_lr_fn or "original",
             "shape_policy": shape_policy,

@@ -10,7 +10,9 @@ from .normalize import NONFINITE_POLICIES, NonFinitePolicy, Normalization, gram_
 from .schedules import ScheduleSpec, as_schedule, check_precision
 
 #: The schedule and step count used when the caller names none (see README "Choosing a default").
-DEFAULT_SCHEDULE = "polar_express"
+DEFAULT_SCHEDULE = "orthoptim"
+#: The normalization used when the caller names none (README "Choosing the default").
+DEFAULT_NORMALIZATION = "schatten4"
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -49,7 +51,7 @@ def orthogonalize(
     *,
     schedule: ScheduleSpec = DEFAULT_SCHEDULE,
     steps: int | None = None,
-    normalization: Normalization = "frobenius",
+    normalization: Normalization = "schatten4",
     compute_dtype: torch.dtype | str | None = None,
     nonfinite: NonFinitePolicy = "raise",
 ) -> torch.Tensor:

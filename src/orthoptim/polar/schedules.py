@@ -188,10 +188,35 @@ _CUBIC5: tuple[Triple, ...] = (
     (2.2230472, -0.9630650, 0.0),
 )
 
+# orthoptim's own list: design_schedule(8, 1e-3, safety=0.01, cushion=0.015) (polar/design.py, greedy minimax
+# composition as in arXiv 2505.16932). Chosen by measurement (README, "Choosing the default"): the cushion keeps
+# the first step's dip near σ ≈ 0.8 away from zero (bfloat16-safe, unlike CANS); the 1% safety gives every step
+# headroom for rounding — with 0.5% the stress test found bfloat16 blow-ups under Schatten-4/AOL normalization
+# (σ(O) up to 1e4 at 5 steps), with 1% none in 20,400 matrices at 5, 6 and 8 steps.
+# 5 steps: [0.860, 1.128] on σ ∈ [1e-3, 1 + 2⁻⁸]; 6 steps: [0.997, 1.002].
+_ORTHOPTIM: tuple[Triple, ...] = (
+    (8.276707351358956, -23.473800803940783, 16.952498756118825),
+    (4.101458807279575, -2.9322848355826885, 0.5338244309400783),
+    (3.9340903290647242, -2.8751017591380585, 0.5365369203067876),
+    (3.2901017835373843, -2.4186167282256585, 0.4856621149378494),
+    (2.2898618760158174, -1.6303460890727641, 0.39959648891953137),
+    (1.8755669496457705, -1.2339170986663195, 0.3588328253588218),
+    (1.8564416867848468, -1.2132442672768486, 0.35680027812001225),
+    (1.875000000020969, -1.250000000023299, 0.37500000000232986),
+)
+
 _SHIPPED: dict[str, Schedule] = {
     s.name: s
     for s in (
         Schedule("jordan", _JORDAN, "cycle", 1.0, 5, source="KellerJordan/Muon muon.py; torch.optim.Muon default"),
+        Schedule(
+            "orthoptim",
+            _ORTHOPTIM,
+            "repeat_last",
+            1.01,
+            5,
+            source="orthoptim design_schedule(8, 1e-3, safety=0.01, cushion=0.015); method of arXiv 2505.16932",
+        ),
         Schedule("you", _YOU, "cycle", 1.0, 5, source="modded-nanogpt train_gpt_medium.py (2025-02)"),
         Schedule(
             "polar_express",
