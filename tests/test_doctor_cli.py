@@ -43,3 +43,21 @@ def test_doctor_reports_refused_configurations() -> None:
     row = next(r for r in report.shapes[0].rows if r.routine == "cans")
     assert row.refused == "refused in bfloat16" and not row.ratios
     assert "refused in bfloat16" in format_report(report)
+
+
+def test_cli_coeffs_prints_a_pasteable_list_and_plots(capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
+    import ast
+    from pathlib import Path
+
+    png = Path(str(tmp_path)) / "coeffs.png"
+    assert main(["coeffs", "--steps", "5", "--lower", "1e-3", "--safety", "0.02", "--cushion", "0.02",
+                 "--plot", str(png)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    start = out.index("coefficients = [") + len("coefficients = ")
+    body = out[start : out.index("]", start) + 1]
+    triples = ast.literal_eval(body)
+    # modded-nanogpt train_gpt.py's list (ℓ=1e-3, 5 steps, safety 0.02, cushion 0.02), first triple:
+    assert triples[0] == pytest.approx((8.156554524902461, -22.48329292557795, 15.878769915207462), rel=1e-12)
+    assert len(triples) == 5 and png.stat().st_size > 10_000
+    assert main(["coeffs", "--steps", "0"]) == 2
+    assert "steps" in capsys.readouterr().err
