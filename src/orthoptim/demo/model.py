@@ -2,7 +2,8 @@
 
 The layout is chosen so that :func:`orthoptim.split_params` sends exactly the hidden matrices (attention and MLP
 weights) to the orthogonalized update: the embeddings are ``nn.Embedding`` modules, the output head is a module
-named ``lm_head`` (not tied to the token embedding), and the RMSNorm gains are 1-D.
+named ``lm_head`` (not tied to the token embedding), and the RMSNorm gains are 1-D. Hidden layers avoid the
+names split_params reads as an output head (``fc_out``, ``output``, ...): the MLP is ``mlp_in``/``mlp_out``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class Block(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
         self.attn_out = nn.Linear(cfg.width, cfg.width, bias=False)
         self.norm2 = nn.RMSNorm(cfg.width)
-        self.fc = nn.Linear(cfg.width, 4 * cfg.width, bias=False)
-        self.fc_out = nn.Linear(4 * cfg.width, cfg.width, bias=False)
+        self.mlp_in = nn.Linear(cfg.width, 4 * cfg.width, bias=False)
+        self.mlp_out = nn.Linear(4 * cfg.width, cfg.width, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
@@ -54,7 +55,7 @@ class Block(nn.Module):
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.attn_out(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.fc_out(F.gelu(self.fc(self.norm2(x))))
+        return x + self.mlp_out(F.gelu(self.mlp_in(self.norm2(x))))
 
 
 class GPT(nn.Module):
@@ -75,7 +76,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if p.ndim < 2:
                 continue  # RMSNorm gains keep their init of ones
-            std = 0.02 / math.sqrt(2 * self.cfg.layers) if name.endswith(("attn_out.weight", "fc_out.weight")) else 0.02
+            residual_out = name.endswith(("attn_out.weight", "mlp_out.weight"))
+            std = 0.02 / math.sqrt(2 * self.cfg.layers) if residual_out else 0.02
             nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
