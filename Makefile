@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/orthoptim doctor
+	$(BIN)/orthoptim demo
 
-doctor: demo
+doctor: $(STAMP)
+	$(BIN)/orthoptim doctor
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)

@@ -1,4 +1,4 @@
-"""Command line: ``orthoptim doctor | coeffs`` (also ``python -m orthoptim``). Uses the public API only."""
+"""Command line: ``orthoptim demo | doctor | coeffs`` (also ``python -m orthoptim``). Uses the public API only."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def _parse_names(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orthoptim", description="orthogonalized optimizers and their polar engine")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .demo.cli import add_demo_parser
+
+    add_demo_parser(sub)
     doc = sub.add_parser(
         "doctor",
         help="scale sweep 1e-38..1e38, accuracy vs float64 SVD and speed, per schedule and for torch.optim.Muon",
@@ -81,6 +84,10 @@ def _coeffs(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo.cli import run_demo
+
+        return run_demo(args)
     if args.command == "coeffs":
         try:
             return _coeffs(args)

@@ -11,7 +11,7 @@ from torch import nn
 from .muon import Muon
 
 #: Module names treated as the output head by :func:`split_params` (the last component of the module path).
-HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "output", "out_proj_vocab", "classifier", "fc_out", "decoder")
+HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "output", "classifier", "decoder")
 
 
 def split_params(

@@ -1,0 +1,130 @@
+"""``orthoptim demo``: the argparse subcommand and its runner (wired into ``orthoptim.cli`` by the main parser)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import load_corpus
+from .model import GPTConfig
+from .train import OPTIMIZERS, REFERENCE, TrainConfig, compare, describe, format_table, plot_curves, write_results
+
+_DEFAULT_MODEL = GPTConfig()
+_DEFAULT_TRAIN = TrainConfig()
+
+
+def add_demo_parser(subparsers: Any) -> None:
+    """Add the ``demo`` subcommand and its flags to an argparse ``add_subparsers()`` object.
+
+    Flags are plain strings and ints here; their meaning is checked in :func:`run_demo`, so that every bad value
+    gets one clear line on stderr rather than argparse's usage block.
+    """
+    p = subparsers.add_parser(
+        "demo",
+        help="train a small GPT on a built-in corpus with Hybrid, AdamW and torch.optim.Muon; table + plot",
+        description=(
+            "Train a small byte-level GPT once per optimizer (same init, data order and step budget) on CPython's "
+            "pydoc help texts (or --data FILE), then print a table of validation losses and write a PNG of the "
+            "curves. Learning rates are tuned defaults (orthoptim.demo.train.TUNED_LRS)."
+        ),
+    )
+    p.add_argument(
+        "--steps", type=int, default=_DEFAULT_TRAIN.steps, help="optimizer steps per run (default: %(default)s)"
+    )
+    p.add_argument(
+        "--optimizers",
+        default=",".join(OPTIMIZERS),
+        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: %(default)s)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--seed", type=int, default=_DEFAULT_TRAIN.seed, help="init and data-order seed (default: %(default)s)"
+    )
+    p.add_argument(
+        "--out", default="orthoptim-demo", help="folder for the plot and results.json (default: %(default)s)"
+    )
+    p.add_argument("--data", default=None, help="train on this file's bytes instead of the built-in corpus")
+    p.add_argument(
+        "--layers", type=int, default=_DEFAULT_MODEL.layers, help="transformer blocks (default: %(default)s)"
+    )
+    p.add_argument("--width", type=int, default=_DEFAULT_MODEL.width, help="model width (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=_DEFAULT_MODEL.heads, help="attention heads (default: %(default)s)")
+    p.add_argument("--context", type=int, default=_DEFAULT_MODEL.context, help="context bytes (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=_DEFAULT_TRAIN.batch, help="sequences per step (default: %(default)s)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=_DEFAULT_TRAIN.eval_every,
+        help="steps between evaluations (default: %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _optimizer_names(text: str) -> list[str]:
+    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))  # order kept, repeats dropped
+    if not names:
+        raise ValueError(f"--optimizers is empty; choose from {', '.join(OPTIMIZERS)}")
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown:
+        raise ValueError(f"unknown optimizer {unknown[0]!r} in --optimizers; choose from {', '.join(OPTIMIZERS)}")
+    return names
+
+
+def _device(spec: str | None) -> str:
+    if spec is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available in this torch build or on this machine")
+    return str(device)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the comparison described by ``args`` (from :func:`add_demo_parser`); return the exit code.
+
+    Bad input (unknown optimizer, steps < 1, a missing, empty or too small ``--data`` file, an impossible model
+    size, an unusable device or output folder) prints one line on stderr and returns 2.
+    """
+    try:
+        names = _optimizer_names(args.optimizers)
+        model = GPTConfig(layers=args.layers, width=args.width, heads=args.heads, context=args.context)
+        cfg = TrainConfig(
+            model=model,
+            steps=args.steps,
+            batch=args.batch,
+            eval_every=args.eval_every,
+            seed=args.seed,
+            device=_device(args.device),
+        )
+        corpus = load_corpus(args.data, model.context)
+        out = Path(args.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--out {args.out}: cannot create the folder ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        print(f"orthoptim demo: {exc}", file=sys.stderr)
+        return 2
+
+    title = describe(cfg, corpus)
+    print(title, flush=True)
+    results = compare(names, cfg, corpus, progress=not args.no_progress)
+    print()
+    print(format_table(results))
+    if REFERENCE not in names:
+        print(f"({REFERENCE} did not run: steps are measured against {names[0]}'s final loss)")
+    print(f"(steps to reach: first evaluation at or below the loss, every {cfg.eval_every} steps)")
+    write_results(results, cfg, out / "results.json")
+    png = plot_curves(results, out / "demo.png", title)
+    if png is None:
+        print("matplotlib is not installed, so no plot was drawn (pip install 'orthoptim[plot]')")
+    else:
+        print(f"plot: {png}")
+    return 0
