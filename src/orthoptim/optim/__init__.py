@@ -1,7 +1,8 @@
 """Thin torch.optim.Optimizer shells over one functional update (``base.py``)."""
 
 from .base import NONFINITE_MODES, OrthogonalizedOptimizer
-from .hybrid import Hybrid, clip_grad_norm_, split_params
+from .clip import clip_grad_norm_
+from .hybrid import Hybrid, split_params
 from .muon import Muon
 from .normuon import NorMuon
 from .polargrad import PolarGrad
