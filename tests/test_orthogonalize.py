@@ -31,25 +31,33 @@ def test_float64_iteration_matches_closed_form(name: str) -> None:
 
 
 # Tolerances on the gain around the closed-form float64 value. bf16 rounds every entry by up to 2^-9 at each
-# product. Measured worst cases on this test's matrix (float32 / bf16, CPU): jordan 6e-7 / 0.017, polar_express
-# 4e-6 / 0.033; the bounds leave room for other BLAS summation orders. cans is refused in bf16 (see
-# test_schedules.py) and runs here in float32 only.
-GAIN_TOL = {torch.float32: 2e-4, torch.bfloat16: 0.12}
+# product. Measured worst cases on this test's matrix (float32 / bf16, CPU, standard form): jordan 6e-7 / 0.017,
+# polar_express 4e-6 / 0.033. The Gram form (float32 only: "auto" never picks it in bf16) carries the product of
+# all polynomials, whose norm grows to ~1/σmin, so its float32 rounding shows more: measured jordan 2e-4,
+# polar_express 3e-4, polar_express_5 4e-4, cans 7e-4. The bounds leave room for other BLAS summation orders.
+# cans is refused in bf16 (see test_schedules.py) and runs here in float32 only.
+GAIN_TOL = {(torch.float32, "standard"): 2e-4, (torch.bfloat16, "standard"): 0.12, (torch.float32, "gram"): 2e-3}
 LOW_PRECISION_CASES = [
-    (name, dtype)
+    (name, dtype, iteration)
     for name in ("jordan", "polar_express", "polar_express_5", "cans", "you", "cubic5")
-    for dtype in GAIN_TOL
+    for dtype, iteration in GAIN_TOL
     if not (name == "cans" and dtype == torch.bfloat16)
 ]
 
 
-@pytest.mark.parametrize("name,compute_dtype", LOW_PRECISION_CASES)
-def test_low_precision_gains_near_closed_form(name: str, compute_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("name,compute_dtype,iteration", LOW_PRECISION_CASES)
+def test_low_precision_gains_near_closed_form(name: str, compute_dtype: torch.dtype, iteration: str) -> None:
     s = torch.logspace(0, -2.5, 32, dtype=torch.float64)
     G, U, V = with_spectrum(32, 96, s, seed=6)
-    O = orthoptim.orthogonalize(G.float(), schedule=name, normalization="frobenius", compute_dtype=compute_dtype)
+    O = orthoptim.orthogonalize(
+        G.float(),
+        schedule=name,
+        normalization="frobenius",
+        compute_dtype=compute_dtype,
+        iteration=iteration,  # type: ignore[arg-type]
+    )
     got = torch.diagonal(gains(O, U, V))
-    assert (got - expected_gains(name, s)).abs().max() < GAIN_TOL[compute_dtype]
+    assert (got - expected_gains(name, s)).abs().max() < GAIN_TOL[compute_dtype, iteration]
 
 
 @pytest.mark.parametrize("steps,tol", [(6, 0.01), (8, 1e-3)])

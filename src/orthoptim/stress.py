@@ -120,6 +120,7 @@ class StressResult:
     negative_gains: int
     min_covered_gain: float
     refused: str = ""
+    iteration: str = "auto"
 
     @property
     def ok(self) -> bool:
@@ -142,12 +143,14 @@ def run_stress(
     compute_dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
     shapes: Sequence[tuple[int, int]] = SHAPES,
     steps: int | None = None,
+    iteration: str = "auto",
     seed: int = 0,
     progress: bool = False,
 ) -> list[StressResult]:
     """Run every configuration over ``matrices_per_shape × len(shapes)`` matrices; return one result each.
 
     ``steps`` overrides every schedule's default step count (validation and bound use the same count).
+    ``iteration`` is passed to ``orthogonalize`` (``"standard"``/``"gram"`` force one form of the iteration).
     """
     names = list(schedules) if schedules is not None else list_schedules()
     batches = []
@@ -168,12 +171,21 @@ def run_stress(
         try:
             check_precision(sched, steps, precision)
         except ValueError:
-            results.append(StressResult(name, norm, precision, total, 0, 0.0, bound, 0, float("nan"), "refused"))
+            results.append(
+                StressResult(name, norm, precision, total, 0, 0.0, bound, 0, float("nan"), "refused", iteration)
+            )
             continue
         nonfinite = negative = 0
         worst_sigma, worst_gain = 0.0, float("inf")
         for X, wide in batches:
-            O = orthogonalize(X, schedule=name, steps=steps, normalization=norm, compute_dtype=dtype)  # type: ignore[arg-type]
+            O = orthogonalize(
+                X,
+                schedule=name,
+                steps=steps,
+                normalization=norm,  # type: ignore[arg-type]
+                compute_dtype=dtype,
+                iteration=iteration,  # type: ignore[arg-type]
+            )
             Ow = (O if O.shape == wide.shape else O.mT).to(torch.float64)
             bad = ~torch.isfinite(Ow).flatten(1).all(-1)
             nonfinite += int(bad.sum())
@@ -198,6 +210,7 @@ def run_stress(
                 bound,
                 negative,
                 worst_gain,
+                iteration=iteration,
             )
         )
     return results

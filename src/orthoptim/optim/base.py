@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..polar import NonFiniteError, as_schedule, orthogonalize
 from ..polar.normalize import NORMALIZATIONS
+from ..polar.orthogonalize import ITERATIONS
 from .adamw import AdamWPending, adamw_prepare
 from .megabatch import Megabatch, plan_megabatches
 from .shapes import SCALE_MODES, SHAPE_POLICIES, lr_scale, matrix_layout
@@ -61,6 +62,8 @@ def validate_orthogonalized_group(group: dict[str, Any]) -> None:
         raise ValueError(f"unknown scale mode {group['scale_mode']!r}; choose one of {SCALE_MODES}")
     if group["normalization"] not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {group['normalization']!r}; choose one of {NORMALIZATIONS}")
+    if group.get("iteration", "auto") not in ITERATIONS:
+        raise ValueError(f"unknown iteration {group['iteration']!r}; choose one of {ITERATIONS}")
     if group["shape_policy"] not in SHAPE_POLICIES:
         raise ValueError(f"unknown shape_policy {group['shape_policy']!r}; choose one of {SHAPE_POLICIES}")
     sched = as_schedule(group["schedule"])
@@ -134,6 +137,7 @@ def orthogonalized_prepare(
             normalization=group["normalization"],
             compute_dtype=group["compute_dtype"],
             nonfinite="propagate",
+            iteration=group.get("iteration", "auto"),  # groups saved before the option existed run "auto"
         )
         p = _Pending([params[i] for i in idx], [bufs[i] for i in idx], old, new, O, 1.0, mb.counts, 1.0 - lr * wd, None)
         if group["row_norm"]:

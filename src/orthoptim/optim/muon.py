@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..polar import DEFAULT_NORMALIZATION, DEFAULT_SCHEDULE
+from ..polar.orthogonalize import Iteration
 from ..polar.schedules import ScheduleSpec
 from .base import NonFiniteMode, OrthogonalizedOptimizer, check_number
 from .shapes import ScaleMode, ShapePolicy
@@ -51,6 +52,8 @@ class Muon(OrthogonalizedOptimizer):
         normalization: ``"schatten4"`` | ``"frobenius"`` | ``"aol"``. Default: ``"schatten4"``, or ``"frobenius"``
             when ``ns_coefficients`` is given (torch.optim.Muon's math, for a faithful drop-in).
         compute_dtype: dtype of the iteration (default: bfloat16 on GPUs, float32 on the CPU).
+        iteration: ``"auto"`` | ``"standard"`` | ``"gram"`` — the form of Newton–Schulz (``orthoptim.orthogonalize``;
+            "auto" runs the Gram form for rectangular matrices in float32, where it needs fewer operations).
         scale_mode: ``"original"`` | ``"match_rms_adamw"`` | ``"unit_rms"`` | ``"nuclear"`` (see README table).
         shape_policy: ``"auto"`` | ``"flatten"`` | ``"batch"`` (``orthoptim.optim.shapes.matrix_layout``).
         nonfinite: ``"skip"`` (default) | ``"raise"`` | ``"propagate"`` (``orthoptim.optim.base``).
@@ -72,6 +75,7 @@ class Muon(OrthogonalizedOptimizer):
         schedule: ScheduleSpec | None = None,
         normalization: str | None = None,
         compute_dtype: torch.dtype | str | None = None,
+        iteration: Iteration = "auto",
         scale_mode: ScaleMode | None = None,
         shape_policy: ShapePolicy = "auto",
         nonfinite: NonFiniteMode = "skip",
@@ -94,6 +98,7 @@ class Muon(OrthogonalizedOptimizer):
             "ns_steps": steps,
             "normalization": normalization or ("frobenius" if ns_coefficients is not None else DEFAULT_NORMALIZATION),
             "compute_dtype": compute_dtype,
+            "iteration": iteration,
             "scale_mode": scale_mode or adjust_lr_fn or "original",
             "shape_policy": shape_policy,
             "row_norm": False,

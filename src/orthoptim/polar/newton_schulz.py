@@ -1,18 +1,108 @@
-"""The Newton–Schulz iteration on a batch of normalized wide matrices.
+"""The Newton–Schulz iteration on a batch of normalized wide matrices, in two equivalent forms.
 
-One quintic step ``X ← aX + b(XXᵀ)X + c(XXᵀ)²X`` is three batched products:
+**Standard.** One quintic step ``X ← aX + b(XXᵀ)X + c(XXᵀ)²X`` is three batched products:
 ``A = XXᵀ``, ``B = bA + cA²`` (one ``baddbmm``), ``X ← aX + BX`` (one ``baddbmm``). A cubic step (c = 0)
 skips ``A²``: ``X ← aX + bAX``, two products. Working on the wide orientation (m ≤ n) keeps the Gram
-matrix ``A`` at m×m, the smaller side.
+matrix ``A`` at m×m, the smaller side. Per quintic step: 4m²n + 2m³ multiply-adds.
+
+**Gram** (Polar Express, arXiv 2505.16932, Appendix F; Dao-AILab/gram-newton-schulz). Every step multiplies ``X``
+on the left by a polynomial ``Pₖ = aI + bRₖ + cRₖ²`` of its own Gram matrix ``Rₖ = XₖXₖᵀ``, so
+``Xₖ = Qₖ X₀`` with ``Qₖ = Pₖ₋₁···P₀`` and ``Rₖ₊₁ = PₖRₖPₖ`` (all are polynomials in ``R₀``, hence symmetric and
+commuting). The iteration can therefore run entirely on m×m matrices — ``R²``, ``QP``, ``RP``, ``PRP``: 8m³
+per step — touching the long side n only to form ``R₀`` and to apply ``Q`` once at the end (4m²n in all).
+For 5 steps that is 4m²n + ~34m³ instead of 20m²n + 10m³: fewer operations once n ≳ 1.5m, about half at n = 4m.
+
+Rounding: the standard form is self-correcting (each step re-derives ``A`` from the current ``X``, positive
+semidefinite up to one rounding); the Gram form is not — ``R`` is carried from step to step, and a rounding-induced
+negative eigenvalue of it grows by ~a² per step (:func:`gram_restarts`). The Gram form therefore *restarts* —
+forms ``X = QX₀`` and ``R = XXᵀ`` afresh, resets ``Q = I`` — before such an eigenvalue can matter; the restart
+points follow from the coefficients and the dtype's rounding alone (Dao-AILab/gram-newton-schulz restarts
+before step 2 by default, with a host-side divergence check we do not need). In float32 the shipped 5-step
+schedules need no restart; in bfloat16 every step would restart, so ``iteration="auto"`` picks the form with
+fewer operations (:func:`iteration_cost`) and in bfloat16 that is always the standard form. The stress test
+(``orthoptim.stress``) runs both forms.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
 from .schedules import Triple
+
+#: Unit roundoff of a product's result per compute dtype (the rounding of the stored m×m matrices).
+UNIT_ROUNDOFF: dict[torch.dtype, float] = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
+#: Largest spurious negative eigenvalue of ``R`` (σmax ≤ 1, so ``‖R‖ ≤ 1``) a step may see before a restart.
+GRAM_NEGATIVE_LIMIT = 2.0**-5
+
+
+@functools.lru_cache(maxsize=256)
+def gram_restarts(coefficients: tuple[Triple, ...], dtype: torch.dtype) -> tuple[int, ...]:
+    """Steps before which the Gram form must restart, from the coefficients and the rounding of ``dtype``.
+
+    Why restarts: ``R = XXᵀ`` is positive semidefinite, but its rounding leaves eigenvalues ``-δ`` (δ up to the
+    unit roundoff ε) where the input has none or tiny singular values — rank-deficient updates are common. The
+    Gram update ``R ← P R P`` multiplies such an eigenvalue by ``p(-δ)² ≥ a²`` each step (``p(r) = a + br + cr²``
+    grows for r < 0 since b < 0), and once it reaches O(0.1) the polynomials evaluated there explode, taking
+    ``Q`` with them (the stress test finds this: gains ~1e30 for ``deepseekv4``'s 10 steps in float32, ~1e10 for
+    the default schedule in bfloat16 with a restart every 2 steps). The standard form cannot drift this way: it
+    recomputes ``R`` from ``X`` each step, so ``R`` is PSD up to one rounding.
+
+    Rule: along a segment that starts from a fresh ``R`` (spurious eigenvalue -ε), track the worst case
+    ``δ ← δ·p(-δ)²``; restart before the step that would see ``δ > GRAM_NEGATIVE_LIMIT``. Data-independent (no
+    host sync). In float32 the shipped 5-step schedules need no restart, 10-step ones one or two; in bfloat16
+    the first step's ``a ≈ 8`` already takes ε = 2⁻⁸ to 0.28, so every step restarts (= the standard form).
+    """
+    eps = UNIT_ROUNDOFF.get(dtype, 2.0**-8)
+    restarts: list[int] = []
+    delta = eps
+    for k, (a, b, c) in enumerate(coefficients):
+        if k > 0 and delta > GRAM_NEGATIVE_LIMIT:
+            restarts.append(k)
+            delta = eps
+        delta *= (a - b * delta + c * delta * delta) ** 2
+    return tuple(restarts)
+
+
+def iteration_cost(m: int, n: int, coefficients: Sequence[Triple], restarts: Sequence[int] | None) -> int:
+    """Multiply-adds of one m×n matrix (m ≤ n) through the standard form (``restarts=None``) or the Gram form."""
+    if restarts is None:
+        return sum(2 * m * m * n + (m**3 if c != 0.0 else 0) for (_, _, c) in coefficients)
+    restart_at, last = set(restarts), len(coefficients) - 1
+    cost = 2 * m * m * n  # R₀ and the final Q·X
+    fresh = True
+    for k, (_, _, c) in enumerate(coefficients):
+        if k in restart_at:
+            cost += 2 * m * m * n
+            fresh = True
+        cost += m**3 if c != 0.0 else 0  # R²
+        cost += 0 if fresh else m**3  # P·Q
+        cost += 2 * m**3 if k < last and (k + 1) not in restart_at else 0  # P·R·P
+        fresh = False
+    return cost
+
+
+def _plus_identity(Z: torch.Tensor, a: float, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(aI + Z)·diag(row_scale)`` in ``Z``'s dtype, with ``aI`` and the scale applied at float32 (float64)
+    precision so the factor is rounded once."""
+    work = row_scale.dtype if row_scale is not None else (torch.float64 if Z.dtype == torch.float64 else torch.float32)
+    P = Z.to(work, copy=True)  # Z is still needed by the caller
+    P.diagonal(dim1=-2, dim2=-1).add_(a)
+    if row_scale is not None:
+        P = P * row_scale.mT
+    return P.to(Z.dtype)
+
+
+def _poly_part(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
+    """``bA + cA²`` (one product; none for a cubic step)."""
+    return A * b if c == 0.0 else torch.baddbmm(A, A, A, beta=b, alpha=c)
 
 
 def newton_schulz(
@@ -22,7 +112,7 @@ def newton_schulz(
     first_gram: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply the steps ``coefficients`` to ``X`` of shape (B, m, n), m ≤ n, already normalized.
+    """Apply the steps ``coefficients`` to ``X`` of shape (B, m, n), m ≤ n, already normalized (standard form).
 
     With ``first_gram``/``row_scale`` (from ``normalize.gram_scale``) the iteration runs on ``X_s = row_scale·X``
     without ever forming it: the first step is ``X₁ = (aI + bA_s + cA_s²)·diag(row_scale)·X`` — the m×m factor
@@ -34,11 +124,7 @@ def newton_schulz(
         if row_scale is None:
             raise ValueError("newton_schulz: first_gram needs its row_scale")
         (a, b, c), coefficients = coefficients[0], coefficients[1:]
-        A = first_gram
-        P = A * b if c == 0.0 else torch.baddbmm(A, A, A, beta=b, alpha=c)
-        P = P.to(row_scale.dtype)  # add aI and the scale at float32 (float64) precision, round once
-        P.diagonal(dim1=-2, dim2=-1).add_(a)
-        X = torch.bmm((P * row_scale.mT).to(X.dtype), X)
+        X = torch.bmm(_plus_identity(_poly_part(first_gram, b, c), a, row_scale).to(X.dtype), X)
     for a, b, c in coefficients:
         A = torch.bmm(X, X.mT)
         if c == 0.0:
@@ -47,3 +133,41 @@ def newton_schulz(
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
             X = torch.baddbmm(X, B, X, beta=a)
     return X
+
+
+def gram_newton_schulz(
+    X: torch.Tensor,
+    coefficients: Sequence[Triple],
+    *,
+    first_gram: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    restarts: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """The same iteration as :func:`newton_schulz`, in the Gram form (module docstring); same arguments.
+
+    ``restarts``: step indices before which ``X`` and its Gram matrix are formed afresh (default:
+    :func:`gram_restarts` for ``X``'s dtype). Equal to the standard form in exact arithmetic.
+    """
+    if first_gram is not None and row_scale is None:
+        raise ValueError("gram_newton_schulz: first_gram needs its row_scale")
+    restart_at = set(gram_restarts(tuple(coefficients), X.dtype) if restarts is None else restarts)
+    R = torch.bmm(X, X.mT) if first_gram is None else first_gram.to(X.dtype)
+    scale = row_scale
+    Q: torch.Tensor | None = None  # None stands for the identity (times diag(scale) while that is pending)
+    last = len(coefficients) - 1
+    for i, (a, b, c) in enumerate(coefficients):
+        if i in restart_at and Q is not None:
+            X = torch.bmm(Q, X)
+            R = torch.bmm(X, X.mT)
+            Q = None
+        Z = _poly_part(R, b, c)  # P = aI + Z
+        if Q is None:
+            Q, scale = _plus_identity(Z, a, scale), None
+        else:
+            # P·Q = aQ + ZQ, multiplied on the left: Q may hold diag(row_scale), which does not commute with P.
+            Q = torch.baddbmm(Q, Z, Q, beta=a)
+        if i < last and (i + 1) not in restart_at:
+            RP = torch.baddbmm(R, R, Z, beta=a)  # R·P
+            R = torch.baddbmm(RP, Z, RP, beta=a)  # P·R·P
+    assert Q is not None  # at least one step always runs
+    return torch.bmm(Q, X)

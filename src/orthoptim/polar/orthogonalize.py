@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal, TypeAlias
+
 import torch
 
 from .checks import check_matrix_input
-from .newton_schulz import newton_schulz
+from .newton_schulz import gram_newton_schulz, gram_restarts, iteration_cost, newton_schulz
 from .normalize import NONFINITE_POLICIES, NonFinitePolicy, Normalization, gram_scale, normalize
-from .schedules import ScheduleSpec, as_schedule, check_precision
+from .schedules import ScheduleSpec, Triple, as_schedule, check_precision
 
 #: The schedule and step count used when the caller names none (see README "Choosing a default").
 DEFAULT_SCHEDULE = "orthoptim"
@@ -25,6 +27,12 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 _COMPUTE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+Iteration: TypeAlias = Literal["auto", "standard", "gram"]
+ITERATIONS: tuple[str, ...] = ("auto", "standard", "gram")
+#: ``iteration="auto"`` uses the Gram form only when it saves at least this fraction of the operations: the
+#: Gram form issues more, smaller products, so a marginal saving in multiply-adds is not worth it.
+GRAM_MIN_SAVING = 0.15
 
 
 def resolve_compute_dtype(compute_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -46,6 +54,17 @@ def resolve_compute_dtype(compute_dtype: torch.dtype | str | None, device: torch
     return compute_dtype
 
 
+def uses_gram(iteration: str, m: int, n: int, coefficients: tuple[Triple, ...], dtype: torch.dtype) -> bool:
+    """Whether ``iteration`` runs the Gram form for an m×n matrix (either orientation) in ``dtype``."""
+    if iteration not in ITERATIONS:
+        raise ValueError(f"unknown iteration {iteration!r}; choose one of {ITERATIONS}")
+    if iteration != "auto":
+        return iteration == "gram"
+    short, long = min(m, n), max(m, n)
+    gram = iteration_cost(short, long, coefficients, gram_restarts(coefficients, dtype))
+    return gram <= (1.0 - GRAM_MIN_SAVING) * iteration_cost(short, long, coefficients, None)
+
+
 def orthogonalize(
     G: torch.Tensor,
     *,
@@ -54,6 +73,7 @@ def orthogonalize(
     normalization: Normalization = "schatten4",
     compute_dtype: torch.dtype | str | None = None,
     nonfinite: NonFinitePolicy = "raise",
+    iteration: Iteration = "auto",
 ) -> torch.Tensor:
     """Approximate the polar factor ``U Vᵀ`` of each matrix in ``G`` (..., m, n) by Newton–Schulz.
 
@@ -75,6 +95,11 @@ def orthogonalize(
         compute_dtype: dtype of the iteration; None picks bfloat16 on accelerators, float32 on the CPU.
         nonfinite: ``"raise"`` (default) raises :class:`NonFiniteError` naming the shape if ``G`` holds
             NaN/Inf (costs one host sync); ``"propagate"`` skips the check and lets NaN flow to the output.
+        iteration: ``"standard"`` (re-derive the Gram matrix from X every step), ``"gram"`` (iterate on the small
+            m×m Gram matrix, apply the product once; fewer operations for rectangular matrices, restarts
+            where rounding requires — ``orthoptim.polar.newton_schulz``), or ``"auto"`` (the Gram form where it
+            saves ≥ ``GRAM_MIN_SAVING`` of the multiply-adds: float32/float64 and aspect ratio ≳ 2; never in
+            bfloat16/float16). Both forms compute the same polynomial.
 
     Returns:
         A tensor of ``G``'s shape and dtype (a transposed view for tall matrices).
@@ -88,16 +113,17 @@ def orthogonalize(
     check_precision(sched, steps, str(dtype).replace("torch.", ""))
 
     m, n = G.shape[-2], G.shape[-1]
+    iterate = gram_newton_schulz if uses_gram(iteration, m, n, coefficients, dtype) else newton_schulz
     tall = m > n
     X = G.mT if tall else G
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, X.shape[-2], X.shape[-1])
     if normalization == "frobenius":
         X = normalize(X, margin=sched.margin, nonfinite=nonfinite, shape=G.shape)
-        X = newton_schulz(X.to(dtype), coefficients)
+        X = iterate(X.to(dtype), coefficients)
     else:
         X = normalize(X, normalization=normalization, nonfinite=nonfinite, shape=G.shape).to(dtype)
         A_s, scale = gram_scale(torch.bmm(X, X.mT), normalization, sched.margin)
-        X = newton_schulz(X, coefficients, first_gram=A_s, row_scale=scale)
+        X = iterate(X, coefficients, first_gram=A_s, row_scale=scale)
     X = X.reshape(*batch_shape, X.shape[-2], X.shape[-1]).to(G.dtype)
     return X.mT if tall else X
