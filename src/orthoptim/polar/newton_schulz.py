@@ -25,7 +25,6 @@ fewer operations (:func:`iteration_cost`) and in bfloat16 that is always the sta
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -43,7 +42,6 @@ UNIT_ROUNDOFF: dict[torch.dtype, float] = {
 GRAM_NEGATIVE_LIMIT = 2.0**-5
 
 
-@functools.lru_cache(maxsize=256)
 def gram_restarts(coefficients: tuple[Triple, ...], dtype: torch.dtype) -> tuple[int, ...]:
     """Steps before which the Gram form must restart, from the coefficients and the rounding of ``dtype``.
 
