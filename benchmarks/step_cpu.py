@@ -61,7 +61,11 @@ def main() -> None:
             lambda ps: orthoptim.Muon(ps, lr=0.02, ns_coefficients=jordan, ns_steps=5, compute_dtype="bfloat16"),
         ),
         ("orthoptim.Muon defaults, bf16 compute", lambda ps: orthoptim.Muon(ps, lr=0.02, compute_dtype="bfloat16")),
-        ("orthoptim.Muon defaults (CPU: float32 compute)", lambda ps: orthoptim.Muon(ps, lr=0.02)),
+        (
+            "orthoptim.Muon defaults, float32, standard form only",
+            lambda ps: orthoptim.Muon(ps, lr=0.02, iteration="standard"),
+        ),
+        ("orthoptim.Muon defaults (CPU: float32, Gram form where cheaper)", lambda ps: orthoptim.Muon(ps, lr=0.02)),
     ]
     print(
         f"# optimizer step, {4 * args.layers} matrices (GPT-2 small shapes), device {args.device}, "

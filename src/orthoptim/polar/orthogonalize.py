@@ -98,8 +98,8 @@ def orthogonalize(
         iteration: ``"standard"`` (re-derive the Gram matrix from X every step), ``"gram"`` (iterate on the small
             m×m Gram matrix, apply the product once; fewer operations for rectangular matrices, restarts
             where rounding requires — ``orthoptim.polar.newton_schulz``), or ``"auto"`` (the Gram form where it
-            saves ≥ ``GRAM_MIN_SAVING`` of the multiply-adds: float32/float64 and aspect ratio ≳ 2; never in
-            bfloat16/float16). Both forms compute the same polynomial.
+            saves ≥ ``GRAM_MIN_SAVING`` of the multiply-adds: float32/float64 and aspect ratio ≳ 2; in
+            bfloat16/float16 only for gentle schedules, whose restarts are rarer). Both forms compute the same polynomial.
 
     Returns:
         A tensor of ``G``'s shape and dtype (a transposed view for tall matrices).
