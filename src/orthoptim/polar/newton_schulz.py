@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import kernels
 from .schedules import Triple
 
 #: Unit roundoff of a product's result per compute dtype (the rounding of the stored m×m matrices).
@@ -98,9 +99,24 @@ def _plus_identity(Z: torch.Tensor, a: float, row_scale: torch.Tensor | None = N
     return P.to(Z.dtype)
 
 
+def _kernels_for(X: torch.Tensor) -> bool:
+    """Symmetric Triton kernels for 16-bit CUDA tensors. float32 stays on cuBLAS: the kernels run float32 without
+    TF32 (no tensor cores), where half the FLOPs need not beat cuBLAS — unmeasured, so not taken."""
+    return X.dtype in (torch.bfloat16, torch.float16) and kernels.use_triton(X)
+
+
+def gram_product(X: torch.Tensor) -> torch.Tensor:
+    """``X Xᵀ`` for a batch (B, m, n): the symmetric Triton kernel (lower tiles, mirrored) where
+    ``_kernels_for(X)``, else ``bmm``."""
+    return kernels.sym_gram(X) if _kernels_for(X) else torch.bmm(X, X.mT)
+
+
 def _poly_part(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
-    """``bA + cA²`` (one product; none for a cubic step)."""
-    return A * b if c == 0.0 else torch.baddbmm(A, A, A, beta=b, alpha=c)
+    """``bA + cA²`` for symmetric ``A`` (one product, or none for a cubic step). The kernel reads only A's lower
+    triangle; our ``A`` is symmetric up to the last bit of rounding (``gram_scale``, ``P·R·P``)."""
+    if c == 0.0:
+        return A * b
+    return kernels.sym_poly(A, b, c) if _kernels_for(A) else torch.baddbmm(A, A, A, beta=b, alpha=c)
 
 
 def newton_schulz(
@@ -124,12 +140,11 @@ def newton_schulz(
         (a, b, c), coefficients = coefficients[0], coefficients[1:]
         X = torch.bmm(_plus_identity(_poly_part(first_gram, b, c), a, row_scale).to(X.dtype), X)
     for a, b, c in coefficients:
-        A = torch.bmm(X, X.mT)
+        A = gram_product(X)
         if c == 0.0:
             X = torch.baddbmm(X, A, X, beta=a, alpha=b)
         else:
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            X = torch.baddbmm(X, B, X, beta=a)
+            X = torch.baddbmm(X, _poly_part(A, b, c), X, beta=a)
     return X
 
 
@@ -149,14 +164,14 @@ def gram_newton_schulz(
     if first_gram is not None and row_scale is None:
         raise ValueError("gram_newton_schulz: first_gram needs its row_scale")
     restart_at = set(gram_restarts(tuple(coefficients), X.dtype) if restarts is None else restarts)
-    R = torch.bmm(X, X.mT) if first_gram is None else first_gram.to(X.dtype)
+    R = gram_product(X) if first_gram is None else first_gram.to(X.dtype)
     scale = row_scale
     Q: torch.Tensor | None = None  # None stands for the identity (times diag(scale) while that is pending)
     last = len(coefficients) - 1
     for i, (a, b, c) in enumerate(coefficients):
         if i in restart_at and Q is not None:
             X = torch.bmm(Q, X)
-            R = torch.bmm(X, X.mT)
+            R = gram_product(X)
             Q = None
         Z = _poly_part(R, b, c)  # P = aI + Z
         if Q is None:

@@ -7,7 +7,7 @@ from typing import Literal, TypeAlias
 import torch
 
 from .checks import check_matrix_input
-from .newton_schulz import gram_newton_schulz, gram_restarts, iteration_cost, newton_schulz
+from .newton_schulz import gram_newton_schulz, gram_product, gram_restarts, iteration_cost, newton_schulz
 from .normalize import NONFINITE_POLICIES, NonFinitePolicy, Normalization, gram_scale, normalize
 from .schedules import ScheduleSpec, Triple, as_schedule, check_precision
 
@@ -99,7 +99,8 @@ def orthogonalize(
             m×m Gram matrix, apply the product once; fewer operations for rectangular matrices, restarts
             where rounding requires — ``orthoptim.polar.newton_schulz``), or ``"auto"`` (the Gram form where it
             saves ≥ ``GRAM_MIN_SAVING`` of the multiply-adds: float32/float64 and aspect ratio ≳ 2; in
-            bfloat16/float16 only for gentle schedules, whose restarts are rarer). Both forms compute the same polynomial.
+            bfloat16/float16 only for gentle schedules, whose restarts are rarer). Both forms compute the same
+            polynomial.
 
     Returns:
         A tensor of ``G``'s shape and dtype (a transposed view for tall matrices).
@@ -126,7 +127,7 @@ def orthogonalize(
         X = iterate(X.to(dtype), coefficients)
     else:
         X = normalize(X, normalization=normalization, nonfinite=nonfinite, shape=G.shape).to(dtype)
-        A_s, scale = gram_scale(torch.bmm(X, X.mT), normalization, sched.margin)
+        A_s, scale = gram_scale(gram_product(X), normalization, sched.margin)
         X = iterate(X, coefficients, first_gram=A_s, row_scale=scale)
     X = X.reshape(*batch_shape, X.shape[-2], X.shape[-1]).to(G.dtype)
     return X.mT if tall else X
