@@ -65,7 +65,7 @@ def test_polar_express_converges_to_svd_polar(steps: int, tol: float) -> None:
     """More Polar Express steps → the float64 SVD polar factor (spectrum ≥ 1e-2·σmax, float32 compute)."""
     s = torch.logspace(0, -2, 20, dtype=torch.float64)
     G, _, _ = with_spectrum(20, 50, s, seed=7)
-    O = orthoptim.orthogonalize(G.float(), schedule="polar_express", steps=steps)
+    O = orthoptim.orthogonalize(G.float(), schedule="polar_express", steps=steps, compute_dtype="float32")
     P = polar(G)
     assert torch.linalg.matrix_norm(O.double() - P, ord=2) < tol
 
@@ -131,7 +131,7 @@ def test_nonfinite_raise_names_shape_and_propagate_gives_nan() -> None:
 @pytest.mark.parametrize("shape", [(1, 7), (7, 1), (1, 1), (2000, 3), (3, 2000)])
 def test_vectors_and_extreme_aspect_ratios(shape: tuple[int, int]) -> None:
     G = torch.randn(*shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    out = orthoptim.orthogonalize(G.float(), schedule="polar_express", steps=8)
+    out = orthoptim.orthogonalize(G.float(), schedule="polar_express", steps=8, compute_dtype="float32")
     P = polar(G)
     assert out.shape == G.shape
     assert (out.double() - P).abs().max() < 1e-3
@@ -156,7 +156,7 @@ def test_float16_extremes() -> None:
     tiny = (G / G.abs().max() * 2.0**-20).half()  # all below fp16's smallest normal (6.1e-5)
     assert bool((tiny.abs() < torch.finfo(torch.float16).tiny).all())
     for X in (big, tiny):
-        out = orthoptim.orthogonalize(X, schedule="polar_express", normalization="frobenius")
+        out = orthoptim.orthogonalize(X, schedule="polar_express", normalization="frobenius", compute_dtype="float32")
         assert out.dtype == torch.float16 and torch.isfinite(out).all()
         U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
         expected = composite(sched.steps_coefficients(), (S / (sched.margin * S.norm())).numpy())
@@ -201,3 +201,20 @@ def test_bad_options_are_named() -> None:
         orthoptim.orthogonalize(G, nonfinite="skip")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="refused"):
         orthoptim.orthogonalize(G, schedule="aol_emerging")
+
+
+def test_auto_compute_dtype_follows_the_cpu() -> None:
+    """None → bfloat16 on accelerators and on CPUs with native bf16 products, float32 on other CPUs; the probe is
+    checked against the kernel's own CPU flags where Linux exposes them."""
+    from pathlib import Path
+
+    from orthoptim.polar.orthogonalize import cpu_has_native_bf16, resolve_compute_dtype
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "flags" in cpuinfo.read_text():
+        flags = set(next(ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")).split())
+        assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_tile"})
+    want = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert resolve_compute_dtype(None, torch.device("cpu")) == want
+    assert resolve_compute_dtype(None, torch.device("cuda")) == torch.bfloat16
+    assert resolve_compute_dtype("fp32", torch.device("cpu")) == torch.float32

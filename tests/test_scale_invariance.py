@@ -67,7 +67,9 @@ def test_subnormal_input_is_orthogonalized_correctly() -> None:
     G = unit_max(12, 20, torch.float32, seed=2).to(torch.float64)
     X = (G * 2.0**-135).to(torch.float32)  # every entry subnormal (< 2^-126), ~9–14 bits kept
     assert bool((X.abs() < torch.finfo(torch.float32).tiny).all())
-    out = orthoptim.orthogonalize(X, schedule="polar_express", normalization="frobenius").to(torch.float64)
+    out = orthoptim.orthogonalize(X, schedule="polar_express", normalization="frobenius", compute_dtype="float32").to(
+        torch.float64
+    )
     # Reference: the SVD of the values actually passed, and the scalar composite on their singular values.
     X64 = X.to(torch.float64)
     U, S, Vh = torch.linalg.svd(X64, full_matrices=False)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import DEFAULT_PROCESS_GROUP
 from ..polar import DEFAULT_NORMALIZATION, DEFAULT_SCHEDULE
 from ..polar.orthogonalize import Iteration
 from ..polar.schedules import ScheduleSpec
@@ -51,13 +52,18 @@ class Muon(OrthogonalizedOptimizer):
         schedule: orthoptim schedule name, ``Schedule`` or list of triples (default ``"orthoptim"``, 5 steps).
         normalization: ``"schatten4"`` | ``"frobenius"`` | ``"aol"``. Default: ``"schatten4"``, or ``"frobenius"``
             when ``ns_coefficients`` is given (torch.optim.Muon's math, for a faithful drop-in).
-        compute_dtype: dtype of the iteration (default: bfloat16 on GPUs, float32 on the CPU).
+        compute_dtype: dtype of the iteration (default: bfloat16 on GPUs and on CPUs with native bf16 products,
+            else float32; ``orthoptim.polar.resolve_compute_dtype``).
         iteration: ``"auto"`` | ``"standard"`` | ``"gram"`` — the form of Newton–Schulz (``orthoptim.orthogonalize``;
             "auto" runs the Gram form for rectangular matrices in float32, where it needs fewer operations).
         scale_mode: ``"original"`` | ``"match_rms_adamw"`` | ``"unit_rms"`` | ``"nuclear"`` (see README table).
         shape_policy: ``"auto"`` | ``"flatten"`` | ``"batch"`` (``orthoptim.optim.shapes.matrix_layout``).
         nonfinite: ``"skip"`` (default) | ``"raise"`` | ``"propagate"`` (``orthoptim.optim.base``).
-        warn_nonfinite: warn when a step is skipped (reads the device flag once per step).
+        warn_nonfinite: warn when a step is skipped (reads the device flag once per step; rank 0 only).
+        process_group: a ``torch.distributed`` group to split the orthogonalization over and agree on skips
+            with (README, "Distributed"). Default: the world group when torch.distributed is initialized with
+            more than one rank; ``None`` runs locally. Kept on the optimizer (``opt.process_group``), not in the
+            param groups: it is not part of ``state_dict()``.
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class Muon(OrthogonalizedOptimizer):
         shape_policy: ShapePolicy = "auto",
         nonfinite: NonFiniteMode = "skip",
         warn_nonfinite: bool = True,
+        process_group: Any = DEFAULT_PROCESS_GROUP,
         **extra: Any,
     ) -> None:
         if adjust_lr_fn not in _TORCH_ADJUST:
@@ -106,4 +113,4 @@ class Muon(OrthogonalizedOptimizer):
             "row_eps": 1e-8,
             **extra,
         }
-        super().__init__(params, defaults, nonfinite, warn_nonfinite)
+        super().__init__(params, defaults, nonfinite, warn_nonfinite, process_group=process_group)
