@@ -112,7 +112,9 @@ def test_scale_modes_set_the_update_size(mode: str) -> None:
         (p,) = make_params([shape])
         w0 = p.detach().clone()
         g = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-        opt = orthoptim.Muon([p], lr=0.01, momentum=0.0, weight_decay=0.0, scale_mode=mode, ns_steps=10)  # type: ignore[arg-type]
+        opt = orthoptim.Muon(  # type: ignore[arg-type]
+            [p], lr=0.01, momentum=0.0, weight_decay=0.0, scale_mode=mode, ns_steps=10, compute_dtype="float32"
+        )
         p.grad = g
         opt.step()
         expected = -0.01 * lr_scale(mode, *shape) * orthoptim.polar(g.double())  # type: ignore[arg-type]
@@ -141,7 +143,9 @@ def test_normuon_matches_published_formula() -> None:
     (p,) = make_params([(16, 40)])
     w0 = p.detach().clone()
     g = torch.randn(16, 40, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    opt = orthoptim.NorMuon([p], lr=0.01, momentum=0.0, weight_decay=0.0, ns_steps=10, beta2=0.95, row_eps=1e-8)
+    opt = orthoptim.NorMuon(
+        [p], lr=0.01, momentum=0.0, weight_decay=0.0, ns_steps=10, beta2=0.95, row_eps=1e-8, compute_dtype="float32"
+    )
     p.grad = g.float()
     opt.step()
     O = orthoptim.polar(g)
@@ -383,3 +387,4 @@ def test_bfloat16_params_keep_float32_statistics_across_state_dict() -> None:
     opt.step()
     opt2.step()
     assert torch.equal(params[0], twin[0])
+
