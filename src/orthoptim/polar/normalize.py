@@ -64,21 +64,36 @@ def exact_pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     raise TypeError(f"exact_pow2 supports float32 and float64, got {dtype}")
 
 
+def max_abs(X: torch.Tensor) -> torch.Tensor:
+    """Per-matrix max-abs entry of ``X`` (..., m, n), shape (..., 1, 1); NaN/Inf exactly when the matrix holds one.
+
+    Two plain reductions (``amax`` and ``amin``) instead of ``abs().amax()``: no temporary, ~5× faster on the CPU.
+    """
+    dims = (-2, -1)
+    return torch.maximum(X.amax(dim=dims, keepdim=True), -X.amin(dim=dims, keepdim=True))
+
+
+def _prescale_exponents(amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the prescale exponent ``-e`` (``amax = m·2^e``, m ∈ [0.5, 1)) into a part whose power of two is a
+    normal number of ``dtype`` and the rest, which is nonzero only at the ends of the range: ≤ 22 (float32;
+    51 float64) for matrices of subnormal scale, -1 or -2 for the largest values (e = 128 needs 2^-128)."""
+    _, exp = torch.frexp(amax)  # exp = 0 for zero (and for inf/nan, which the non-finite policy handles)
+    neg = -exp
+    emin, emax = (-1022, 1023) if dtype == torch.float64 else (-126, 127)
+    first = neg.clamp(min=emin, max=emax)
+    return first, neg - first
+
+
 def pow2_prescale(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale each matrix of ``X`` (..., m, n) by an exact power of two so its max-abs entry is in [0.5, 1).
 
     ``X`` must be float32 or float64. Returns the scaled tensor (a new one) and the per-matrix max-abs of
     the *input* (shape (..., 1, 1)), which is NaN/Inf exactly when the matrix holds a NaN/Inf.
     """
-    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
-    # amax = mantissa · 2^exp with mantissa ∈ [0.5, 1); exp = 0 for zero (and for inf/nan, which the
-    # non-finite policy handles).
-    _, exp = torch.frexp(amax)
-    neg = -exp
-    half = torch.div(neg, 2, rounding_mode="floor")
-    # Two halves: the full factor can be 2^149 (float32 subnormals) or 2^1074 (float64), beyond range.
-    scaled = X * exact_pow2(half, X.dtype) * exact_pow2(neg - half, X.dtype)
-    return scaled, amax
+    amax = max_abs(X)
+    # Two factors: the full one can be 2^149 (float32 subnormals) or 2^1074 (float64), beyond range.
+    first, rest = _prescale_exponents(amax, X.dtype)
+    return X * exact_pow2(first, X.dtype) * exact_pow2(rest, X.dtype), amax
 
 
 def raise_if_nonfinite(amax: torch.Tensor, shape: torch.Size, who: str) -> None:
@@ -102,13 +117,15 @@ def normalize(
     nonfinite: NonFinitePolicy = "raise",
     who: str = "orthogonalize",
     shape: torch.Size | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Return ``X`` (..., m, n) divided per matrix by ``margin·‖X‖_F`` (spectral norm ≤ 1/margin, exact arithmetic).
 
     This is the Frobenius normalization; ``"schatten4"`` and ``"aol"`` start from its result and continue with
     :func:`gram_scale` on the Gram matrix. ``normalization`` is only validated here.
 
-    Computed in float32 (float64 for float64 input) whatever ``X``'s dtype; the result has that work dtype.
+    Computed in float32 (float64 for float64 input) whatever ``X``'s dtype; the result has that work dtype, or
+    ``out_dtype`` (the compute dtype of the iteration; the cast is fused into the last pass).
     Zero matrices stay exactly zero. With ``nonfinite="raise"``, a NaN/Inf anywhere raises
     :class:`NonFiniteError` naming ``shape`` (default ``X.shape``; one host sync); with ``"propagate"`` it
     flows through.
@@ -119,14 +136,26 @@ def normalize(
         raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
     # Contiguous work copy (no copy if X already is one): the products then see one layout whatever the
     # caller's strides, so a tall matrix and the transpose of its wide twin give bit-identical results.
-    Xw = X.to(work_dtype(X.dtype), memory_format=torch.contiguous_format)
+    work = work_dtype(X.dtype)
+    Xw = X.to(work, memory_format=torch.contiguous_format)
     if not Xw.is_contiguous():  # .to() returns X itself when the dtype already matches
         Xw = Xw.contiguous()
-    scaled, amax = pow2_prescale(Xw)
+    amax = max_abs(Xw)
     if nonfinite == "raise":
         raise_if_nonfinite(amax, X.shape if shape is None else shape, who)
-    norm = torch.linalg.vector_norm(scaled, dim=(-2, -1), keepdim=True)
-    return scaled / (norm.clamp_min(_NORM_FLOOR) * margin)
+    # Two passes over the matrix instead of four (prescale, prescale, divide, cast). The prescale 2^first is the
+    # exact one of ``pow2_prescale`` except at the ends of the range, where the remaining 2^rest (≤ 2^22 in
+    # float32, ≤ 2^51 in float64, ≥ 2^-2) is folded into the final factor instead. Every nonzero entry is ≥ the
+    # smallest subnormal (2^-149), so after 2^first it is ≥ 2^-22 and its square cannot underflow: the norm of the
+    # partly scaled matrix is exactly 2^-rest times the fully scaled one's, and every power-of-two scale of a
+    # matrix still meets the same roundings and gives the same bits.
+    first, rest = _prescale_exponents(amax, work)
+    scaled = Xw * exact_pow2(first, work)
+    up = exact_pow2(rest, work)
+    norm = torch.linalg.vector_norm(scaled, dim=(-2, -1), keepdim=True) * up
+    factor = up / (norm.clamp_min(_NORM_FLOOR) * margin)
+    out = torch.empty(Xw.shape, dtype=work if out_dtype is None else out_dtype, device=Xw.device)
+    return torch.mul(scaled, factor, out=out)  # rounds once to ``work``, then once to ``out_dtype`` (as .to())
 
 
 def gram_scale(A: torch.Tensor, normalization: Normalization, margin: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -145,10 +145,10 @@ def orthogonalize(
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, X.shape[-2], X.shape[-1])
     if normalization == "frobenius":
-        X = normalize(X, margin=sched.margin, nonfinite=nonfinite, shape=G.shape)
-        X = iterate(X.to(dtype), coefficients)
+        X = normalize(X, margin=sched.margin, nonfinite=nonfinite, shape=G.shape, out_dtype=dtype)
+        X = iterate(X, coefficients)
     else:
-        X = normalize(X, normalization=normalization, nonfinite=nonfinite, shape=G.shape).to(dtype)
+        X = normalize(X, normalization=normalization, nonfinite=nonfinite, shape=G.shape, out_dtype=dtype)
         A_s, scale = gram_scale(gram_product(X), normalization, sched.margin)
         X = iterate(X, coefficients, first_gram=A_s, row_scale=scale)
     X = X.reshape(*batch_shape, X.shape[-2], X.shape[-1]).to(G.dtype)
