@@ -18,8 +18,11 @@ import torch
 from torch import nn
 
 import orthoptim
+from orthoptim.polar.orthogonalize import resolve_compute_dtype
 
 SHAPES = ((768, 2304), (768, 768), (3072, 768), (768, 3072))
+#: What ``compute_dtype=None`` resolves to on this machine's CPU (bfloat16 where it has native bf16 products).
+DEFAULT_DTYPE = str(resolve_compute_dtype(None, torch.device("cpu"))).replace("torch.", "")
 
 
 def params_and_grads(layers: int, device: str) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
@@ -60,12 +63,18 @@ def main() -> None:
             "orthoptim.Muon, same math (Jordan NS5, bf16), megabatched",
             lambda ps: orthoptim.Muon(ps, lr=0.02, ns_coefficients=jordan, ns_steps=5, compute_dtype="bfloat16"),
         ),
-        ("orthoptim.Muon defaults, bf16 compute", lambda ps: orthoptim.Muon(ps, lr=0.02, compute_dtype="bfloat16")),
         (
-            "orthoptim.Muon defaults, float32, standard form only",
-            lambda ps: orthoptim.Muon(ps, lr=0.02, iteration="standard"),
+            f"orthoptim.Muon defaults (compute dtype here: {DEFAULT_DTYPE})",
+            lambda ps: orthoptim.Muon(ps, lr=0.02),
         ),
-        ("orthoptim.Muon defaults (CPU: float32, Gram form where cheaper)", lambda ps: orthoptim.Muon(ps, lr=0.02)),
+        (
+            "orthoptim.Muon defaults, float32 compute (Gram form where cheaper)",
+            lambda ps: orthoptim.Muon(ps, lr=0.02, compute_dtype="float32"),
+        ),
+        (
+            "orthoptim.Muon defaults, float32 compute, standard form only",
+            lambda ps: orthoptim.Muon(ps, lr=0.02, compute_dtype="float32", iteration="standard"),
+        ),
     ]
     print(
         f"# optimizer step, {4 * args.layers} matrices (GPT-2 small shapes), device {args.device}, "
