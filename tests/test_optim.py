@@ -388,3 +388,10 @@ def test_bfloat16_params_keep_float32_statistics_across_state_dict() -> None:
     opt2.step()
     assert torch.equal(params[0], twin[0])
 
+
+def test_schedule_unsafe_in_the_compute_dtype_is_refused_at_construction() -> None:
+    """Checked up front for each parameter's device, so a compiled step never runs an unvalidated schedule."""
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    with pytest.raises(ValueError, match="refused in bfloat16"):
+        orthoptim.Muon([w], schedule="cans", compute_dtype="bfloat16")
+    orthoptim.Muon([w], schedule="cans", compute_dtype="float32")  # fine in float32

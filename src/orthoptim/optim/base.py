@@ -14,21 +14,50 @@ only if all are finite, by selecting on a device-side flag (no host sync; the op
 once per step). ``"raise"`` raises :class:`NonFiniteError` naming the parameter (host syncs). ``"propagate"``
 checks nothing. Under ``"skip"`` the new state is computed out of place and selected at the end, which holds one
 extra copy of the momentum and of the update for the duration of the step.
+
+Distributed (``process_group``; ``orthoptim.distributed`` moves the tensors): plain parameters are taken to be
+replicated (DDP): every rank computes the momentum of every matrix, but orthogonalizes only the matrices it owns
+(owners balance FLOPs over all megabatches of all groups; the plan is cached) and the results are all-gathered.
+DTensor parameters sharded ``Shard(0)`` (FSDP2) send their rows to the owner, which computes the whole update
+(NorMuon's row statistics and Frobenius rescale, PolarGrad's nuclear norm: on whole matrices, exact) and sends
+each rank its rows back; their optimizer state stays sharded (DTensors). Every step issues the same collectives
+in the same order on every rank: first one all-reduce checks that all ranks have gradients for the same
+parameters (a mismatch raises ``RuntimeError`` instead of hanging; it costs one host read), and under
+``"skip"``/``"raise"`` one MAX all-reduce of the finite flag makes every rank take the same decision. The
+skip warning is printed by rank 0 only. The process group is kept on the optimizer, not in the param groups:
+it is not part of ``state_dict()``.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import Tensor
 
+from ..distributed import (
+    DEFAULT_PROCESS_GROUP,
+    GroupRef,
+    agree_ok,
+    assign_owners,
+    check_sharded,
+    gather_to_owners,
+    is_dtensor,
+    matrix_flops,
+    orthogonalize_split,
+    presence_mismatch,
+    rank_counts,
+    resolve_process_group,
+    scatter_from_owners,
+    zeros_row_state,
+)
 from ..polar import NonFiniteError, as_schedule, orthogonalize
 from ..polar.normalize import NORMALIZATIONS
-from ..polar.orthogonalize import ITERATIONS
+from ..polar.orthogonalize import ITERATIONS, resolve_compute_dtype
+from ..polar.schedules import check_precision
 from .adamw import AdamWPending, adamw_prepare
 from .megabatch import Megabatch, plan_megabatches
 from .shapes import SCALE_MODES, SHAPE_POLICIES, lr_scale, matrix_layout
@@ -74,6 +103,11 @@ def validate_orthogonalized_group(group: dict[str, Any]) -> None:
         check_number("row_eps", group["row_eps"], 0.0, lo_open=True)
     for p in group["params"]:
         matrix_layout(tuple(p.shape), group["shape_policy"])
+    # The schedule's safety in the compute dtype of each device, checked here so that a compiled step (which
+    # cannot run this host-side check, see polar/orthogonalize.py) never runs an unvalidated configuration.
+    for device in {p.device for p in group["params"]}:
+        dtype = resolve_compute_dtype(group["compute_dtype"], device)
+        check_precision(sched, group["ns_steps"], str(dtype).replace("torch.", ""))
 
 
 @dataclass
@@ -93,6 +127,7 @@ class _Pending:
     old_second: Tensor | None = None
     new_second: Tensor | None = None
     steps: list[Tensor] | None = None
+    second_counts: tuple[int, ...] | None = None  # splits of the second moments, when not ``counts`` (sharded)
 
 
 def _row_normalize(O: Tensor, v: Tensor, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
@@ -105,6 +140,51 @@ def _row_normalize(O: Tensor, v: Tensor, beta2: float, eps: float) -> tuple[Tens
     return (normed * ratio.view(-1, 1, 1)).to(O.dtype), v_new
 
 
+def _orthogonalizer(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    """The group's ``orthogonalize`` call on a stacked (B, m, n) batch (output finiteness is checked by the step)."""
+
+    def orth(M: Tensor) -> Tensor:
+        return orthogonalize(
+            M,
+            schedule=group["schedule"],
+            steps=group["ns_steps"],
+            normalization=group["normalization"],
+            compute_dtype=group["compute_dtype"],
+            nonfinite="propagate",
+            iteration=group.get("iteration", "auto"),  # groups saved before the option existed run "auto"
+        )
+
+    return orth
+
+
+def _alpha(group: dict[str, Any], m: int, n: int) -> float:
+    """Factor of the final foreach add: −lr·scale, or 1 in the nuclear mode (where the update carries it)."""
+    return 1.0 if group["scale_mode"] == "nuclear" else -group["lr"] * lr_scale(group["scale_mode"], m, n)
+
+
+def _finish(
+    O: Tensor, M: Tensor, old_second: Tensor | None, group: dict[str, Any], need_flags: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """From a megabatch's orthogonalized O (B, m, n) and its input M: ``(update, new second moment, finite)``."""
+    new_second = None
+    if group["row_norm"]:
+        assert old_second is not None
+        O, new_second = _row_normalize(O, old_second, group["beta2"], group["row_eps"])
+    if group["scale_mode"] == "nuclear":
+        # ⟨O, M⟩ = Σ gᵢσᵢ ≈ ‖M‖_* when the gains gᵢ ≈ 1 (PolarGrad runs enough steps for that).
+        nuc = (O.to(torch.float32) * M.to(torch.float32)).sum(dim=(-2, -1), keepdim=True)
+        update = O * (nuc * -group["lr"]).to(O.dtype)
+    else:
+        update = O  # −lr·scale is fused into the final foreach add (``_alpha``)
+    # |O| ≲ 1.3 entrywise, so the sum cannot overflow: it is non-finite iff some entry is.
+    finite = torch.isfinite(O.sum()) if need_flags else None
+    return update, new_second, finite
+
+
+#: ``start(k, M, orthogonalize)`` begins orthogonalizing megabatch k's ``M`` and returns a thunk yielding O.
+StartFn: TypeAlias = Callable[[int, Tensor, Callable[[Tensor], Tensor]], Callable[[], Tensor]]
+
+
 def orthogonalized_prepare(
     params: list[Tensor],
     grads: list[Tensor],
@@ -115,47 +195,169 @@ def orthogonalized_prepare(
     group: dict[str, Any],
     *,
     need_flags: bool,
+    start: StartFn | None = None,
 ) -> list[_Pending]:
     """Phase 1 of the functional update: compute every megabatch's new state and update, commit nothing.
 
     ``need_flags`` asks for a finite flag per megabatch of the output. Non-finite gradients need no cleaning
     here: the commit selects (``torch.where``) rather than multiplies, so a discarded NaN never leaks.
+    ``start`` (distributed): every megabatch's orthogonalization is started first — each rank computes its share
+    while earlier results travel — and the updates are finished once all have started.
     """
-    lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+    mu = group["momentum"]
+    orth = _orthogonalizer(group)
     pending = []
-    for mb in megabatches:
+    started = []
+    for k, mb in enumerate(megabatches):
         m, n = mb.matrix_shape
         idx = mb.indices
         G = torch.cat([grads[i].reshape(c, m, n) for i, c in zip(idx, mb.counts, strict=True)])
         old = torch.cat([bufs[i].reshape(c, m, n) for i, c in zip(idx, mb.counts, strict=True)])
         new = torch.lerp(old, G, 1.0 - mu)
         M = torch.lerp(G, new, mu) if group["nesterov"] else new
-        O = orthogonalize(
-            M,
-            schedule=group["schedule"],
-            steps=group["ns_steps"],
-            normalization=group["normalization"],
-            compute_dtype=group["compute_dtype"],
-            nonfinite="propagate",
-            iteration=group.get("iteration", "auto"),  # groups saved before the option existed run "auto"
-        )
-        p = _Pending([params[i] for i in idx], [bufs[i] for i in idx], old, new, O, 1.0, mb.counts, 1.0 - lr * wd, None)
-        if group["row_norm"]:
-            assert second is not None
-            p.second = [second[i] for i in idx]
-            p.old_second = torch.cat([second[i].reshape(c, m) for i, c in zip(idx, mb.counts, strict=True)])
-            O, p.new_second = _row_normalize(O, p.old_second, group["beta2"], group["row_eps"])
-        scale = lr_scale(group["scale_mode"], m, n)
-        if group["scale_mode"] == "nuclear":
-            # ⟨O, M⟩ = Σ gᵢσᵢ ≈ ‖M‖_* when the gains gᵢ ≈ 1 (PolarGrad runs enough steps for that).
-            nuc = (O.to(torch.float32) * M.to(torch.float32)).sum(dim=(-2, -1), keepdim=True)
-            p.update = O * (nuc * -lr).to(O.dtype)
+        if start is None:
+            pending.append(_megabatch_pending(mb, params, bufs, second, steps, old, new, M, orth(M), group, need_flags))
         else:
-            p.update, p.alpha = O, -lr * scale  # the scaling is fused into the final foreach add
-        if need_flags:
-            # |O| ≲ 1.3 entrywise, so the sum cannot overflow: it is non-finite iff some entry is.
-            p.finite = torch.isfinite(O.sum())
-        p.steps = [steps[i] for i in idx]
+            started.append((mb, old, new, M, start(k, M, orth)))
+    for mb, old, new, M, wait in started:
+        pending.append(_megabatch_pending(mb, params, bufs, second, steps, old, new, M, wait(), group, need_flags))
+    return pending
+
+
+def _megabatch_pending(
+    mb: Megabatch,
+    params: list[Tensor],
+    bufs: list[Tensor],
+    second: list[Tensor] | None,
+    steps: list[Tensor],
+    old: Tensor,
+    new: Tensor,
+    M: Tensor,
+    O: Tensor,
+    group: dict[str, Any],
+    need_flags: bool,
+) -> _Pending:
+    m, n = mb.matrix_shape
+    idx = mb.indices
+    decay = 1.0 - group["lr"] * group["weight_decay"]
+    p = _Pending(
+        [params[i] for i in idx], [bufs[i] for i in idx], old, new, O, _alpha(group, m, n), mb.counts, decay, None
+    )
+    if group["row_norm"]:
+        assert second is not None
+        p.second = [second[i] for i in idx]
+        p.old_second = torch.cat([second[i].reshape(c, m) for i, c in zip(idx, mb.counts, strict=True)])
+    p.update, p.new_second, p.finite = _finish(O, M, p.old_second, group, need_flags)
+    p.steps = [steps[i] for i in idx]
+    return p
+
+
+def _local(tensors: list[Tensor]) -> list[Tensor]:
+    """DTensors replaced by their local shards (views of the same storage under no_grad), others unchanged."""
+    return [t.to_local() if is_dtensor(t) else t for t in tensors]  # type: ignore[attr-defined]
+
+
+def _split_starter(counts: list[tuple[int, ...]], rank: int, process_group: Any) -> StartFn:
+    """Replicated megabatch k: this rank orthogonalizes its ``counts[k][rank]`` matrices, all ranks all-gather."""
+
+    def start(k: int, M: Tensor, fn: Callable[[Tensor], Tensor]) -> Callable[[], Tensor]:
+        return orthogonalize_split(M, counts[k], rank, process_group, fn).wait
+
+    return start
+
+
+def sharded_prepare(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    second: list[Tensor] | None,
+    steps: list[Tensor],
+    megabatches: Sequence[Megabatch],
+    owners: dict[int, int],
+    rows: dict[int, list[int]],
+    group: dict[str, Any],
+    *,
+    need_flags: bool,
+    rank: int,
+    process_group: Any,
+) -> list[_Pending]:
+    """Phase 1 for DTensor ``Shard(0)`` parameters (FSDP2); ``megabatches`` group them by full matrix shape.
+
+    Every rank computes the momentum of its own rows (elementwise, as the replicated path); each parameter's
+    rows of M (and of NorMuon's second moment) go to its owner (``owners``), which orthogonalizes whole
+    matrices and computes the whole update — row statistics on whole rows, the Frobenius rescale and the nuclear
+    norm over whole matrices, as on one device — and each rank gets its rows of the update back. The pending
+    state is flat (1-D) over this rank's shards; ``rows[i][r]`` is how many stacked matrix rows rank r holds.
+    """
+    mu, decay = group["momentum"], 1.0 - group["lr"] * group["weight_decay"]
+    row_norm = group["row_norm"]
+    pieces: list[Tensor] = []
+    item_owner: list[int] = []
+    item_rows: list[list[int]] = []
+    staged = []
+    for mb in megabatches:
+        m, n = mb.matrix_shape
+        idx = mb.indices
+        p_loc, b_loc = _local([params[i] for i in idx]), _local([bufs[i] for i in idx])
+        numels = tuple(t.numel() for t in p_loc)
+        G = torch.cat([g.reshape(-1) for g in _local([grads[i] for i in idx])])
+        old = torch.cat([b.reshape(-1) for b in b_loc])
+        new = torch.lerp(old, G, 1.0 - mu)
+        M = torch.lerp(G, new, mu) if group["nesterov"] else new
+        base = len(pieces)
+        for i, part in zip(idx, M.split(numels), strict=True):
+            pieces.append(part.view(-1, n))
+            item_owner.append(owners[i])
+            item_rows.append(rows[i])
+        s_loc, old_s, s_numels = None, None, None
+        if row_norm:
+            assert second is not None
+            s_loc = _local([second[i] for i in idx])
+            s_numels = tuple(t.numel() for t in s_loc)
+            old_s = torch.cat([s.reshape(-1) for s in s_loc])
+            for i, part in zip(idx, old_s.split(s_numels), strict=True):
+                pieces.append(part.view(-1, 1))
+                item_owner.append(owners[i])
+                item_rows.append(rows[i])
+        staged.append((mb, base, p_loc, b_loc, numels, old, new, M, s_loc, old_s, s_numels))
+    full = gather_to_owners(pieces, item_owner, item_rows, rank, process_group)
+    orth = _orthogonalizer(group)
+    results: list[Tensor | None] = [None] * len(pieces)
+    like: list[tuple[tuple[int, ...], torch.dtype]] = []
+    flags: list[Tensor | None] = []
+    for mb, base, _, _, _, _, _, M, *_ in staged:
+        m, n = mb.matrix_shape
+        k = len(mb.indices)
+        like += [((n,), M.dtype)] * k + ([((1,), torch.float32)] * k if row_norm else [])
+        mine = [j for j, i in enumerate(mb.indices) if owners[i] == rank]
+        if not mine:
+            flags.append(None)
+            continue
+        counts = [mb.counts[j] for j in mine]
+        M_full = torch.cat([full[base + j].view(c, m, n) for j, c in zip(mine, counts, strict=True)])  # type: ignore[union-attr]
+        v_full = None
+        if row_norm:
+            v_full = torch.cat([full[base + k + j].view(c, m) for j, c in zip(mine, counts, strict=True)])  # type: ignore[union-attr]
+        update, new_v, finite = _finish(orth(M_full), M_full, v_full, group, need_flags)
+        flags.append(finite)
+        for j, u in zip(mine, update.split(counts), strict=True):
+            results[base + j] = u.reshape(-1, n)
+        if new_v is not None:
+            for j, v in zip(mine, new_v.split(counts), strict=True):
+                results[base + k + j] = v.reshape(-1, 1)
+    device = pieces[0].device if pieces else torch.device("cpu")
+    back = scatter_from_owners(results, like, item_owner, item_rows, rank, device, process_group)
+    pending = []
+    for (mb, base, p_loc, b_loc, numels, old, new, _, s_loc, old_s, s_numels), finite in zip(
+        staged, flags, strict=True
+    ):
+        k = len(mb.indices)
+        update = torch.cat([back[base + j].reshape(-1) for j in range(k)])
+        p = _Pending(p_loc, b_loc, old, new, update, _alpha(group, *mb.matrix_shape), numels, decay, finite)
+        if row_norm:
+            p.second, p.old_second, p.second_counts = s_loc, old_s, s_numels
+            p.new_second = torch.cat([back[base + k + j].reshape(-1) for j in range(k)])
+        p.steps = [steps[i] for i in mb.indices]
         pending.append(p)
     return pending
 
@@ -170,9 +372,8 @@ def _commit(p: _Pending, ok: Tensor | None) -> None:
     torch._foreach_copy_(p.bufs, [b.view_as(t) for b, t in zip(new_bufs.split(p.counts), p.bufs, strict=True)])
     if p.second is not None and p.new_second is not None and p.old_second is not None:
         new_second = p.new_second if ok is None else torch.where(ok, p.new_second, p.old_second)
-        torch._foreach_copy_(
-            p.second, [s.view_as(t) for s, t in zip(new_second.split(p.counts), p.second, strict=True)]
-        )
+        counts = p.counts if p.second_counts is None else p.second_counts
+        torch._foreach_copy_(p.second, [s.view_as(t) for s, t in zip(new_second.split(counts), p.second, strict=True)])
     if p.decay != 1.0:
         if ok is None:
             torch._foreach_mul_(p.params, p.decay)
@@ -184,21 +385,53 @@ def _commit(p: _Pending, ok: Tensor | None) -> None:
     torch._foreach_add_(p.steps, 1 if ok is None else ok.to(torch.int64))
 
 
+@dataclass
+class _GroupSplit:
+    """One orthogonalized group's part of the distributed plan (indices are positions in the step's lists)."""
+
+    plain: list[Megabatch] = field(default_factory=list)  # replicated parameters
+    counts: list[tuple[int, ...]] = field(default_factory=list)  # per plain megabatch: matrices per rank
+    sharded: list[Megabatch] = field(default_factory=list)  # DTensor parameters, by whole-matrix shape
+    owners: dict[int, int] = field(default_factory=dict)  # sharded position → owner rank
+    rows: dict[int, list[int]] = field(default_factory=dict)  # sharded position → stacked rows held per rank
+
+
 class OrthogonalizedOptimizer(torch.optim.Optimizer):
     """Shell shared by Muon, NorMuon, PolarGrad and Hybrid: gathers gradients, runs the functional update.
 
     Param groups with ``algorithm="adamw"`` (only ``Hybrid`` makes them) run AdamW; all others are orthogonalized.
     """
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], nonfinite: NonFiniteMode, warn: bool) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        nonfinite: NonFiniteMode,
+        warn: bool,
+        process_group: Any = DEFAULT_PROCESS_GROUP,
+    ) -> None:
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_MODES}")
         self.nonfinite: NonFiniteMode = nonfinite
         self.warn_on_skip = bool(warn)
+        # On the object, not in the param groups: a process group is not serializable (not in state_dict()).
+        self._group: GroupRef | None = resolve_process_group(process_group)
+        self._rank = 0 if self._group is None else self._group.rank
+        self._world = 1 if self._group is None else self._group.size
+        # The distributed step also runs for DTensor parameters on a one-rank mesh (without collectives).
+        self._distributed = self._group is not None
+        self._dist_plans: dict[tuple[int, ...], list[_GroupSplit | None]] = {}
         self._plans: dict[tuple[int, ...], list[Megabatch]] = {}
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._validate_group(group)
+
+    @property
+    def process_group(self) -> Any:
+        """The process group work is split over and skips are agreed on (``None``: local)."""
+        if self._group is None:
+            return None
+        return torch.distributed.group.WORLD if self._group.group is None else self._group.group
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         if group.get("algorithm", "orthogonalized") == "adamw":
@@ -207,6 +440,11 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             validate_adamw_group(group)
         else:
             validate_orthogonalized_group(group)
+            for p in group["params"]:
+                if is_dtensor(p):
+                    check_sharded(p, None if self._group is None else self._group.ranks, self._rank)
+        if any(is_dtensor(p) for p in group["params"]):
+            self._distributed = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -223,10 +461,13 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             k: {key: v[key] for key in self._FLOAT32_STATE if key in v} for k, v in state_dict.get("state", {}).items()
         }
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
+        # Keys are matched to parameters through the saved groups' "params" lists, as torch does: they are
+        # indices for a plain state_dict() and fully qualified names from torch.distributed.checkpoint.
+        saved = [k for g in state_dict["param_groups"] for k in g["params"]]
+        params = dict(zip(saved, (p for g in self.param_groups for p in g["params"]), strict=False))
         for k, extra in keep.items():
             for key, value in extra.items():
-                self.state[params[int(k)]][key] = value.to(device=params[int(k)].device, dtype=torch.float32)
+                self.state[params[k]][key] = value.to(device=params[k].device, dtype=torch.float32)
 
     @property
     def nonfinite_skips(self) -> int:
@@ -259,7 +500,10 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     if group["row_norm"]:
                         count, m, _ = matrix_layout(tuple(p.shape), group["shape_policy"])
-                        state["second_moment"] = torch.zeros(count, m, dtype=torch.float32, device=p.device)
+                        if is_dtensor(p):  # sharded like p's rows: (d0, count·m/d0), see distributed.fsdp
+                            state["second_moment"] = zeros_row_state(p, count * m)
+                        else:
+                            state["second_moment"] = torch.zeros(count, m, dtype=torch.float32, device=p.device)
             for key in ("step", "nonfinite_skips", "exp_avg", "exp_avg_sq", "momentum_buffer", "second_moment"):
                 if key in state:
                     lists.setdefault(key, []).append(state[key])
@@ -274,28 +518,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             self._plans[key] = plan
         return plan
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One optimization step over every group (see the module docstring for the order of operations)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        gathered = [(group, *self._gather(group)) for group in self.param_groups]
-        all_params = [p for _, params, _, _ in gathered for p in params]
-        all_grads = [g for _, _, grads, _ in gathered for g in grads]
-        if not all_grads:
-            return loss
-        policy = self.nonfinite
-        grads_finite: Tensor | None = None
-        if policy != "propagate":
-            # Max-abs per gradient: NaN and ±Inf survive it, large finite values do not overflow.
-            grads_finite = torch.isfinite(torch.stack(torch._foreach_norm(all_grads, float("inf"))))
-            if policy == "raise" and not bool(grads_finite.all()):
-                bad = all_params[int((~grads_finite).nonzero()[0])]
-                raise NonFiniteError(f"non-finite gradient for the parameter of shape {tuple(bad.shape)}")
-        ok = None if grads_finite is None else grads_finite.all()
-        sanitize = ok if policy == "skip" else None
+    def _prepare_local(self, gathered: list[Any], sanitize: Tensor | None, need_flags: bool) -> list[Any]:
+        """Phase 1 on one process: every group's update, nothing committed."""
         pending: list[Any] = []
         for group, params, grads, lists in gathered:
             if not params:
@@ -313,15 +537,182 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                         lists["step"],
                         plan,
                         group,
-                        need_flags=policy != "propagate",
+                        need_flags=need_flags,
                     )
                 )
+        return pending
+
+    def _prepare_distributed(self, gathered: list[Any], sanitize: Tensor | None, need_flags: bool) -> list[Any]:
+        """Phase 1 over the process group: replicated matrices split by owner, sharded ones gathered to theirs.
+
+        The collectives depend only on the (cached) plan, which every rank builds from the same shapes, so they
+        are issued in the same order everywhere whatever the data.
+        """
+        splits = self._dist_plan(gathered)
+        local, rank = self._group is None, self._rank
+        pg = None if self._group is None else self._group.group  # None: the default group (or no collective)
+        pending: list[Any] = []
+        for (group, params, grads, lists), split in zip(gathered, splits, strict=True):
+            if not params:
+                continue
+            if split is None:  # AdamW: elementwise, so each rank updates its own shards (or replicas)
+                local_lists = {k: _local(v) for k, v in lists.items()}
+                pending.append(adamw_prepare(_local(params), _local(grads), local_lists, group, sanitize=sanitize))
+                continue
+            state = (lists["momentum_buffer"], lists.get("second_moment"), lists["step"])
+            if split.plain:
+                start = None if local else _split_starter(split.counts, rank, pg)
+                pending.extend(
+                    orthogonalized_prepare(
+                        params, grads, *state, split.plain, group, need_flags=need_flags, start=start
+                    )
+                )
+            if split.sharded:
+                pending.extend(
+                    sharded_prepare(
+                        params,
+                        grads,
+                        *state,
+                        split.sharded,
+                        split.owners,
+                        split.rows,
+                        group,
+                        need_flags=need_flags,
+                        rank=rank,
+                        process_group=pg,
+                    )
+                )
+        return pending
+
+    def _dist_plan(self, gathered: list[Any]) -> list[_GroupSplit | None]:
+        """Megabatches and owners for this set of parameters with gradients (cached; identical on all ranks).
+
+        Owners balance the orthogonalization FLOPs over all groups at once: every replicated matrix and every
+        sharded parameter is one item, assigned largest first to the least-loaded rank.
+        """
+        key = tuple(x for group, params, _, _ in gathered for x in (id(group), len(params), *map(id, params)))
+        cached = self._dist_plans.get(key)
+        if cached is not None:
+            return cached
+        splits: list[_GroupSplit | None] = []
+        costs: list[int] = []
+        refs: list[tuple[_GroupSplit, int, int]] = []  # (split, plain megabatch k or -1, sharded position)
+        for group, params, _, _ in gathered:
+            if group.get("algorithm", "orthogonalized") == "adamw":
+                splits.append(None)
+                continue
+            policy = group["shape_policy"]
+            layouts = [matrix_layout(tuple(p.shape), policy) for p in params]
+            split = _GroupSplit()
+            for sharded in (False, True):
+                pos = [i for i, p in enumerate(params) if is_dtensor(p) == sharded]
+                sub = plan_megabatches(
+                    [layouts[i] for i in pos], [params[i].dtype for i in pos], [params[i].device for i in pos]
+                )
+                mbs = [Megabatch(tuple(pos[j] for j in mb.indices), mb.matrix_shape, mb.counts) for mb in sub]
+                if sharded:
+                    split.sharded = mbs
+                else:
+                    split.plain = mbs
+            for k, mb in enumerate(split.plain):
+                costs += [matrix_flops(*mb.matrix_shape)] * mb.matrices
+                refs += [(split, k, -1)] * mb.matrices
+            for mb in split.sharded:
+                for i, count in zip(mb.indices, mb.counts, strict=True):
+                    p = params[i]
+                    per_row = layouts[i][0] * layouts[i][1] // p.shape[0]  # stacked matrix rows per dim-0 index
+                    sizes = check_sharded(p, None if self._group is None else self._group.ranks, self._rank)
+                    split.rows[i] = [r * per_row for r in sizes]
+                    costs.append(count * matrix_flops(*mb.matrix_shape))
+                    refs.append((split, -1, i))
+            splits.append(split)
+        owners, _ = assign_owners(costs, self._world)
+        plain_owners: dict[tuple[int, int], list[int]] = {}
+        for (target, k, i), owner in zip(refs, owners, strict=True):
+            if k >= 0:
+                plain_owners.setdefault((id(target), k), []).append(owner)
+            else:
+                target.owners[i] = owner
+        for done in splits:
+            if done is not None:
+                done.counts = [rank_counts(plain_owners[(id(done), k)], self._world) for k in range(len(done.plain))]
+        self._dist_plans[key] = splits
+        return splits
+
+    def _check_presence(self) -> None:
+        """Raise ``RuntimeError`` (on every rank) if some parameter has a gradient on some ranks only."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        if not params:
+            return
+        assert self._group is not None
+        bad = presence_mismatch([p.grad is not None for p in params], params[0].device, self._group.group)
+        if bad:
+            p = params[bad[0]]
+            raise RuntimeError(
+                f"orthoptim: {len(bad)} parameter(s) (the first of shape {tuple(p.shape)}, position {bad[0]} over "
+                "all param groups) have a gradient on some ranks and .grad=None on others. Every rank must step "
+                "the same parameters: give the missing ones zero gradients (p.grad = torch.zeros_like(p)) on every "
+                "rank, or set them to None everywhere"
+            )
+
+    def _nonfinite_cause(self, params: list[Tensor], grads_finite: Tensor | None) -> str:
+        """What made the step non-finite, for the warning and the error (reads the local flags: a host sync)."""
+        bad = (~grads_finite).nonzero() if grads_finite is not None else torch.zeros(0)
+        if bad.numel():
+            return f"a non-finite gradient (parameter of shape {tuple(params[int(bad[0])].shape)})"
+        if self._group is not None:
+            return "a non-finite orthogonalized update, or a non-finite gradient on another rank"
+        return "a non-finite orthogonalized update"
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One optimization step over every group (see the module docstring for the order of operations)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        gathered = [(group, *self._gather(group)) for group in self.param_groups]
+        all_params = [p for _, params, _, _ in gathered for p in params]
+        all_grads = [g for _, _, grads, _ in gathered for g in grads]
+        local = self._group is None
+        if not local:
+            self._check_presence()  # before any other collective, and before a rank may return early
+        if not all_grads:
+            return loss
+        device = all_grads[0].device
+        if self._distributed:  # the finite check reads this rank's shards (empty ones have no max-abs)
+            kept = [(p, g) for p, g in zip(all_params, _local(all_grads), strict=True) if g.numel()]
+            all_params, all_grads = [p for p, _ in kept], [g for _, g in kept]
+        policy = self.nonfinite
+        grads_finite: Tensor | None = None
+        if policy != "propagate":
+            # Max-abs per gradient: NaN and ±Inf survive it, large finite values do not overflow.
+            grads_finite = (
+                torch.isfinite(torch.stack(torch._foreach_norm(all_grads, float("inf"))))
+                if all_grads
+                else torch.ones(0, dtype=torch.bool, device=device)
+            )
+            if policy == "raise" and local and not bool(grads_finite.all()):
+                bad = all_params[int((~grads_finite).nonzero()[0])]
+                raise NonFiniteError(f"non-finite gradient for the parameter of shape {tuple(bad.shape)}")
+        ok = None if grads_finite is None else grads_finite.all()
+        sanitize = ok if policy == "skip" else None
+        if self._distributed:
+            pending = self._prepare_distributed(gathered, sanitize, need_flags=policy != "propagate")
+        else:
+            pending = self._prepare_local(gathered, sanitize, need_flags=policy != "propagate")
         out_flags = [p.finite for p in pending if isinstance(p, _Pending) and p.finite is not None]
         if out_flags:
             out_ok = torch.stack(out_flags).all()
-            if policy == "raise" and not bool(out_ok):
+            if policy == "raise" and local and not bool(out_ok):
                 raise NonFiniteError("orthogonalization produced a non-finite update; no state was changed")
             ok = out_ok if ok is None else ok & out_ok
+        if not local and ok is not None:
+            # One MAX all-reduce over the whole group, every step, whatever the data: all ranks skip together.
+            assert self._group is not None
+            ok = agree_ok(ok, self._group.group)
+            if policy == "raise" and not bool(ok):
+                raise NonFiniteError(f"{self._nonfinite_cause(all_params, grads_finite)}; no state was changed")
         commit_ok = ok if policy == "skip" else None
         for p in pending:
             if isinstance(p, AdamWPending):
@@ -332,14 +723,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             assert ok is not None
             skips = [s for _, _, _, lists in gathered for s in lists.get("nonfinite_skips", [])]
             torch._foreach_add_(skips, (~ok).to(torch.float32))
-            if self.warn_on_skip and not bool(ok):  # the one read of the flag, once per step
-                assert grads_finite is not None
-                bad_idx = (~grads_finite).nonzero()
-                what = (
-                    f"a non-finite gradient (parameter of shape {tuple(all_params[int(bad_idx[0])].shape)})"
-                    if bad_idx.numel()
-                    else "a non-finite orthogonalized update"
-                )
+            # The one read of the flag, once per step; with many ranks only rank 0 reads and warns.
+            if self.warn_on_skip and self._rank == 0 and not bool(ok):
+                what = self._nonfinite_cause(all_params, grads_finite)
                 warnings.warn(
                     f"orthoptim: step skipped for every parameter because of {what}; state is unchanged. "
                     "Pass warn_nonfinite=False to silence this (and drop its host sync).",

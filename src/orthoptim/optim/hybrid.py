@@ -56,6 +56,8 @@ class Hybrid(Muon):
 
     Keyword arguments are :class:`orthoptim.Muon`'s for the matrices (``lr`` default 0.02, ``weight_decay`` 0)
     plus ``adamw_lr`` (3e-4), ``adamw_betas`` ((0.9, 0.95)), ``adamw_eps`` (1e-8), ``adamw_weight_decay`` (0).
+    ``process_group`` (Muon's) splits the matrices' orthogonalization over ranks; the AdamW half is elementwise
+    and runs on each rank's replicas or shards, and both halves skip together on every rank.
     """
 
     def __init__(

@@ -14,7 +14,9 @@ class NorMuon(Muon):
     After orthogonalization ``O`` (m×n per matrix; rows are output neurons), a per-row second moment
     ``v ← β₂v + (1−β₂)·mean_j O_ij²`` is kept in optimizer state, ``O ← O / √(v + ε)`` row-wise, and ``O`` is
     rescaled so its Frobenius norm equals that before the row normalization — the update keeps Muon's size,
-    so Muon's learning rate carries over. Every other argument is :class:`orthoptim.Muon`'s.
+    so Muon's learning rate carries over. Every other argument is :class:`orthoptim.Muon`'s, ``process_group``
+    included; with FSDP2 the owner of each matrix computes the row statistics on whole rows and the rescale over
+    the whole matrix (exact, not per shard), and the second moments stay sharded like the rows.
 
     Args:
         beta2: decay of the per-row second moment (default 0.95, as dion and modded-nanogpt).

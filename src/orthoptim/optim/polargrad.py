@@ -24,7 +24,8 @@ class PolarGrad(Muon):
     Rule of thumb — match the first steps' update size: ``lr_polargrad ≈ lr_muon · lr_scale(m, n) / ‖M₀‖_*``, with
     ‖M₀‖_* the typical nuclear norm of the momentum early in training (``orthoptim.nuclear_norm`` of a gradient
     times 1/(1 − momentum) gives it). PolarGrad is not scale-invariant: gradient clipping changes its steps, and
-    ``orthoptim.clip_grad_norm_`` includes its groups.
+    ``orthoptim.clip_grad_norm_`` includes its groups. Distributed (``process_group``, as Muon): the owner of each
+    matrix computes ``⟨O, M⟩`` on the whole matrix, also when FSDP2 shards it.
     """
 
     def __init__(self, params: Iterable[Any], *args: Any, **kw: Any) -> None:

@@ -1,0 +1,38 @@
+"""Every collective of orthoptim: owner assignment, exchanges for DDP and FSDP2, agreement among ranks.
+
+This package imports nothing of orthoptim's, only torch and torch.distributed: it moves tensors and decides who
+computes what; the optimizer (``orthoptim.optim.base``) hands it the computation to run on each share.
+
+* ``owners``   — which rank orthogonalizes which matrix (greedy largest-first, balancing FLOPs; deterministic).
+* ``exchange`` — replicated parameters (DDP): orthogonalize the owned slice, ``all_gather_into_tensor`` (async).
+* ``fsdp``     — DTensor ``Shard(0)`` parameters (FSDP2): rows to the owner, update rows back (``all_to_all``).
+* ``agree``    — the non-finite skip flag (one MAX all-reduce) and the check that all ranks have the same
+  parameters with gradients.
+* ``group``    — the ``process_group=`` default and its validation.
+"""
+
+from .agree import agree_ok, presence_mismatch
+from .exchange import GatherHandle, gather_bytes, orthogonalize_split
+from .fsdp import check_sharded, gather_to_owners, is_dtensor, scatter_from_owners, shard_sizes, zeros_row_state
+from .group import DEFAULT_PROCESS_GROUP, GroupRef, resolve_process_group
+from .owners import assign_owners, matrix_flops, rank_counts
+
+__all__ = [
+    "DEFAULT_PROCESS_GROUP",
+    "GatherHandle",
+    "GroupRef",
+    "agree_ok",
+    "assign_owners",
+    "check_sharded",
+    "gather_bytes",
+    "gather_to_owners",
+    "is_dtensor",
+    "matrix_flops",
+    "orthogonalize_split",
+    "presence_mismatch",
+    "rank_counts",
+    "resolve_process_group",
+    "scatter_from_owners",
+    "shard_sizes",
+    "zeros_row_state",
+]

@@ -1,0 +1,131 @@
+"""Distributed orthoptim on CPU: gloo, 2 and 4 spawned ranks on 127.0.0.1, against the single-process optimizer.
+
+The scenarios live in ``tests/_dist_worker.py``; all of them run in one launch per world size (process start-up
+and ``import torch`` dominate), cached for the module, and each becomes one test here. A launch has a wall-clock
+limit (``LAUNCH_TIMEOUT``) and every collective a 60 s gloo timeout, so a deadlock fails the tests instead of
+hanging CI. A rank that dies after it recorded every scenario (torch's teardown has been seen to abort at exit
+on a busy machine) does not fail them: each scenario's outcome is what every rank recorded for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import orthoptim
+from orthoptim.distributed import (
+    DEFAULT_PROCESS_GROUP,
+    assign_owners,
+    matrix_flops,
+    rank_counts,
+    resolve_process_group,
+    shard_sizes,
+)
+
+from ._dist_worker import SCENARIOS, run_rank
+
+WORLD_SIZES = (2, 4)
+LAUNCH_TIMEOUT = 300.0  # seconds for all scenarios at one world size (about 10-20 s on an idle 2-core machine)
+
+_cache: dict[int, dict[str, list[str]] | str] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(world: int) -> dict[str, list[str]] | str:
+    """Run every scenario on ``world`` ranks; per scenario the per-rank outcomes, or why the launch failed."""
+    outdir = tempfile.mkdtemp(prefix=f"orthoptim-dist{world}-")
+    ctx = mp.start_processes(
+        run_rank, args=(world, _free_port(), list(SCENARIOS), outdir), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    failure = ""
+    while True:
+        try:
+            if ctx.join(timeout=1.0):
+                break
+        except Exception as e:  # a rank exited abnormally; the recorded results decide below
+            failure = f"{type(e).__name__}: {e}"
+            break
+        if time.monotonic() > deadline:
+            failure = f"timed out after {LAUNCH_TIMEOUT:.0f} s (deadlock?)"
+            break
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    per_rank = []
+    for r in range(world):
+        path = os.path.join(outdir, f"rank{r}.json")
+        if not os.path.exists(path):
+            return f"rank {r} recorded nothing; {failure or 'no error reported'}"
+        with open(path) as f:
+            per_rank.append(json.load(f))
+    results = {name: [res.get(name, f"not reached ({failure})") for res in per_rank] for name in SCENARIOS}
+    return results
+
+
+def _results(world: int) -> dict[str, list[str]] | str:
+    if world not in _cache:
+        _cache[world] = _launch(world)
+    return _cache[world]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_scenario(world: int, scenario: str) -> None:
+    """One scenario of ``_dist_worker`` (see its docstring) on every rank of a ``world``-rank gloo group."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    results = _results(world)
+    assert not isinstance(results, str), results
+    failed = {r: out for r, out in enumerate(results[scenario]) if out != "ok"}
+    assert not failed, "\n".join(f"rank {r}:\n{out}" for r, out in failed.items())
+
+
+# ---------------------------------------------------------------- single-process checks of the building blocks
+
+
+def test_owners_balance_flops_within_one_matrix() -> None:
+    """GPT-2-small's 48 matrices: the busiest rank's FLOPs are within one (largest) matrix of the mean."""
+    shapes = [(768, 2304), (768, 768), (3072, 768), (768, 3072)] * 12
+    costs = [matrix_flops(m, n) for m, n in shapes]
+    for world in (1, 2, 3, 4, 8, 64):
+        owners, loads = assign_owners(costs, world)
+        assert sum(loads) == sum(costs) and len(owners) == len(costs)
+        assert max(loads) <= sum(costs) / world + max(costs), (world, loads)
+        assert owners == assign_owners(costs, world)[0]  # deterministic
+    assert rank_counts([0, 2, 2, 1], 4) == (1, 1, 2, 0)
+
+
+def test_shard_sizes_match_torch_chunk() -> None:
+    for d0 in range(1, 12):
+        for world in (1, 2, 3, 4, 8):
+            chunks = [c.shape[0] for c in torch.arange(d0).chunk(world)]
+            assert shard_sizes(d0, world) == chunks + [0] * (world - len(chunks))
+
+
+def test_process_group_resolution_without_torch_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    assert resolve_process_group(DEFAULT_PROCESS_GROUP) is None
+    assert resolve_process_group(None) is None
+    with pytest.raises(ValueError, match="not initialized"):
+        resolve_process_group(object())
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    opt = orthoptim.Muon([p], lr=0.02)
+    assert opt.process_group is None
+    assert "process_group" not in opt.param_groups[0] and "process_group" not in opt.state_dict()["param_groups"][0]
+    with pytest.raises(ValueError, match="not initialized"):
+        orthoptim.NorMuon([p], process_group=object())
