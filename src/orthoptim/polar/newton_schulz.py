@@ -25,7 +25,8 @@ fewer operations (:func:`iteration_cost`) and in bfloat16 that is always the sta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -105,10 +106,29 @@ def _kernels_for(X: torch.Tensor) -> bool:
     return X.dtype in (torch.bfloat16, torch.float16) and kernels.use_triton(X)
 
 
+def _mm(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``A·B`` for one matrix (2-D) or a batch (3-D), into ``out`` if given."""
+    return torch.mm(A, B, out=out) if A.dim() == 2 else torch.bmm(A, B, out=out)
+
+
+def _addmm(
+    C: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    beta: float = 1.0,
+    alpha: float = 1.0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``beta·C + alpha·A·B`` for one matrix (2-D) or a batch (3-D), into ``out`` if given."""
+    if A.dim() == 2:
+        return torch.addmm(C, A, B, beta=beta, alpha=alpha, out=out)
+    return torch.baddbmm(C, A, B, beta=beta, alpha=alpha, out=out)
+
+
 def gram_product(X: torch.Tensor) -> torch.Tensor:
-    """``X Xᵀ`` for a batch (B, m, n): the symmetric Triton kernel (lower tiles, mirrored) where
-    ``_kernels_for(X)``, else ``bmm``."""
-    return kernels.sym_gram(X) if _kernels_for(X) else torch.bmm(X, X.mT)
+    """``X Xᵀ`` for one matrix or a batch: the symmetric Triton kernel (lower tiles, mirrored) where
+    ``_kernels_for(X)``, else ``mm``/``bmm``."""
+    return kernels.sym_gram(X) if _kernels_for(X) else _mm(X, X.mT)
 
 
 def _poly_part(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
@@ -116,7 +136,36 @@ def _poly_part(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
     triangle; our ``A`` is symmetric up to the last bit of rounding (``gram_scale``, ``P·R·P``)."""
     if c == 0.0:
         return A * b
-    return kernels.sym_poly(A, b, c) if _kernels_for(A) else torch.baddbmm(A, A, A, beta=b, alpha=c)
+    return kernels.sym_poly(A, b, c) if _kernels_for(A) else _addmm(A, A, A, beta=b, alpha=c)
+
+
+#: Matrices with fewer entries than this are iterated as one batch on the CPU too (256×256).
+PER_MATRIX_MIN_ENTRIES = 65536
+
+
+def _per_matrix_on_cpu(
+    iterate: Callable[..., torch.Tensor],
+    X: torch.Tensor,
+    first_gram: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    **kw: Any,
+) -> torch.Tensor:
+    """Run ``iterate`` matrix by matrix on the CPU, batched elsewhere.
+
+    Why: on the CPU a loop of ``mm`` beats one ``bmm`` over the same matrices (measured 2026-11-23, 2 cores,
+    bfloat16, 12 × 768×{768, 2304, 3072}, 5 steps: 10–17% faster; float32 equal), the Python loop costs
+    microseconds against milliseconds per product, and each matrix then meets exactly the same kernels whatever
+    batch it arrives in. Small matrices (below ``PER_MATRIX_MIN_ENTRIES``) stay batched: there the per-call
+    overhead dominates. On accelerators one batched launch is what matters.
+    """
+    if X.device.type != "cpu" or X.shape[-2] * X.shape[-1] < PER_MATRIX_MIN_ENTRIES:
+        return iterate(X, first_gram=first_gram, row_scale=row_scale, **kw)
+    result = torch.empty_like(X)
+    for i in range(X.shape[0]):
+        first = None if first_gram is None else first_gram[i]
+        scale = None if row_scale is None else row_scale[i]
+        iterate(X[i], first_gram=first, row_scale=scale, out=result[i], **kw)  # the last product writes in place
+    return result
 
 
 def newton_schulz(
@@ -134,17 +183,29 @@ def newton_schulz(
 
     Runs in ``X``'s dtype (the compute dtype); returns a new tensor of the same shape and dtype.
     """
-    if first_gram is not None:
-        if row_scale is None:
-            raise ValueError("newton_schulz: first_gram needs its row_scale")
-        (a, b, c), coefficients = coefficients[0], coefficients[1:]
-        X = torch.bmm(_plus_identity(_poly_part(first_gram, b, c), a, row_scale).to(X.dtype), X)
-    for a, b, c in coefficients:
-        A = gram_product(X)
-        if c == 0.0:
-            X = torch.baddbmm(X, A, X, beta=a, alpha=b)
+    if first_gram is not None and row_scale is None:
+        raise ValueError("newton_schulz: first_gram needs its row_scale")
+    return _per_matrix_on_cpu(_standard, X, first_gram, row_scale, coefficients=tuple(coefficients))
+
+
+def _standard(
+    X: torch.Tensor,
+    *,
+    coefficients: tuple[Triple, ...],
+    first_gram: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The standard form on one matrix (2-D) or a batch (3-D); the last product is written into ``out`` if given."""
+    last = len(coefficients) - 1
+    for k, (a, b, c) in enumerate(coefficients):
+        target = out if k == last else None
+        if k == 0 and first_gram is not None:
+            X = _mm(_plus_identity(_poly_part(first_gram, b, c), a, row_scale).to(X.dtype), X, out=target)
+        elif c == 0.0:
+            X = _addmm(X, gram_product(X), X, beta=a, alpha=b, out=target)
         else:
-            X = torch.baddbmm(X, _poly_part(A, b, c), X, beta=a)
+            X = _addmm(X, _poly_part(gram_product(X), b, c), X, beta=a, out=target)
     return X
 
 
@@ -163,14 +224,28 @@ def gram_newton_schulz(
     """
     if first_gram is not None and row_scale is None:
         raise ValueError("gram_newton_schulz: first_gram needs its row_scale")
-    restart_at = set(gram_restarts(tuple(coefficients), X.dtype) if restarts is None else restarts)
+    coefficients = tuple(coefficients)
+    restart_at = frozenset(gram_restarts(coefficients, X.dtype) if restarts is None else restarts)
+    return _per_matrix_on_cpu(_gram_form, X, first_gram, row_scale, coefficients=coefficients, restart_at=restart_at)
+
+
+def _gram_form(
+    X: torch.Tensor,
+    *,
+    coefficients: tuple[Triple, ...],
+    first_gram: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    restart_at: frozenset[int],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Gram form on one matrix (2-D) or a batch (3-D); the last product is written into ``out`` if given."""
     R = gram_product(X) if first_gram is None else first_gram.to(X.dtype)
     scale = row_scale
     Q: torch.Tensor | None = None  # None stands for the identity (times diag(scale) while that is pending)
     last = len(coefficients) - 1
     for i, (a, b, c) in enumerate(coefficients):
         if i in restart_at and Q is not None:
-            X = torch.bmm(Q, X)
+            X = _mm(Q, X)
             R = gram_product(X)
             Q = None
         Z = _poly_part(R, b, c)  # P = aI + Z
@@ -178,9 +253,9 @@ def gram_newton_schulz(
             Q, scale = _plus_identity(Z, a, scale), None
         else:
             # P·Q = aQ + ZQ, multiplied on the left: Q may hold diag(row_scale), which does not commute with P.
-            Q = torch.baddbmm(Q, Z, Q, beta=a)
+            Q = _addmm(Q, Z, Q, beta=a)
         if i < last and (i + 1) not in restart_at:
-            RP = torch.baddbmm(R, R, Z, beta=a)  # R·P
-            R = torch.baddbmm(RP, Z, RP, beta=a)  # P·R·P
+            RP = _addmm(R, R, Z, beta=a)  # R·P
+            R = _addmm(RP, Z, RP, beta=a)  # P·R·P
     assert Q is not None  # at least one step always runs
-    return torch.bmm(Q, X)
+    return _mm(Q, X, out=out)

@@ -134,27 +134,25 @@ def normalize(
         raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
-    # Contiguous work copy (no copy if X already is one): the products then see one layout whatever the
-    # caller's strides, so a tall matrix and the transpose of its wide twin give bit-identical results.
     work = work_dtype(X.dtype)
-    Xw = X.to(work, memory_format=torch.contiguous_format)
-    if not Xw.is_contiguous():  # .to() returns X itself when the dtype already matches
-        Xw = Xw.contiguous()
-    amax = max_abs(Xw)
+    amax = max_abs(X).to(work)  # the max of X's own values: exact in any dtype, and exactly representable in work
     if nonfinite == "raise":
         raise_if_nonfinite(amax, X.shape if shape is None else shape, who)
-    # Two passes over the matrix instead of four (prescale, prescale, divide, cast). The prescale 2^first is the
-    # exact one of ``pow2_prescale`` except at the ends of the range, where the remaining 2^rest (≤ 2^22 in
-    # float32, ≤ 2^51 in float64, ≥ 2^-2) is folded into the final factor instead. Every nonzero entry is ≥ the
-    # smallest subnormal (2^-149), so after 2^first it is ≥ 2^-22 and its square cannot underflow: the norm of the
-    # partly scaled matrix is exactly 2^-rest times the fully scaled one's, and every power-of-two scale of a
-    # matrix still meets the same roundings and gives the same bits.
+    # Two passes over the matrix (prescale, then the factor with the cast to the compute dtype fused in) instead of
+    # four. The prescale writes a contiguous float32 (float64) copy whatever X's dtype and strides — the cast and, for
+    # a transposed view, the transposition ride along with the multiply — so the norm is summed in one memory order
+    # and a tall matrix and the transpose of its wide twin give bit-identical results. The prescale 2^first is the
+    # exact one of ``pow2_prescale`` except at the ends of the range, where the remaining 2^rest (≤ 2^22 in float32,
+    # ≤ 2^51 in float64, ≥ 2^-2) is folded into the final factor instead. Every nonzero entry is ≥ the smallest
+    # subnormal (2^-149), so after 2^first it is ≥ 2^-22 and its square cannot underflow: the norm of the partly
+    # scaled matrix is exactly 2^-rest times the fully scaled one's, and every power-of-two scale of a matrix still
+    # meets the same roundings and gives the same bits.
     first, rest = _prescale_exponents(amax, work)
-    scaled = Xw * exact_pow2(first, work)
+    scaled = torch.mul(X, exact_pow2(first, work), out=torch.empty(X.shape, dtype=work, device=X.device))
     up = exact_pow2(rest, work)
     norm = torch.linalg.vector_norm(scaled, dim=(-2, -1), keepdim=True) * up
     factor = up / (norm.clamp_min(_NORM_FLOOR) * margin)
-    out = torch.empty(Xw.shape, dtype=work if out_dtype is None else out_dtype, device=Xw.device)
+    out = torch.empty(X.shape, dtype=work if out_dtype is None else out_dtype, device=X.device)
     return torch.mul(scaled, factor, out=out)  # rounds once to ``work``, then once to ``out_dtype`` (as .to())
 
 
