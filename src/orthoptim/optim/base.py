@@ -140,10 +140,15 @@ def _row_normalize(O: Tensor, v: Tensor, beta2: float, eps: float) -> tuple[Tens
     return (normed * ratio.view(-1, 1, 1)).to(O.dtype), v_new
 
 
-def _orthogonalizer(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
-    """The group's ``orthogonalize`` call on a stacked (B, m, n) batch (output finiteness is checked by the step)."""
+def _orthogonalizer(group: dict[str, Any], *, compute_dtype_out: bool = False) -> Callable[[Tensor], Tensor]:
+    """The group's ``orthogonalize`` call on a stacked (B, m, n) batch (output finiteness is checked by the step).
+
+    ``compute_dtype_out``: return O in the compute dtype (e.g. bfloat16) rather than the parameters' — the final
+    foreach add takes mixed dtypes, so the conversion pass over every update is saved (one-process path).
+    """
 
     def orth(M: Tensor) -> Tensor:
+        out_dtype = resolve_compute_dtype(group["compute_dtype"], M.device) if compute_dtype_out else None
         return orthogonalize(
             M,
             schedule=group["schedule"],
@@ -152,6 +157,7 @@ def _orthogonalizer(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
             compute_dtype=group["compute_dtype"],
             nonfinite="propagate",
             iteration=group.get("iteration", "auto"),  # groups saved before the option existed run "auto"
+            out_dtype=out_dtype,
         )
 
     return orth
@@ -205,7 +211,7 @@ def orthogonalized_prepare(
     while earlier results travel — and the updates are finished once all have started.
     """
     mu = group["momentum"]
-    orth = _orthogonalizer(group)
+    orth = _orthogonalizer(group, compute_dtype_out=start is None)
     pending = []
     started = []
     for k, mb in enumerate(megabatches):

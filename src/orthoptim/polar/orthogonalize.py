@@ -95,6 +95,7 @@ def orthogonalize(
     compute_dtype: torch.dtype | str | None = None,
     nonfinite: NonFinitePolicy = "raise",
     iteration: Iteration = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Approximate the polar factor ``U Vᵀ`` of each matrix in ``G`` (..., m, n) by Newton–Schulz.
 
@@ -123,6 +124,9 @@ def orthogonalize(
             saves ≥ ``GRAM_MIN_SAVING`` of the multiply-adds: float32/float64 and aspect ratio ≳ 2; in
             bfloat16/float16 only for gentle schedules, whose restarts are rarer). Both forms compute the same
             polynomial.
+        out_dtype: dtype of the result (default: ``G``'s). Pass the compute dtype to skip the final conversion
+            when the caller consumes the update in it (the optimizers add a bfloat16 update into float32
+            parameters directly).
 
     Returns:
         A tensor of ``G``'s shape and dtype (a transposed view for tall matrices).
@@ -151,5 +155,5 @@ def orthogonalize(
         X = normalize(X, normalization=normalization, nonfinite=nonfinite, shape=G.shape, out_dtype=dtype)
         A_s, scale = gram_scale(gram_product(X), normalization, sched.margin)
         X = iterate(X, coefficients, first_gram=A_s, row_scale=scale)
-    X = X.reshape(*batch_shape, X.shape[-2], X.shape[-1]).to(G.dtype)
+    X = X.reshape(*batch_shape, X.shape[-2], X.shape[-1]).to(G.dtype if out_dtype is None else out_dtype)
     return X.mT if tall else X
