@@ -59,7 +59,7 @@ from ..polar.normalize import NORMALIZATIONS
 from ..polar.orthogonalize import ITERATIONS, resolve_compute_dtype
 from ..polar.schedules import check_precision
 from .adamw import AdamWPending, adamw_prepare
-from .megabatch import Megabatch, plan_megabatches
+from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
 from .shapes import SCALE_MODES, SHAPE_POLICIES, lr_scale, matrix_layout
 
 NonFiniteMode: TypeAlias = Literal["skip", "raise", "propagate"]
@@ -520,7 +520,13 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         plan = self._plans.get(key)
         if plan is None:
             layouts = [matrix_layout(tuple(p.shape), group["shape_policy"]) for p in params]
-            plan = plan_megabatches(layouts, [p.dtype for p in params], [p.device for p in params])
+            on_cpu = all(p.device.type == "cpu" for p in params)
+            plan = plan_megabatches(
+                layouts,
+                [p.dtype for p in params],
+                [p.device for p in params],
+                max_bytes=CPU_MEGABATCH_BYTES if on_cpu else None,
+            )
             self._plans[key] = plan
         return plan
 
