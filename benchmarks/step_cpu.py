@@ -32,22 +32,34 @@ def params_and_grads(layers: int, device: str) -> tuple[list[nn.Parameter], list
     return params, grads
 
 
-def time_steps(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], args: argparse.Namespace) -> float:
-    params, grads = params_and_grads(args.layers, args.device)
-    opt = make(params)
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g
-    opt.step()  # warm-up (and state allocation)
-    times = []
+def one_step_ms(opt: torch.optim.Optimizer, device: str) -> float:
+    if device != "cpu":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    opt.step()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(
+    makers: list[Callable[[list[nn.Parameter]], torch.optim.Optimizer]], args: argparse.Namespace
+) -> list[float]:
+    """Median ms per step of each optimizer, timed in rounds that step every optimizer once, in turn: a shared,
+    drifting machine then slows all of them alike instead of whichever happened to run at a bad moment."""
+    opts = []
+    for make in makers:
+        params, grads = params_and_grads(args.layers, args.device)
+        opt = make(params)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()  # warm-up (and state allocation)
+        opts.append(opt)
+    times: list[list[float]] = [[] for _ in opts]
     for _ in range(args.repeats):
-        if args.device != "cpu":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        opt.step()
-        if args.device != "cpu":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for k, opt in enumerate(opts):
+            times[k].append(one_step_ms(opt, args.device))
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -78,14 +90,12 @@ def main() -> None:
     ]
     print(
         f"# optimizer step, {4 * args.layers} matrices (GPT-2 small shapes), device {args.device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved rounds"
     )
     print("\n| configuration | ms / step | × torch.optim.Muon |\n|---|---|---|")
-    base = None
-    for name, make in configs:
-        ms = time_steps(make, args)
-        base = base or ms
-        print(f"| {name} | {ms:.0f} | {ms / base:.2f} |", flush=True)
+    results = time_interleaved([make for _, make in configs], args)
+    for (name, _), ms in zip(configs, results, strict=True):
+        print(f"| {name} | {ms:.0f} | {ms / results[0]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -216,6 +216,13 @@ def test_nonfinite_skip_leaves_everything_bit_identical(cls: type) -> None:
         opt.warn_on_skip = False
         opt.step()  # skipped silently
     assert opt.nonfinite_skips == 2
+    params[0].grad[0, 0] = float("-inf")  # only a min-side reduction sees this one
+    opt.step()
+    assert opt.nonfinite_skips == 3
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+    params[0].grad[0, 0] = 1e30  # huge but finite: not a skip
+    opt.step()
+    assert opt.nonfinite_skips == 3 and all(torch.isfinite(p).all() for p in params)
     run(opt, params, 1)  # and training goes on
     assert all(torch.isfinite(p).all() for p in params)
 
