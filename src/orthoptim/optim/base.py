@@ -234,7 +234,9 @@ def orthogonalized_prepare(
         G = torch.cat([grads[i].reshape(c, m, n) for i, c in zip(idx, mb.counts, strict=True)])
         old = torch.cat([bufs[i].reshape(c, m, n) for i, c in zip(idx, mb.counts, strict=True)])
         new = torch.lerp(old, G, 1.0 - mu)
-        M = torch.lerp(G, new, mu) if group["nesterov"] else new
+        # Nesterov input lerp(G, new, μ), in place in the stacked gradient (a temporary of this step): one large
+        # fresh allocation less, which on the CPU means one pass of page faults less (megabatch.py).
+        M = G.lerp_(new, mu) if group["nesterov"] else new
         if start is None:
             pending.append(_megabatch_pending(mb, params, bufs, second, steps, old, new, M, orth(M), group, need_flags))
         else:
