@@ -1,16 +1,19 @@
 """Optimizer step time on GPT-2-small's 48 hidden matrices, orthoptim vs torch.optim.Muon, same process.
 
-    .venv/bin/python benchmarks/step_cpu.py [--layers 12] [--repeats 3] [--device cpu]
+    .venv/bin/python benchmarks/step_cpu.py [--layers 12] [--repeats 3] [--rounds 3] [--device cpu]
 
 Matrices: per layer {768×2304, 768×768, 3072×768, 768×3072} (the shapes listed for GPT-2 small in the project's
-issue), fp32 parameters with random gradients. Prints median ms per ``step()`` and the ratio to torch.optim.Muon
-measured in the same run. Not a test: machines are shared and noisy; compare ratios within one run.
+issue), fp32 parameters with random gradients. Each configuration runs in fresh processes, in turn with the others
+(``time_in_subprocesses``). Prints median ms per ``step()`` and the ratio to torch.optim.Muon measured in the same
+run. Not a test: machines are shared and noisy; compare ratios within one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -42,24 +45,32 @@ def one_step_ms(opt: torch.optim.Optimizer, device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_interleaved(
-    makers: list[Callable[[list[nn.Parameter]], torch.optim.Optimizer]], args: argparse.Namespace
-) -> list[float]:
-    """Median ms per step of each optimizer, timed in rounds that step every optimizer once, in turn: a shared,
-    drifting machine then slows all of them alike instead of whichever happened to run at a bad moment."""
-    opts = []
-    for make in makers:
-        params, grads = params_and_grads(args.layers, args.device)
-        opt = make(params)
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        opt.step()  # warm-up (and state allocation)
-        opts.append(opt)
-    times: list[list[float]] = [[] for _ in opts]
-    for _ in range(args.repeats):
-        for k, opt in enumerate(opts):
-            times[k].append(one_step_ms(opt, args.device))
-    return [statistics.median(t) for t in times]
+def time_alone(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], args: argparse.Namespace) -> float:
+    """Median ms per step of one optimizer (after a warm-up step that allocates its state)."""
+    params, grads = params_and_grads(args.layers, args.device)
+    opt = make(params)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    opt.step()
+    return statistics.median(one_step_ms(opt, args.device) for _ in range(args.repeats))
+
+
+def time_in_subprocesses(count: int, args: argparse.Namespace) -> list[float]:
+    """Each configuration in a fresh process, ``--rounds`` times in turn; the median over rounds of each.
+
+    Why fresh processes: on the CPU the step's speed depends on the allocator's state (which pages are already
+    mapped), so a configuration timed after another in one process inherits its heap; a shared machine that
+    drifts then slows all configurations of a round alike instead of whichever ran at a bad moment.
+    """
+    per: list[list[float]] = [[] for _ in range(count)]
+    base = [sys.executable, __file__, "--layers", str(args.layers), "--repeats", str(args.repeats)]
+    for _ in range(args.rounds):
+        for k in range(count):
+            out = subprocess.run([*base, "--device", args.device, "--only", str(k)], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"configuration {k} failed:\n{out.stderr}")
+            per[k].append(float(out.stdout.strip().splitlines()[-1]))
+    return [statistics.median(t) for t in per]
 
 
 def main() -> None:
@@ -67,6 +78,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per configuration")
+    parser.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)  # internal: one configuration
     args = parser.parse_args()
     jordan = (3.4445, -4.7750, 2.0315)
     configs: list[tuple[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]] = [
@@ -88,12 +101,16 @@ def main() -> None:
             lambda ps: orthoptim.Muon(ps, lr=0.02, compute_dtype="float32", iteration="standard"),
         ),
     ]
+    if args.only is not None:
+        print(time_alone(configs[args.only][1], args))
+        return
     print(
         f"# optimizer step, {4 * args.layers} matrices (GPT-2 small shapes), device {args.device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved rounds"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} steps per process, "
+        f"median over {args.rounds} fresh processes per configuration, run in turn"
     )
     print("\n| configuration | ms / step | × torch.optim.Muon |\n|---|---|---|")
-    results = time_interleaved([make for _, make in configs], args)
+    results = time_in_subprocesses(len(configs), args)
     for (name, _), ms in zip(configs, results, strict=True):
         print(f"| {name} | {ms:.0f} | {ms / results[0]:.2f} |", flush=True)
 
