@@ -389,8 +389,10 @@ def _commit(p: _Pending, ok: Tensor | None) -> None:
     zero = torch.zeros((), dtype=p.update.dtype, device=p.update.device)
     new_bufs, update = p.new_bufs, p.update
     if ok is not None:
-        new_bufs = torch.where(ok, new_bufs, p.old_bufs)
-        update = torch.where(ok, update, zero)
+        # In place into the step's own temporaries (both were computed out of place for this selection): no fresh
+        # allocation, which on the CPU would cost a pass of page faults (megabatch.py).
+        new_bufs = torch.where(ok, new_bufs, p.old_bufs, out=new_bufs)
+        update = torch.where(ok, update, zero, out=update)
     torch._foreach_copy_(p.bufs, [b.view_as(t) for b, t in zip(new_bufs.split(p.counts), p.bufs, strict=True)])
     if p.second is not None and p.new_second is not None and p.old_second is not None:
         new_second = p.new_second if ok is None else torch.where(ok, p.new_second, p.old_second)
