@@ -40,9 +40,7 @@ import argparse
 import functools
 import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -52,6 +50,7 @@ from torch import nn
 
 import orthoptim
 from orthoptim.polar import kernels
+from timing import median_ms  # benchmarks/timing.py (the script's folder is on sys.path)
 
 # KellerJordan/Muon muon.py (and torch.optim._muon DEFAULT_A/B/C): the quintic torch.optim.Muon runs 5 times.
 JORDAN = (3.4445, -4.7750, 2.0315)
@@ -90,33 +89,6 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------------------- timing
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn()`` in ms: CUDA events on the GPU (each call bracketed, device synced before
-    reading), ``time.perf_counter`` on the CPU."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times: list[float] = []
-    for _ in range(max(1, repeats)):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def ns_flops(shape: Shape, steps: int = NS_STEPS) -> float:

@@ -11,14 +11,13 @@ Gram form used, multiply-adds relative to the standard form, and the median time
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import orthoptim
 from orthoptim.polar import get_schedule
 from orthoptim.polar.newton_schulz import gram_restarts, iteration_cost
+from timing import median_ms  # benchmarks/timing.py (the script's folder is on sys.path)
 
 SHAPES = ((768, 768), (768, 1536), (768, 2304), (768, 3072), (3072, 768), (512, 4096))
 
@@ -30,19 +29,6 @@ def harmonic(m: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor,
     V, _ = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=gen))
     s = (1.0 / torch.arange(1, k + 1, dtype=torch.float64)).clamp_min(1e-3)
     return (U * s) @ V.T, U, V
-
-
-def median_ms(fn: object, repeats: int, device: str) -> float:
-    times = []
-    for _ in range(repeats + 1):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()  # type: ignore[operator]
-        if device != "cpu":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -79,7 +65,7 @@ def main() -> None:
                 O = run().cpu().double()
                 g = torch.diagonal(U.T @ O @ V)
                 err = float(torch.linalg.matrix_norm(O - P, ord=2))
-                ms = median_ms(run, args.repeats, args.device)
+                ms = median_ms(run, torch.device(args.device), 1, args.repeats)
                 name = str(dtype).replace("torch.", "")
                 shown = "—" if restarts is None else (str(list(restarts)) if restarts else "none")
                 print(

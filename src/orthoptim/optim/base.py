@@ -150,7 +150,7 @@ def _each_finite(tensors: list[Tensor]) -> Tensor:
     if any(t.numel() == 0 for t in tensors):
         return torch.stack([torch.isfinite(t).all() for t in tensors])
     hi = torch.stack(torch._foreach_max(tensors))
-    lo = torch.stack([t.amin() for t in tensors])
+    lo = torch.stack([t.amin() for t in tensors])  # torch has no foreach min; one small reduction per tensor
     return torch.isfinite(hi) & torch.isfinite(lo)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from . import kernels
+from .normalize import work_dtype
 from .schedules import Triple
 
 #: Unit roundoff of a product's result per compute dtype (the rounding of the stored m×m matrices).
@@ -92,7 +93,7 @@ def iteration_cost(m: int, n: int, coefficients: Sequence[Triple], restarts: Seq
 def _plus_identity(Z: torch.Tensor, a: float, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``(aI + Z)·diag(row_scale)`` in ``Z``'s dtype, with ``aI`` and the scale applied at float32 (float64)
     precision so the factor is rounded once."""
-    work = row_scale.dtype if row_scale is not None else (torch.float64 if Z.dtype == torch.float64 else torch.float32)
+    work = row_scale.dtype if row_scale is not None else work_dtype(Z.dtype)
     P = Z.to(work, copy=True)  # Z is still needed by the caller
     P.diagonal(dim1=-2, dim2=-1).add_(a)
     if row_scale is not None:

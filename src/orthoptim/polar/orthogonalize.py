@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, TypeAlias
 
 import torch
@@ -75,15 +76,28 @@ def resolve_compute_dtype(compute_dtype: torch.dtype | str | None, device: torch
     return compute_dtype
 
 
-def uses_gram(iteration: str, m: int, n: int, coefficients: tuple[Triple, ...], dtype: torch.dtype) -> bool:
-    """Whether ``iteration`` runs the Gram form for an m×n matrix (either orientation) in ``dtype``."""
+def gram_plan(
+    iteration: str, m: int, n: int, coefficients: tuple[Triple, ...], dtype: torch.dtype
+) -> tuple[int, ...] | None:
+    """The Gram form's restart steps if ``iteration`` runs it for an m×n matrix (either orientation) in ``dtype``,
+    else None (the standard form)."""
     if iteration not in ITERATIONS:
         raise ValueError(f"unknown iteration {iteration!r}; choose one of {ITERATIONS}")
-    if iteration != "auto":
-        return iteration == "gram"
+    if iteration == "standard":
+        return None
+    restarts = gram_restarts(coefficients, dtype)
+    if iteration == "gram":
+        return restarts
     short, long = min(m, n), max(m, n)
-    gram = iteration_cost(short, long, coefficients, gram_restarts(coefficients, dtype))
-    return gram <= (1.0 - GRAM_MIN_SAVING) * iteration_cost(short, long, coefficients, None)
+    saving = iteration_cost(short, long, coefficients, restarts) <= (1.0 - GRAM_MIN_SAVING) * iteration_cost(
+        short, long, coefficients, None
+    )
+    return restarts if saving else None
+
+
+def uses_gram(iteration: str, m: int, n: int, coefficients: tuple[Triple, ...], dtype: torch.dtype) -> bool:
+    """Whether ``iteration`` runs the Gram form for an m×n matrix (either orientation) in ``dtype``."""
+    return gram_plan(iteration, m, n, coefficients, dtype) is not None
 
 
 def orthogonalize(
@@ -143,7 +157,8 @@ def orthogonalize(
         check_precision(sched, steps, str(dtype).replace("torch.", ""))
 
     m, n = G.shape[-2], G.shape[-1]
-    iterate = gram_newton_schulz if uses_gram(iteration, m, n, coefficients, dtype) else newton_schulz
+    restarts = gram_plan(iteration, m, n, coefficients, dtype)
+    iterate = newton_schulz if restarts is None else functools.partial(gram_newton_schulz, restarts=restarts)
     tall = m > n
     X = G.mT if tall else G
     batch_shape = X.shape[:-2]
