@@ -118,6 +118,7 @@ def normalize(
     who: str = "orthogonalize",
     shape: torch.Size | None = None,
     out_dtype: torch.dtype | None = None,
+    overwrite_input: bool = False,
 ) -> torch.Tensor:
     """Return ``X`` (..., m, n) divided per matrix by ``margin·‖X‖_F`` (spectral norm ≤ 1/margin, exact arithmetic).
 
@@ -129,6 +130,11 @@ def normalize(
     Zero matrices stay exactly zero. With ``nonfinite="raise"``, a NaN/Inf anywhere raises
     :class:`NonFiniteError` naming ``shape`` (default ``X.shape``; one host sync); with ``"propagate"`` it
     flows through.
+
+    ``overwrite_input``: ``X`` is a temporary of the caller and may be scaled in place when it is in the work
+    dtype (the optimizers' stacked momentum input): no float32 copy is allocated. The norm is then summed in
+    ``X``'s memory order, so a tall view and its wide contiguous twin may differ in the last bit; without it
+    they are bit-identical.
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
@@ -148,12 +154,19 @@ def normalize(
     # scaled matrix is exactly 2^-rest times the fully scaled one's, and every power-of-two scale of a matrix still
     # meets the same roundings and gives the same bits.
     first, rest = _prescale_exponents(amax, work)
-    scaled = torch.mul(X, exact_pow2(first, work), out=torch.empty(X.shape, dtype=work, device=X.device))
+    if overwrite_input and X.dtype == work:
+        scaled = X.mul_(exact_pow2(first, work))
+    else:
+        scaled = torch.mul(X, exact_pow2(first, work), out=torch.empty(X.shape, dtype=work, device=X.device))
     up = exact_pow2(rest, work)
     norm = torch.linalg.vector_norm(scaled, dim=(-2, -1), keepdim=True) * up
     factor = up / (norm.clamp_min(_NORM_FLOOR) * margin)
-    out = torch.empty(X.shape, dtype=work if out_dtype is None else out_dtype, device=X.device)
-    return torch.mul(scaled, factor, out=out)  # rounds once to ``work``, then once to ``out_dtype`` (as .to())
+    # Rounds once to ``work``, then once to ``out_dtype`` (as ``.to()``). In place then a plain cast rather than
+    # one mixed-dtype multiply: torch runs the latter through its unvectorized casting loop (2× slower, CPU).
+    scaled.mul_(factor)
+    if out_dtype is None or out_dtype == work:
+        return scaled if scaled.is_contiguous() else scaled.contiguous()
+    return torch.empty(X.shape, dtype=out_dtype, device=X.device).copy_(scaled)
 
 
 def gram_scale(A: torch.Tensor, normalization: Normalization, margin: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

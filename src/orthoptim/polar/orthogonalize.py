@@ -110,6 +110,7 @@ def orthogonalize(
     nonfinite: NonFinitePolicy = "raise",
     iteration: Iteration = "auto",
     out_dtype: torch.dtype | None = None,
+    overwrite_input: bool = False,
 ) -> torch.Tensor:
     """Approximate the polar factor ``U Vᵀ`` of each matrix in ``G`` (..., m, n) by Newton–Schulz.
 
@@ -141,6 +142,8 @@ def orthogonalize(
         out_dtype: dtype of the result (default: ``G``'s). Pass the compute dtype to skip the final conversion
             when the caller consumes the update in it (the optimizers add a bfloat16 update into float32
             parameters directly).
+        overwrite_input: ``G`` is the caller's temporary and may be used as scratch space (its contents are
+            undefined afterwards); saves a float32 copy of it. The optimizers pass their momentum input.
 
     Returns:
         A tensor of ``G``'s shape and dtype (a transposed view for tall matrices).
@@ -163,11 +166,20 @@ def orthogonalize(
     X = G.mT if tall else G
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, X.shape[-2], X.shape[-1])
-    if normalization == "frobenius":
-        X = normalize(X, margin=sched.margin, nonfinite=nonfinite, shape=G.shape, out_dtype=dtype)
+    gram_based = normalization != "frobenius"
+    X = normalize(
+        X,
+        normalization=normalization,
+        # The Gram-based normalizations start from the Frobenius one without the margin (``gram_scale`` applies it).
+        margin=1.0 if gram_based else sched.margin,
+        nonfinite=nonfinite,
+        shape=G.shape,
+        out_dtype=dtype,
+        overwrite_input=overwrite_input,
+    )
+    if not gram_based:
         X = iterate(X, coefficients)
     else:
-        X = normalize(X, normalization=normalization, nonfinite=nonfinite, shape=G.shape, out_dtype=dtype)
         A_s, scale = gram_scale(gram_product(X), normalization, sched.margin)
         X = iterate(X, coefficients, first_gram=A_s, row_scale=scale)
     X = X.reshape(*batch_shape, X.shape[-2], X.shape[-1]).to(G.dtype if out_dtype is None else out_dtype)
