@@ -136,16 +136,27 @@ SYMMETRIC_BLOCKS = 4
 
 
 def _blocked_symmetric(X: torch.Tensor) -> bool:
-    return X.dim() == 2 and X.device.type == "cpu" and X.shape[0] >= SYMMETRIC_MIN_ROWS
+    return X.dim() in (2, 3) and X.device.type == "cpu" and X.shape[-2] >= SYMMETRIC_MIN_ROWS
 
 
 def _symmetric_addmm(
-    C: torch.Tensor | None, L: torch.Tensor, R: torch.Tensor, beta: float = 1.0, alpha: float = 1.0
+    C: torch.Tensor | None,
+    L: torch.Tensor,
+    R: torch.Tensor,
+    beta: float = 1.0,
+    alpha: float = 1.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``beta·C + alpha·L·R`` (m×m, 2-D) for a product known to be symmetric: row blocks of the lower triangle,
-    then the strict upper triangle mirrored from it (``SYMMETRIC_BLOCKS``). The result is exactly symmetric."""
-    m = L.shape[0]
-    out = torch.empty((m, m), dtype=L.dtype, device=L.device)
+    """``beta·C + alpha·L·R`` (m×m) for a product known to be symmetric: row blocks of the lower triangle, then
+    the strict upper triangle mirrored from it (``SYMMETRIC_BLOCKS``); exactly symmetric. A batch (3-D) goes
+    matrix by matrix."""
+    m = L.shape[-2]
+    if out is None:
+        out = torch.empty((*L.shape[:-1], m), dtype=L.dtype, device=L.device)
+    if L.dim() == 3:
+        for i in range(L.shape[0]):
+            _symmetric_addmm(None if C is None else C[i], L[i], R[i], beta, alpha, out=out[i])
+        return out
     rows = -(-m // SYMMETRIC_BLOCKS)
     for start in range(0, m, rows):
         end = min(start + rows, m)
