@@ -157,14 +157,45 @@ def _momentum_input(bufs: list[Tensor], grads: list[Tensor], mu: float, nesterov
     return out
 
 
-def _commit_momentum(bufs: list[Tensor], grads: list[Tensor], mu: float, ok: Tensor | None) -> None:
+class _Scratch:
+    """One flat buffer per (dtype, device), reused by every parameter of a commit for its temporaries.
+
+    Why: per-parameter temporaries of the parameter's size (the new momentum before the skip selection, the
+    float32 copy torch makes of a bfloat16 update added into float32 parameters) are fresh allocations on every
+    step; one reused buffer stays in cache and off the allocator (on the CPU, page faults: megabatch.py).
+    """
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def like(self, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialized contiguous tensor of ``t``'s shape (and ``dtype``, default ``t``'s) in the buffer."""
+        key = (t.dtype if dtype is None else dtype, t.device)
+        flat = self._flat.get(key)
+        if flat is None or flat.numel() < t.numel():
+            flat = self._flat[key] = torch.empty(t.numel(), dtype=key[0], device=t.device)
+        return flat[: t.numel()].view(t.shape)
+
+
+def _commit_momentum(bufs: list[Tensor], grads: list[Tensor], mu: float, ok: Tensor | None, scratch: _Scratch) -> None:
     """``B ← lerp(B, G, 1−μ)`` in place where ``ok`` (or always when None); the same bits ``_momentum_input``
     computed (same operation on the same tensors). A non-finite G under a false ``ok`` is selected away."""
     if ok is None:
         torch._foreach_lerp_(bufs, grads, 1.0 - mu)
         return
     for b, g in zip(bufs, grads, strict=True):
-        torch.where(ok, torch.lerp(b, g, 1.0 - mu), b, out=b)
+        torch.where(ok, torch.lerp(b, g, 1.0 - mu, out=scratch.like(b)), b, out=b)
+
+
+def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float, scratch: _Scratch) -> None:
+    """``θ ← θ + alpha·U`` for every parameter. A CPU update in another dtype (bfloat16 into float32) is converted
+    into the scratch buffer first: torch's CPU kernels would convert it into a fresh tensor per parameter (the
+    GPU ones cast on the fly). Same values either way: the conversion to the wider dtype is exact."""
+    if parts and parts[0].device.type == "cpu" and parts[0].dtype != params[0].dtype:
+        for t, u in zip(params, parts, strict=True):
+            t.add_(scratch.like(u, t.dtype).copy_(u), alpha=alpha)
+        return
+    torch._foreach_add_(params, parts, alpha=alpha)
 
 
 def _row_normalize(O: Tensor, v: Tensor, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
@@ -430,14 +461,14 @@ def sharded_prepare(
     return pending
 
 
-def _commit(p: _Pending, ok: Tensor | None) -> None:
+def _commit(p: _Pending, ok: Tensor | None, scratch: _Scratch) -> None:
     """Phase 2: write the megabatch's new state (or, where ``ok`` is false, keep the old one bit for bit)."""
     update = p.update
     if ok is not None:
         # In place into the step's own temporary: no fresh allocation (on the CPU: no pass of page faults).
         zero = torch.zeros((), dtype=update.dtype, device=update.device)
         update = torch.where(ok, update, zero, out=update)
-    _commit_momentum(p.bufs, p.grads, p.momentum, ok)
+    _commit_momentum(p.bufs, p.grads, p.momentum, ok, scratch)
     if p.second is not None and p.new_second is not None and p.old_second is not None:
         new_second = p.new_second if ok is None else torch.where(ok, p.new_second, p.old_second)
         counts = p.counts if p.second_counts is None else p.second_counts
@@ -448,7 +479,7 @@ def _commit(p: _Pending, ok: Tensor | None) -> None:
         else:
             torch._foreach_mul_(p.params, torch.where(ok, p.decay, 1.0).to(p.params[0].dtype))
     parts = [u.view_as(t) for u, t in zip(update.split(p.counts), p.params, strict=True)]
-    torch._foreach_add_(p.params, parts, alpha=p.alpha)
+    _add_update(p.params, parts, p.alpha, scratch)
     assert p.steps is not None
     torch._foreach_add_(p.steps, 1 if ok is None else ok.to(torch.int64))
 
@@ -783,11 +814,12 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             if policy == "raise" and not bool(ok):
                 raise NonFiniteError(f"{self._nonfinite_cause(all_params, grads_finite)}; no state was changed")
         commit_ok = ok if policy == "skip" else None
+        scratch = _Scratch()
         for p in pending:
             if isinstance(p, AdamWPending):
                 p.commit(commit_ok)
             else:
-                _commit(p, commit_ok)
+                _commit(p, commit_ok, scratch)
         if policy == "skip":
             assert ok is not None
             skips = [s for _, _, _, lists in gathered for s in lists.get("nonfinite_skips", [])]

@@ -170,26 +170,45 @@ def _symmetric_addmm(
     return out
 
 
-def gram_product(X: torch.Tensor) -> torch.Tensor:
+def gram_product(X: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``X Xᵀ`` for one matrix or a batch: the symmetric Triton kernel (lower tiles, mirrored) where
-    ``_kernels_for(X)``, lower row blocks on the CPU (``SYMMETRIC_MIN_ROWS``), else ``mm``/``bmm``."""
+    ``_kernels_for(X)``, lower row blocks on the CPU (``SYMMETRIC_MIN_ROWS``), else ``mm``/``bmm``; into ``out``
+    if given (not on the kernel path)."""
     if _kernels_for(X):
         return kernels.sym_gram(X)
     if _blocked_symmetric(X):
-        return _symmetric_addmm(None, X, X.mT)
-    return _mm(X, X.mT)
+        return _symmetric_addmm(None, X, X.mT, out=out)
+    return _mm(X, X.mT, out=out)
 
 
-def _poly_part(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
-    """``bA + cA²`` for symmetric ``A`` (one product, or none for a cubic step). The kernel reads only A's lower
-    triangle; our ``A`` is symmetric up to the last bit of rounding (``gram_scale``, ``P·R·P``)."""
+def _poly_part(A: torch.Tensor, b: float, c: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``bA + cA²`` for symmetric ``A`` (one product, or none for a cubic step), into ``out`` if given (not on the
+    kernel path). The kernel reads only A's lower triangle; our ``A`` is symmetric up to the last bit of rounding
+    (``gram_scale``, ``P·R·P``)."""
     if c == 0.0:
-        return A * b
+        return torch.mul(A, b, out=out)
     if _kernels_for(A):
         return kernels.sym_poly(A, b, c)
     if _blocked_symmetric(A):
-        return _symmetric_addmm(A, A, A, beta=b, alpha=c)
-    return _addmm(A, A, A, beta=b, alpha=c)
+        return _symmetric_addmm(A, A, A, beta=b, alpha=c, out=out)
+    return _addmm(A, A, A, beta=b, alpha=c, out=out)
+
+
+class _Workspace:
+    """Buffers reused by every matrix of a per-matrix CPU loop (``_per_matrix_on_cpu``), by role.
+
+    Why: the loop would otherwise allocate four m×n and eight m×m temporaries per matrix; reusing the same
+    memory keeps it in cache and off the allocator (on the CPU, large fresh allocations can cost page faults).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(role)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype:
+            buf = self._buffers[role] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
 
 
 #: Matrices with fewer entries than this are iterated as one batch on the CPU too (256×256).
@@ -214,10 +233,12 @@ def _per_matrix_on_cpu(
     if X.device.type != "cpu" or X.shape[-2] * X.shape[-1] < PER_MATRIX_MIN_ENTRIES:
         return iterate(X, first_gram=first_gram, row_scale=row_scale, **kw)
     result = torch.empty_like(X)
+    work = _Workspace()
     for i in range(X.shape[0]):
         first = None if first_gram is None else first_gram[i]
         scale = None if row_scale is None else row_scale[i]
-        iterate(X[i], first_gram=first, row_scale=scale, out=result[i], **kw)  # the last product writes in place
+        # The last product writes into ``result`` in place; the others into the shared workspace.
+        iterate(X[i], first_gram=first, row_scale=scale, out=result[i], work=work, **kw)
     return result
 
 
@@ -248,17 +269,25 @@ def _standard(
     first_gram: torch.Tensor | None,
     row_scale: torch.Tensor | None,
     out: torch.Tensor | None = None,
+    work: _Workspace | None = None,
 ) -> torch.Tensor:
-    """The standard form on one matrix (2-D) or a batch (3-D); the last product is written into ``out`` if given."""
+    """The standard form on one matrix (2-D) or a batch (3-D); the last product is written into ``out`` if given,
+    the intermediate ones into ``work`` (alternating between two m×n buffers) if given."""
     last = len(coefficients) - 1
+    m = X.shape[-2]
     for k, (a, b, c) in enumerate(coefficients):
         target = out if k == last else None
+        gram = poly = None
+        if work is not None:
+            gram, poly = work.get("gram", (m, m), X), work.get("poly", (m, m), X)
+            if target is None:
+                target = work.get(f"x{k % 2}", tuple(X.shape), X)  # never X itself: step k reads buffer k−1
         if k == 0 and first_gram is not None:
             X = _mm(_plus_identity(_poly_part(first_gram, b, c), a, row_scale).to(X.dtype), X, out=target)
         elif c == 0.0:
-            X = _addmm(X, gram_product(X), X, beta=a, alpha=b, out=target)
+            X = _addmm(X, gram_product(X, out=gram), X, beta=a, alpha=b, out=target)
         else:
-            X = _addmm(X, _poly_part(gram_product(X), b, c), X, beta=a, out=target)
+            X = _addmm(X, _poly_part(gram_product(X, out=gram), b, c, out=poly), X, beta=a, out=target)
     return X
 
 
@@ -290,6 +319,7 @@ def _gram_form(
     row_scale: torch.Tensor | None,
     restart_at: frozenset[int],
     out: torch.Tensor | None = None,
+    work: _Workspace | None = None,  # accepted for the shared loop; the Gram form's m×m chain allocates its own
 ) -> torch.Tensor:
     """The Gram form on one matrix (2-D) or a batch (3-D); the last product is written into ``out`` if given."""
     R = gram_product(X) if first_gram is None else first_gram.to(X.dtype)
