@@ -111,3 +111,29 @@ def test_large_batches_on_the_cpu_run_matrix_by_matrix(iteration: str) -> None:
     for i in range(G.shape[0]):
         assert torch.equal(O[i], orthoptim.orthogonalize(G[i].float(), **kw))  # type: ignore[arg-type]
     assert torch.linalg.matrix_norm(O.double() - polar(G), ord=2).max() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [256, 300, 513])
+def test_cpu_symmetric_row_blocks_match_float64_products(dtype: torch.dtype, rows: int) -> None:
+    """CPU symmetric products (``SYMMETRIC_MIN_ROWS`` rows and up) are computed as lower row blocks and mirrored:
+    as close to the float64 product as the full product is, and as symmetric (mirrored off the diagonal blocks;
+    within them BLAS may round (i, j) and (j, i) differently, as it does in the full product)."""
+    from orthoptim.polar.newton_schulz import SYMMETRIC_MIN_ROWS, _poly_part, gram_product
+
+    assert rows >= SYMMETRIC_MIN_ROWS
+    X64 = torch.randn(rows, 700, dtype=torch.float64, generator=torch.Generator().manual_seed(rows)) / 700**0.5
+    X = X64.to(dtype)
+    A = gram_product(X)
+    exact = X.double() @ X.double().mT
+    tol = (X @ X.mT).double().sub(exact).abs().max() * 2 + 1e-12  # the full product's own rounding, with room
+    assert (A.double() - exact).abs().max() <= tol
+    assert torch.equal(gram_product(X[None])[0], A)  # a batch goes matrix by matrix through the same blocks
+    b, c = -4.775, 2.0315
+    P = _poly_part(A, b, c)
+    P_exact = b * A.double() + c * A.double() @ A.double()
+    P_full = torch.addmm(A, A, A, beta=b, alpha=c).double()
+    full_error = (P_full - P_exact).abs().max()
+    assert (P.double() - P_exact).abs().max() <= full_error * 2 + 1e-12
+    for M in (A, P):  # symmetric to the rounding of one product
+        assert (M - M.mT).abs().max() <= 2 * full_error + 1e-12

@@ -106,3 +106,22 @@ def test_schatten4_is_tighter_than_frobenius_on_spread_spectra() -> None:
         O = orthoptim.orthogonalize(G.float(), normalization=norm)  # type: ignore[arg-type]
         worst[norm] = float(torch.diagonal(gains(O, U, V)).min())
     assert worst["schatten4"] > worst["frobenius"] + 0.1, worst
+
+
+@pytest.mark.parametrize("tall", [False, True])
+def test_overwrite_input_gives_the_same_result_and_keeps_scale_invariance(tall: bool) -> None:
+    """``overwrite_input`` (the optimizers' in-place normalization of their own temporary) gives the copy path's
+    bits for wide inputs, the same values up to the last bit of the norm for tall views, and stays exactly
+    scale-invariant under powers of two, including at the ends of float32's range."""
+    G = torch.randn(3, 600, 200, generator=torch.Generator().manual_seed(3))
+    view = (lambda t: t.mT) if tall else (lambda t: t)
+    ref = normalize(view(G.clone()), nonfinite="propagate", out_dtype=torch.bfloat16)
+    got = normalize(view(G.clone()), nonfinite="propagate", out_dtype=torch.bfloat16, overwrite_input=True)
+    if tall:
+        assert (got.float() - ref.float()).abs().max() <= 2**-8 * ref.float().abs().max()
+    else:
+        assert torch.equal(got, ref)
+    for k in (-100, -60, 0, 60, 120):
+        assert torch.equal(G * 2.0**k * 2.0**-k, G)  # the scaled input is exact (no subnormals, no overflow)
+        scaled = normalize(view(G * 2.0**k), nonfinite="propagate", out_dtype=torch.bfloat16, overwrite_input=True)
+        assert torch.equal(scaled, got), k

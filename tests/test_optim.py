@@ -402,3 +402,43 @@ def test_schedule_unsafe_in_the_compute_dtype_is_refused_at_construction() -> No
     with pytest.raises(ValueError, match="refused in bfloat16"):
         orthoptim.Muon([w], schedule="cans", compute_dtype="bfloat16")
     orthoptim.Muon([w], schedule="cans", compute_dtype="float32")  # fine in float32
+
+
+# Large enough for the CPU's own paths: matrix-by-matrix iteration (≥ PER_MATRIX_MIN_ENTRIES entries), symmetric
+# row-block products (≥ SYMMETRIC_MIN_ROWS rows, 300 with an uneven last block), a megabatch of two parameters,
+# a tall one.
+LARGE = [(256, 640), (640, 256), (256, 640), (300, 300)]
+
+
+def test_large_cpu_matrices_match_torch_optim_muon() -> None:
+    ours, theirs = make_params(LARGE), make_params(LARGE)
+    start = [p.detach().clone() for p in ours]
+    run(torch.optim.Muon(theirs, lr=0.02), theirs, 3)
+    run(orthoptim.Muon(ours, lr=0.02, ns_coefficients=JORDAN, ns_steps=5, compute_dtype="bfloat16"), ours, 3)
+    for a, b, w in zip(ours, theirs, start, strict=True):
+        rel = float(((a - b).norm() / (b - w).norm()).detach())
+        assert rel < 0.03, rel
+
+
+def test_large_cpu_matrices_float32_match_float64_definition() -> None:
+    ours = make_params(LARGE)
+    run(orthoptim.Muon(ours, lr=0.02, ns_coefficients=JORDAN, compute_dtype="float32"), ours, 2)
+    for a, b in zip(ours, reference_muon(LARGE, 2, 0.02, 0.95, 0.1), strict=True):
+        assert torch.allclose(a.double(), b, atol=2e-5)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_buffer_is_torch_lerp_bit_for_bit(nonfinite: str, nesterov: bool) -> None:
+    """The commit recomputes the momentum in place (it is not held across the step): it must be exactly
+    ``lerp(B, G, 1−μ)``, as torch.optim.Muon writes it, for stacked, tall, conv and 3-D parameters."""
+    params = make_params([*LARGE, (16, 8, 3, 3), (3, 40, 24)])
+    opt = orthoptim.Muon(params, lr=0.02, momentum=0.9, nesterov=nesterov, nonfinite=nonfinite)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        old = [opt.state[p]["momentum_buffer"].clone() if p in opt.state else torch.zeros_like(p) for p in params]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        for p, b in zip(params, old, strict=True):
+            assert torch.equal(opt.state[p]["momentum_buffer"], torch.lerp(b, p.grad, 1 - 0.9))

@@ -129,8 +129,8 @@ def _addmm(
 #: On the CPU a symmetric m×m product with m ≥ this is computed as ``SYMMETRIC_BLOCKS`` row blocks of its lower
 #: triangle, mirrored: (k+1)/2k of the multiply-adds. Measured 2026-11-23 (2-core AMD EPYC, AVX-512 BF16, torch
 #: 2.13, ``benchmarks/symmetric_cpu.py``): XXᵀ for 768×3072 in bfloat16 4.1 → 2.8 ms, float32 17.2 → 12.3 ms;
-#: A² for 768×768 bfloat16 1.03 → 0.88 ms, float32 4.5 → 3.1 ms; bit-identical to the full product (each block
-#: computes the same dot products). Below 256 rows the smaller calls cost more than they save.
+#: A² for 768×768 bfloat16 1.03 → 0.88 ms, float32 4.5 → 3.1 ms; the same values as the full product up to its
+#: own rounding (identical bits in those measurements). Below 256 rows the smaller calls cost more than they save.
 SYMMETRIC_MIN_ROWS = 256
 SYMMETRIC_BLOCKS = 4
 
@@ -148,8 +148,8 @@ def _symmetric_addmm(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``beta·C + alpha·L·R`` (m×m) for a product known to be symmetric: row blocks of the lower triangle, then
-    the strict upper triangle mirrored from it (``SYMMETRIC_BLOCKS``); exactly symmetric. A batch (3-D) goes
-    matrix by matrix."""
+    the blocks above the diagonal blocks mirrored from it (``SYMMETRIC_BLOCKS``). Within a diagonal block BLAS may
+    round (i, j) and (j, i) differently, as in a full product. A batch (3-D) goes matrix by matrix."""
     m = L.shape[-2]
     if out is None:
         out = torch.empty((*L.shape[:-1], m), dtype=L.dtype, device=L.device)
