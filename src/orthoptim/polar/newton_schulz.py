@@ -127,10 +127,11 @@ def _addmm(
 
 
 #: On the CPU a symmetric m×m product with m ≥ this is computed as ``SYMMETRIC_BLOCKS`` row blocks of its lower
-#: triangle, mirrored: (k+1)/2k of the multiply-adds. Measured 2026-11-23 (2-core AMD EPYC, AVX-512 BF16, torch
-#: 2.13, ``benchmarks/symmetric_cpu.py``): XXᵀ for 768×3072 in bfloat16 4.1 → 2.8 ms, float32 17.2 → 12.3 ms;
-#: A² for 768×768 bfloat16 1.03 → 0.88 ms, float32 4.5 → 3.1 ms; the same values as the full product up to its
-#: own rounding (identical bits in those measurements). Below 256 rows the smaller calls cost more than they save.
+#: triangle, mirrored: (k+1)/2k of the multiply-adds for k blocks. Measured 2026-11-23 (2-core AMD EPYC, AVX-512
+#: BF16, torch 2.13, ``benchmarks/symmetric_cpu.py``, two runs, full product → 4 blocks): XXᵀ for 768×3072 0.73–0.88×
+#: the time in bfloat16, 0.70–0.82× in float32; A² for 768×768 0.82–1.02× (bfloat16), 0.74–0.85× (float32); the
+#: same values as the full product up to its own rounding (identical bits in those runs). 6 or 8 blocks were
+#: faster in one run and slower in the other; below 256 rows the smaller calls cost more than they save.
 SYMMETRIC_MIN_ROWS = 256
 SYMMETRIC_BLOCKS = 4
 
