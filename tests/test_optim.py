@@ -195,8 +195,35 @@ def assert_same_state(a: dict, b: dict, ignore: tuple[str, ...] = ("nonfinite_sk
                 assert torch.equal(val, b["state"][k][key]), key
 
 
+@pytest.fixture(params=["host flag", "device selects"])
+def skip_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through both commits of ``"skip"``: the CPU's host read of the flag, and the device-side selects
+    that CUDA uses (forced here on the CPU)."""
+    if request.param == "device selects":
+        monkeypatch.setattr("orthoptim.optim.base.HOST_FLAG_DEVICES", ())
+    return str(request.param)
+
+
+def test_hybrid_skip_covers_the_adamw_half(skip_path: str) -> None:
+    """A NaN in an AdamW parameter's gradient skips the whole Hybrid step, matrices included (both commit paths)."""
+    params = make_params([*SHAPES, (48,)])
+    opt = orthoptim.Hybrid((params[:3], params[3:]), lr=0.02)
+    run(opt, params, 2)
+    before, state = snapshot(opt, params)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    params[3].grad[5] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"shape \(48,\)"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+    assert_same_state(state, opt.state_dict())  # type: ignore[arg-type]
+    params[3].grad[5] = 0.0
+    opt.step()
+    assert not any(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+
+
 @pytest.mark.parametrize("cls", [orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad])
-def test_nonfinite_skip_leaves_everything_bit_identical(cls: type) -> None:
+def test_nonfinite_skip_leaves_everything_bit_identical(cls: type, skip_path: str) -> None:
     params = make_params(SHAPES)
     opt = cls(params, lr=0.02)
     run(opt, params, 2)
@@ -429,7 +456,7 @@ def test_large_cpu_matrices_float32_match_float64_definition() -> None:
 
 @pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_momentum_buffer_is_torch_lerp_bit_for_bit(nonfinite: str, nesterov: bool) -> None:
+def test_momentum_buffer_is_torch_lerp_bit_for_bit(nonfinite: str, nesterov: bool, skip_path: str) -> None:
     """The commit recomputes the momentum in place (it is not held across the step): it must be exactly
     ``lerp(B, G, 1−μ)``, as torch.optim.Muon writes it, for stacked, tall, conv and 3-D parameters."""
     params = make_params([*LARGE, (16, 8, 3, 3), (3, 40, 24)])

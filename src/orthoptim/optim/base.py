@@ -64,6 +64,9 @@ from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
 from .shapes import SCALE_MODES, SHAPE_POLICIES, lr_scale, matrix_layout
 
 NonFiniteMode: TypeAlias = Literal["skip", "raise", "propagate"]
+#: Devices on which ``"skip"`` reads its flag on the host and commits without selects (or not at all): where that
+#: read is free. Elsewhere (CUDA) the selects keep the step free of host syncs and capturable in a CUDA graph.
+HOST_FLAG_DEVICES: tuple[str, ...] = ("cpu",)
 NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "propagate")
 
 
@@ -814,8 +817,13 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             if policy == "raise" and not bool(ok):
                 raise NonFiniteError(f"{self._nonfinite_cause(all_params, grads_finite)}; no state was changed")
         commit_ok = ok if policy == "skip" else None
+        keep = True
+        if commit_ok is not None and commit_ok.device.type in HOST_FLAG_DEVICES:
+            # On the CPU reading the flag costs nothing (its ops run synchronously, there is no graph to capture):
+            # a kept step commits without the selects, a skipped one writes nothing. Same state either way.
+            keep, commit_ok = bool(commit_ok), None
         scratch = _Scratch()
-        for p in pending:
+        for p in pending if keep else ():
             if isinstance(p, AdamWPending):
                 p.commit(commit_ok)
             else:
