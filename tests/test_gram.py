@@ -114,7 +114,7 @@ def test_large_batches_on_the_cpu_run_matrix_by_matrix(iteration: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [256, 300, 513])
+@pytest.mark.parametrize("rows", [512, 530, 1025])
 def test_cpu_symmetric_row_blocks_match_float64_products(dtype: torch.dtype, rows: int) -> None:
     """CPU symmetric products (``SYMMETRIC_MIN_ROWS`` rows and up) are computed as lower row blocks and mirrored:
     as close to the float64 product as the full product is, and as symmetric (mirrored off the diagonal blocks;

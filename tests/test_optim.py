@@ -432,9 +432,9 @@ def test_schedule_unsafe_in_the_compute_dtype_is_refused_at_construction() -> No
 
 
 # Large enough for the CPU's own paths: matrix-by-matrix iteration (≥ PER_MATRIX_MIN_ENTRIES entries), symmetric
-# row-block products (≥ SYMMETRIC_MIN_ROWS rows, 300 with an uneven last block), a megabatch of two parameters,
+# row-block products (≥ SYMMETRIC_MIN_ROWS rows, 530 with an uneven last block), a megabatch of two parameters,
 # a tall one.
-LARGE = [(256, 640), (640, 256), (256, 640), (300, 300)]
+LARGE = [(256, 640), (640, 256), (256, 640), (530, 530)]
 
 
 def test_large_cpu_matrices_match_torch_optim_muon() -> None:

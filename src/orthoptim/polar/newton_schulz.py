@@ -131,8 +131,10 @@ def _addmm(
 #: BF16, torch 2.13, ``benchmarks/symmetric_cpu.py``, two runs, full product → 4 blocks): XXᵀ for 768×3072 0.73–0.88×
 #: the time in bfloat16, 0.70–0.82× in float32; A² for 768×768 0.82–1.02× (bfloat16), 0.74–0.85× (float32); the
 #: same values as the full product up to its own rounding (identical bits in those runs). 6 or 8 blocks were
-#: faster in one run and slower in the other; below 256 rows the smaller calls cost more than they save.
-SYMMETRIC_MIN_ROWS = 256
+#: faster in one run and slower in the other. Whole orthogonalizations of 4 matrices, bfloat16, 5 steps, CPU time,
+#: no blocks → blocks: 256×512 17 → 26 ms, 384×1536 72 → 80, 512×2048 151 → 145, 768×3072 581 → 535: the smaller
+#: calls cost more than they save below 512 rows.
+SYMMETRIC_MIN_ROWS = 512
 SYMMETRIC_BLOCKS = 4
 
 
