@@ -11,7 +11,8 @@ Per parameter group (all options live in the group, so ``state_dict()`` carries 
 Non-finite policy (optimizer-wide): ``"skip"`` checks every gradient before any state changes and every
 orthogonalized matrix after, and commits the whole step — parameters, momentum, second moments, step counters —
 only if all are finite, by selecting on a device-side flag (no host sync; the optional warning reads the flag
-once per step). ``"raise"`` raises :class:`NonFiniteError` naming the parameter (host syncs). ``"propagate"``
+once per step). On the CPU (``HOST_FLAG_DEVICES``), where a host read is free, the flag is read instead: a kept
+step commits without selects, a skipped one writes nothing. ``"raise"`` raises :class:`NonFiniteError` naming the parameter (host syncs). ``"propagate"``
 checks nothing. Every policy computes all updates before writing any state (two phases), so the updates (in the
 compute dtype) are held until the commit; the new momentum is not held but recomputed in place at the commit
 (``_momentum_input``), so the state is written once and only if the step is kept.
