@@ -385,8 +385,16 @@ SCENARIOS: dict[str, Callable[[int, int, str], None]] = {
 }
 
 
-def run_rank(rank: int, world: int, port: int, names: list[str], outdir: str) -> None:
-    """Entry point of one spawned rank: run ``names`` in order, record results, always tear the group down."""
+def run_rank(rank: int, world: int, port: int, names: list[str], outdir: str, paths: str = "cpu") -> None:
+    """Entry point of one spawned rank: run ``names`` in order, record results, always tear the group down.
+
+    ``paths="cuda"`` forces the step's CUDA ways on these CPU ranks (stacked momentum held to the commit,
+    device-side skip selects), which the CPU would not otherwise take."""
+    if paths == "cuda":
+        import orthoptim.optim.base as base
+
+        base.HOST_FLAG_DEVICES = ()
+        base.PER_PARAMETER_MOMENTUM_DEVICES = ()
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)  # ranks share two cores

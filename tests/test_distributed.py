@@ -31,10 +31,11 @@ from orthoptim.distributed import (
 
 from ._dist_worker import SCENARIOS, run_rank
 
-WORLD_SIZES = (2, 4)
+#: (ranks, which step paths): the CPU's own, and CUDA's forced on the CPU (see ``_dist_worker.run_rank``).
+LAUNCHES = ((2, "cpu"), (4, "cpu"), (2, "cuda"))
 LAUNCH_TIMEOUT = 300.0  # seconds for all scenarios at one world size (about 10-20 s on an idle 2-core machine)
 
-_cache: dict[int, dict[str, list[str]] | str] = {}
+_cache: dict[tuple[int, str], dict[str, list[str]] | str] = {}
 
 
 def _free_port() -> int:
@@ -43,12 +44,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(world: int) -> dict[str, list[str]] | str:
+def _launch(world: int, paths: str) -> dict[str, list[str]] | str:
     """Run every scenario on ``world`` ranks; per scenario the per-rank outcomes, or why the launch failed."""
-    outdir = tempfile.mkdtemp(prefix=f"orthoptim-dist{world}-")
-    ctx = mp.start_processes(
-        run_rank, args=(world, _free_port(), list(SCENARIOS), outdir), nprocs=world, join=False, start_method="spawn"
-    )
+    outdir = tempfile.mkdtemp(prefix=f"orthoptim-dist{world}-{paths}-")
+    args = (world, _free_port(), list(SCENARIOS), outdir, paths)
+    ctx = mp.start_processes(run_rank, args=args, nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     failure = ""
     while True:
@@ -76,19 +76,19 @@ def _launch(world: int) -> dict[str, list[str]] | str:
     return results
 
 
-def _results(world: int) -> dict[str, list[str]] | str:
-    if world not in _cache:
-        _cache[world] = _launch(world)
-    return _cache[world]
+def _results(world: int, paths: str) -> dict[str, list[str]] | str:
+    if (world, paths) not in _cache:
+        _cache[(world, paths)] = _launch(world, paths)
+    return _cache[(world, paths)]
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-@pytest.mark.parametrize("world", WORLD_SIZES)
-def test_scenario(world: int, scenario: str) -> None:
+@pytest.mark.parametrize(("world", "paths"), LAUNCHES)
+def test_scenario(world: int, paths: str, scenario: str) -> None:
     """One scenario of ``_dist_worker`` (see its docstring) on every rank of a ``world``-rank gloo group."""
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    results = _results(world)
+    results = _results(world, paths)
     assert not isinstance(results, str), results
     failed = {r: out for r, out in enumerate(results[scenario]) if out != "ok"}
     assert not failed, "\n".join(f"rank {r}:\n{out}" for r, out in failed.items())

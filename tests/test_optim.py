@@ -42,7 +42,7 @@ SHAPES = [(32, 48), (64, 32), (48, 48)]
         {"nesterov": False, "momentum": 0.9, "weight_decay": 0.0},
     ],
 )
-def test_muon_matches_torch_optim_muon(kw: dict[str, object]) -> None:
+def test_muon_matches_torch_optim_muon(kw: dict[str, object], step_paths: str) -> None:
     ours, theirs = make_params(SHAPES), make_params(SHAPES)
     start = [p.detach().clone() for p in ours]
     run(torch.optim.Muon(theirs, lr=0.02, **kw), theirs, 6)  # type: ignore[arg-type]
@@ -195,16 +195,18 @@ def assert_same_state(a: dict, b: dict, ignore: tuple[str, ...] = ("nonfinite_sk
                 assert torch.equal(val, b["state"][k][key]), key
 
 
-@pytest.fixture(params=["host flag", "device selects"])
-def skip_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test through both commits of ``"skip"``: the CPU's host read of the flag, and the device-side selects
-    that CUDA uses (forced here on the CPU)."""
-    if request.param == "device selects":
+@pytest.fixture(params=["cpu paths", "cuda paths"])
+def step_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through both ways the step is taken: the CPU's (momentum input per parameter, recomputed at the
+    commit; the skip flag read on the host) and CUDA's (stacked momentum held to the commit; device-side selects),
+    forced here on the CPU."""
+    if request.param == "cuda paths":
         monkeypatch.setattr("orthoptim.optim.base.HOST_FLAG_DEVICES", ())
+        monkeypatch.setattr("orthoptim.optim.base.PER_PARAMETER_MOMENTUM_DEVICES", ())
     return str(request.param)
 
 
-def test_hybrid_skip_covers_the_adamw_half(skip_path: str) -> None:
+def test_hybrid_skip_covers_the_adamw_half(step_paths: str) -> None:
     """A NaN in an AdamW parameter's gradient skips the whole Hybrid step, matrices included (both commit paths)."""
     params = make_params([*SHAPES, (48,)])
     opt = orthoptim.Hybrid((params[:3], params[3:]), lr=0.02)
@@ -223,7 +225,7 @@ def test_hybrid_skip_covers_the_adamw_half(skip_path: str) -> None:
 
 
 @pytest.mark.parametrize("cls", [orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad])
-def test_nonfinite_skip_leaves_everything_bit_identical(cls: type, skip_path: str) -> None:
+def test_nonfinite_skip_leaves_everything_bit_identical(cls: type, step_paths: str) -> None:
     params = make_params(SHAPES)
     opt = cls(params, lr=0.02)
     run(opt, params, 2)
@@ -437,7 +439,7 @@ def test_schedule_unsafe_in_the_compute_dtype_is_refused_at_construction() -> No
 LARGE = [(256, 640), (640, 256), (256, 640), (530, 530)]
 
 
-def test_large_cpu_matrices_match_torch_optim_muon() -> None:
+def test_large_cpu_matrices_match_torch_optim_muon(step_paths: str) -> None:
     ours, theirs = make_params(LARGE), make_params(LARGE)
     start = [p.detach().clone() for p in ours]
     run(torch.optim.Muon(theirs, lr=0.02), theirs, 3)
@@ -456,7 +458,7 @@ def test_large_cpu_matrices_float32_match_float64_definition() -> None:
 
 @pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_momentum_buffer_is_torch_lerp_bit_for_bit(nonfinite: str, nesterov: bool, skip_path: str) -> None:
+def test_momentum_buffer_is_torch_lerp_bit_for_bit(nonfinite: str, nesterov: bool, step_paths: str) -> None:
     """The commit recomputes the momentum in place (it is not held across the step): it must be exactly
     ``lerp(B, G, 1−μ)``, as torch.optim.Muon writes it, for stacked, tall, conv and 3-D parameters."""
     params = make_params([*LARGE, (16, 8, 3, 3), (3, 40, 24)])

@@ -12,10 +12,11 @@ Non-finite policy (optimizer-wide): ``"skip"`` checks every gradient before any 
 orthogonalized matrix after, and commits the whole step — parameters, momentum, second moments, step counters —
 only if all are finite, by selecting on a device-side flag (no host sync; the optional warning reads the flag
 once per step). On the CPU (``HOST_FLAG_DEVICES``), where a host read is free, the flag is read instead: a kept
-step commits without selects, a skipped one writes nothing. ``"raise"`` raises :class:`NonFiniteError` naming the parameter (host syncs). ``"propagate"``
-checks nothing. Every policy computes all updates before writing any state (two phases), so the updates (in the
-compute dtype) are held until the commit; the new momentum is not held but recomputed in place at the commit
-(``_momentum_input``), so the state is written once and only if the step is kept.
+step commits without selects, a skipped one writes nothing. ``"raise"`` raises :class:`NonFiniteError` naming
+the parameter (host syncs). ``"propagate"`` checks nothing. Every policy computes all updates before writing any
+state (two phases), so the updates (in the compute dtype) are held until the commit. The new momentum is held too
+on CUDA (stacked, a few batched kernels); on the CPU it is recomputed in place at the commit instead
+(``PER_PARAMETER_MOMENTUM_DEVICES``), so nothing but the updates outlives phase 1.
 
 Distributed (``process_group``; ``orthoptim.distributed`` moves the tensors): plain parameters are taken to be
 replicated (DDP): every rank computes the momentum of every matrix, but orthogonalizes only the matrices it owns
@@ -138,6 +139,31 @@ class _Pending:
     new_second: Tensor | None = None
     steps: list[Tensor] | None = None
     second_counts: tuple[int, ...] | None = None  # splits of the second moments, when not ``counts`` (sharded)
+    old_bufs: Tensor | None = None  # stacked old and new momentum, held on devices outside
+    new_bufs: Tensor | None = None  # PER_PARAMETER_MOMENTUM_DEVICES (``_momentum_stacks``)
+
+
+#: Devices on which the momentum input is written per parameter and the new momentum recomputed at the commit
+#: (``_momentum_input``: nothing held across the step; on the CPU that is what avoids page faults). Elsewhere
+#: (CUDA) gradients and momentum are stacked and the new momentum held until the commit: a few batched kernels
+#: instead of two launches per parameter, memory from the caching allocator.
+PER_PARAMETER_MOMENTUM_DEVICES: tuple[str, ...] = ("cpu",)
+
+
+def _momentum_stacks(
+    bufs: list[Tensor], grads: list[Tensor], mu: float, nesterov: bool, shape: tuple[int, ...]
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(M, old, new)`` for parameters stacked to ``shape`` (matrices, m, n) or flat (numel,): the optimizer's
+    input ``M`` — a temporary the normalization may overwrite — and, outside ``PER_PARAMETER_MOMENTUM_DEVICES``,
+    the stacked old and new momentum for the commit (else None: the commit recomputes it)."""
+    if grads[0].device.type in PER_PARAMETER_MOMENTUM_DEVICES:
+        M = torch.empty(shape, dtype=bufs[0].dtype, device=bufs[0].device)
+        return _momentum_input(bufs, grads, mu, nesterov, M), None, None
+    G = torch.cat([g.reshape(-1) for g in grads]).view(shape)
+    old = torch.cat([b.reshape(-1) for b in bufs]).view(shape)
+    new = torch.lerp(old, G, 1.0 - mu)
+    M = G.lerp_(new, mu) if nesterov else new.clone()  # lerp(G, new, μ) in the stacked gradient (a temporary)
+    return M, old, new
 
 
 def _momentum_input(bufs: list[Tensor], grads: list[Tensor], mu: float, nesterov: bool, out: Tensor) -> Tensor:
@@ -307,15 +333,18 @@ def orthogonalized_prepare(
     for k, mb in enumerate(megabatches):
         m, n = mb.matrix_shape
         idx = mb.indices
-        like = grads[idx[0]]
-        M = torch.empty((mb.matrices, m, n), dtype=like.dtype, device=like.device)
-        _momentum_input([bufs[i] for i in idx], [grads[i] for i in idx], mu, group["nesterov"], M)
+        b_mb, g_mb = [bufs[i] for i in idx], [grads[i] for i in idx]
+        M, old, new = _momentum_stacks(b_mb, g_mb, mu, group["nesterov"], (mb.matrices, m, n))
         if start is None:
-            pending.append(_megabatch_pending(mb, params, grads, bufs, second, steps, M, orth(M), group, need_flags))
+            p = _megabatch_pending(mb, params, grads, bufs, second, steps, M, orth(M), group, need_flags)
+            p.old_bufs, p.new_bufs = old, new
+            pending.append(p)
         else:
-            started.append((mb, M, start(k, M, orth)))
-    for mb, M, wait in started:
-        pending.append(_megabatch_pending(mb, params, grads, bufs, second, steps, M, wait(), group, need_flags))
+            started.append((mb, M, old, new, start(k, M, orth)))
+    for mb, M, old, new, wait in started:
+        p = _megabatch_pending(mb, params, grads, bufs, second, steps, M, wait(), group, need_flags)
+        p.old_bufs, p.new_bufs = old, new
+        pending.append(p)
     return pending
 
 
@@ -406,8 +435,7 @@ def sharded_prepare(
             _local([grads[i] for i in idx]),
         )
         numels = tuple(t.numel() for t in p_loc)
-        M = torch.empty(sum(numels), dtype=b_loc[0].dtype, device=b_loc[0].device)
-        _momentum_input(b_loc, g_loc, mu, group["nesterov"], M)
+        M, old, new = _momentum_stacks(b_loc, g_loc, mu, group["nesterov"], (sum(numels),))
         base = len(pieces)
         for i, part in zip(idx, M.split(numels), strict=True):
             pieces.append(part.view(-1, n))
@@ -423,7 +451,7 @@ def sharded_prepare(
                 pieces.append(part.view(-1, 1))
                 item_owner.append(owners[i])
                 item_rows.append(rows[i])
-        staged.append((mb, base, p_loc, b_loc, g_loc, numels, M, s_loc, old_s, s_numels))
+        staged.append((mb, base, p_loc, b_loc, g_loc, numels, M, old, new, s_loc, old_s, s_numels))
     full = gather_to_owners(pieces, item_owner, item_rows, rank, process_group)
     orth = _orthogonalizer(group)
     results: list[Tensor | None] = [None] * len(pieces)
@@ -452,11 +480,13 @@ def sharded_prepare(
     device = pieces[0].device if pieces else torch.device("cpu")
     back = scatter_from_owners(results, like, item_owner, item_rows, rank, device, process_group)
     pending = []
-    for (mb, base, p_loc, b_loc, g_loc, numels, _, s_loc, old_s, s_numels), finite in zip(staged, flags, strict=True):
+    for (mb, base, p_loc, b_loc, g_loc, numels, _, old, new, s_loc, old_s, s_numels), finite in zip(
+        staged, flags, strict=True
+    ):
         k = len(mb.indices)
         update = torch.cat([back[base + j].reshape(-1) for j in range(k)])
         alpha = _alpha(group, *mb.matrix_shape)
-        p = _Pending(p_loc, b_loc, g_loc, mu, update, alpha, numels, decay, finite)
+        p = _Pending(p_loc, b_loc, g_loc, mu, update, alpha, numels, decay, finite, old_bufs=old, new_bufs=new)
         if row_norm:
             p.second, p.old_second, p.second_counts = s_loc, old_s, s_numels
             p.new_second = torch.cat([back[base + k + j].reshape(-1) for j in range(k)])
@@ -472,7 +502,12 @@ def _commit(p: _Pending, ok: Tensor | None, scratch: _Scratch) -> None:
         # In place into the step's own temporary: no fresh allocation (on the CPU: no pass of page faults).
         zero = torch.zeros((), dtype=update.dtype, device=update.device)
         update = torch.where(ok, update, zero, out=update)
-    _commit_momentum(p.bufs, p.grads, p.momentum, ok, scratch)
+    if p.new_bufs is None:
+        _commit_momentum(p.bufs, p.grads, p.momentum, ok, scratch)
+    else:
+        assert p.old_bufs is not None
+        new = p.new_bufs if ok is None else torch.where(ok, p.new_bufs, p.old_bufs, out=p.new_bufs)
+        torch._foreach_copy_(p.bufs, [b.view_as(t) for b, t in zip(new.split(p.counts), p.bufs, strict=True)])
     if p.second is not None and p.new_second is not None and p.old_second is not None:
         new_second = p.new_second if ok is None else torch.where(ok, p.new_second, p.old_second)
         counts = p.counts if p.second_counts is None else p.second_counts
