@@ -120,9 +120,9 @@ def validate_orthogonalized_group(group: dict[str, Any]) -> None:
 class _Pending:
     """A megabatch's update, computed in phase 1, and what its commit needs (the step-wide finite flag aside).
 
-    The new momentum is not held: the commit recomputes it in place from the gradients, with the very operation
-    (``lerp`` per parameter) that produced phase 1's copy inside ``M``, so both have the same bits. Holding it
-    would keep a float32 copy of every momentum buffer alive across the step (``_momentum_input``).
+    On ``PER_PARAMETER_MOMENTUM_DEVICES`` (the CPU) the new momentum is not held: the commit recomputes it in place
+    from the gradients, with the very operation (``lerp`` per parameter) that produced phase 1's copy inside ``M``,
+    so both have the same bits. Elsewhere ``old_bufs``/``new_bufs`` hold the stacked momentum (``_momentum_stacks``).
     """
 
     params: list[Tensor]
