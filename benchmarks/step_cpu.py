@@ -1,6 +1,6 @@
 """Optimizer step time on GPT-2-small's 48 hidden matrices, orthoptim vs torch.optim.Muon, same process.
 
-    .venv/bin/python benchmarks/step_cpu.py [--layers 12] [--repeats 3] [--rounds 3] [--device cpu]
+    .venv/bin/python benchmarks/step_cpu.py [--layers 12] [--repeats 3] [--rounds 3] [--device cpu] [--configs 0 1 2]
 
 Matrices: per layer {768×2304, 768×768, 3072×768, 768×3072} (the shapes listed for GPT-2 small in the project's
 issue), fp32 parameters with random gradients. Each configuration runs in fresh processes, in turn with the others
@@ -55,21 +55,21 @@ def time_alone(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], args
     return statistics.median(one_step_ms(opt, args.device) for _ in range(args.repeats))
 
 
-def time_in_subprocesses(count: int, args: argparse.Namespace) -> list[float]:
+def time_in_subprocesses(configs: list[int], args: argparse.Namespace) -> list[float]:
     """Each configuration in a fresh process, ``--rounds`` times in turn; the median over rounds of each.
 
     Why fresh processes: on the CPU the step's speed depends on the allocator's state (which pages are already
     mapped), so a configuration timed after another in one process inherits its heap; a shared machine that
     drifts then slows all configurations of a round alike instead of whichever ran at a bad moment.
     """
-    per: list[list[float]] = [[] for _ in range(count)]
+    per: list[list[float]] = [[] for _ in configs]
     base = [sys.executable, __file__, "--layers", str(args.layers), "--repeats", str(args.repeats)]
     for _ in range(args.rounds):
-        for k in range(count):
+        for j, k in enumerate(configs):
             out = subprocess.run([*base, "--device", args.device, "--only", str(k)], capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"configuration {k} failed:\n{out.stderr}")
-            per[k].append(float(out.stdout.strip().splitlines()[-1]))
+            per[j].append(float(out.stdout.strip().splitlines()[-1]))
     return [statistics.median(t) for t in per]
 
 
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per configuration")
+    parser.add_argument("--configs", type=int, nargs="+", default=None, help="rows to run (default: all; 0 first)")
     parser.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)  # internal: one configuration
     args = parser.parse_args()
     jordan = (3.4445, -4.7750, 2.0315)
@@ -110,9 +111,12 @@ def main() -> None:
         f"median over {args.rounds} fresh processes per configuration, run in turn"
     )
     print("\n| configuration | ms / step | × torch.optim.Muon |\n|---|---|---|")
-    results = time_in_subprocesses(len(configs), args)
-    for (name, _), ms in zip(configs, results, strict=True):
-        print(f"| {name} | {ms:.0f} | {ms / results[0]:.2f} |", flush=True)
+    chosen = list(range(len(configs))) if args.configs is None else args.configs
+    if not chosen or chosen[0] != 0 or any(not 0 <= k < len(configs) for k in chosen):
+        parser.error(f"--configs: row numbers in [0, {len(configs) - 1}], starting with 0 (torch.optim.Muon)")
+    results = time_in_subprocesses(chosen, args)
+    for k, ms in zip(chosen, results, strict=True):
+        print(f"| {configs[k][0]} | {ms:.0f} | {ms / results[0]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def _plus_identity(Z: torch.Tensor, a: float, row_scale: torch.Tensor | None = N
     P = Z.to(work, copy=True)  # Z is still needed by the caller
     P.diagonal(dim1=-2, dim2=-1).add_(a)
     if row_scale is not None:
-        P = P * row_scale.mT
+        P.mul_(row_scale.mT)
     return P.to(Z.dtype)
 
 
@@ -286,7 +286,8 @@ def _standard(
             if target is None:
                 target = work.get(f"x{k % 2}", tuple(X.shape), X)  # never X itself: step k reads buffer k−1
         if k == 0 and first_gram is not None:
-            X = _mm(_plus_identity(_poly_part(first_gram, b, c), a, row_scale).to(X.dtype), X, out=target)
+            Z = _poly_part(first_gram, b, c, out=poly)
+            X = _mm(_plus_identity(Z, a, row_scale).to(X.dtype), X, out=target)
         elif c == 0.0:
             X = _addmm(X, gram_product(X, out=gram), X, beta=a, alpha=b, out=target)
         else:

@@ -189,5 +189,5 @@ def gram_scale(A: torch.Tensor, normalization: Normalization, margin: float = 1.
         scale = rowsum.clamp_min(torch.finfo(Af.dtype).tiny).rsqrt() / margin
     else:
         raise ValueError(f"gram_scale: {normalization!r} is not a Gram-based normalization")
-    A_s = (Af * scale * scale.mT).to(A.dtype)
+    A_s = Af.mul(scale).mul_(scale.mT).to(A.dtype)  # (Af·scale)·scaleᵀ, one temporary
     return A_s, scale
