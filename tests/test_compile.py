@@ -50,3 +50,18 @@ def test_inductor_compiles_and_matches_svd_polar() -> None:
     eager = orthoptim.orthogonalize(G.float(), schedule="polar_express", steps=8)
     assert (out - eager).abs().max() < 1e-4  # fp32, other fusion and summation order
     assert torch.linalg.matrix_norm(out.double() - orthoptim.polar(G), ord=2).max() < 2e-2
+
+
+@pytest.mark.parametrize("iteration", ["standard", "gram"])
+def test_fullgraph_trace_of_large_cpu_matrices(iteration: str) -> None:
+    """Matrices large enough for the CPU's own eager paths (matrix-by-matrix loop with a workspace; row-block
+    symmetric products from ``SYMMETRIC_MIN_ROWS``, which the trace replaces by full products) trace too."""
+    from orthoptim.polar.newton_schulz import PER_MATRIX_MIN_ENTRIES, SYMMETRIC_MIN_ROWS
+
+    G = torch.randn(2, SYMMETRIC_MIN_ROWS, 600, generator=torch.Generator().manual_seed(2))
+    assert G.shape[-2] * G.shape[-1] >= PER_MATRIX_MIN_ENTRIES
+    torch._dynamo.reset()
+    kw = {"nonfinite": "propagate", "compute_dtype": "float32", "iteration": iteration}
+    compiled = torch.compile(lambda x: orthoptim.orthogonalize(x, **kw), fullgraph=True, backend="aot_eager")  # type: ignore[arg-type]
+    eager = orthoptim.orthogonalize(G, **kw)  # type: ignore[arg-type]
+    assert (compiled(G) - eager).abs().max() < 1e-4  # full vs row-block products: rounding apart

@@ -139,7 +139,14 @@ SYMMETRIC_BLOCKS = 4
 
 
 def _blocked_symmetric(X: torch.Tensor) -> bool:
-    return X.dim() in (2, 3) and X.device.type == "cpu" and X.shape[-2] >= SYMMETRIC_MIN_ROWS
+    """Whether a symmetric product with ``X``'s rows takes the CPU row blocks. Not while torch.compile traces: the
+    blocks write into strided views (``out=``), which Dynamo refuses; the compiler gets the full product."""
+    return (
+        X.dim() in (2, 3)
+        and X.device.type == "cpu"
+        and X.shape[-2] >= SYMMETRIC_MIN_ROWS
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _symmetric_addmm(
