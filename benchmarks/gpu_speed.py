@@ -49,8 +49,8 @@ import torch
 from torch import nn
 
 import orthoptim
+from orthoptim.doctor import median_ms
 from orthoptim.polar import kernels
-from timing import median_ms  # benchmarks/timing.py (the script's folder is on sys.path)
 
 # KellerJordan/Muon muon.py (and torch.optim._muon DEFAULT_A/B/C): the quintic torch.optim.Muon runs 5 times.
 JORDAN = (3.4445, -4.7750, 2.0315)

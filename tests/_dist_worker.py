@@ -393,8 +393,7 @@ def run_rank(rank: int, world: int, port: int, names: list[str], outdir: str, pa
     if paths == "cuda":
         import orthoptim.optim.base as base
 
-        base.HOST_FLAG_DEVICES = ()
-        base.PER_PARAMETER_MOMENTUM_DEVICES = ()
+        base.CPU_PATH_DEVICES = ()
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)  # ranks share two cores

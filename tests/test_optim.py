@@ -201,8 +201,7 @@ def step_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     commit; the skip flag read on the host) and CUDA's (stacked momentum held to the commit; device-side selects),
     forced here on the CPU."""
     if request.param == "cuda paths":
-        monkeypatch.setattr("orthoptim.optim.base.HOST_FLAG_DEVICES", ())
-        monkeypatch.setattr("orthoptim.optim.base.PER_PARAMETER_MOMENTUM_DEVICES", ())
+        monkeypatch.setattr("orthoptim.optim.base.CPU_PATH_DEVICES", ())
     return str(request.param)
 
 

@@ -92,16 +92,22 @@ def _gain_range(
     return float(g.min()), float(g.max())
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` in ms after ``warmup`` untimed calls: CUDA events on the GPU (each call
+    bracketed, the device synced before reading), ``time.perf_counter`` elsewhere. The doctor's timer, also used
+    by the benchmark scripts."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times: list[float] = []
+    for _ in range(max(1, repeats)):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
@@ -122,7 +128,7 @@ def _measure(
         row.ratios[t] = float(fn(base * t).float().norm()) / ref_norm
     row.gain_gaussian = _gain_range(fn, G, device)
     row.gain_heavy = _gain_range(fn, _heavy_tailed(*shape, gen), device)
-    row.ms = _time_ms(lambda: fn(base), device, repeats)
+    row.ms = median_ms(lambda: fn(base), device, warmup=1, repeats=repeats)
     return row
 
 

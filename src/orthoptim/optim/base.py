@@ -11,12 +11,12 @@ Per parameter group (all options live in the group, so ``state_dict()`` carries 
 Non-finite policy (optimizer-wide): ``"skip"`` checks every gradient before any state changes and every
 orthogonalized matrix after, and commits the whole step — parameters, momentum, second moments, step counters —
 only if all are finite, by selecting on a device-side flag (no host sync; the optional warning reads the flag
-once per step). On the CPU (``HOST_FLAG_DEVICES``), where a host read is free, the flag is read instead: a kept
+once per step). On the CPU (``CPU_PATH_DEVICES``), where a host read is free, the flag is read instead: a kept
 step commits without selects, a skipped one writes nothing. ``"raise"`` raises :class:`NonFiniteError` naming
 the parameter (host syncs). ``"propagate"`` checks nothing. Every policy computes all updates before writing any
 state (two phases), so the updates (in the compute dtype) are held until the commit. The new momentum is held too
 on CUDA (stacked, a few batched kernels); on the CPU it is recomputed in place at the commit instead
-(``PER_PARAMETER_MOMENTUM_DEVICES``), so nothing but the updates outlives phase 1.
+(``CPU_PATH_DEVICES``), so nothing but the updates outlives phase 1.
 
 Distributed (``process_group``; ``orthoptim.distributed`` moves the tensors): plain parameters are taken to be
 replicated (DDP): every rank computes the momentum of every matrix, but orthogonalizes only the matrices it owns
@@ -61,14 +61,19 @@ from ..polar import NonFiniteError, as_schedule, orthogonalize
 from ..polar.normalize import NORMALIZATIONS
 from ..polar.orthogonalize import ITERATIONS, resolve_compute_dtype
 from ..polar.schedules import check_precision
+from ..polar.workspace import Workspace
 from .adamw import AdamWPending, adamw_prepare
 from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
 from .shapes import SCALE_MODES, SHAPE_POLICIES, lr_scale, matrix_layout
 
 NonFiniteMode: TypeAlias = Literal["skip", "raise", "propagate"]
-#: Devices on which ``"skip"`` reads its flag on the host and commits without selects (or not at all): where that
-#: read is free. Elsewhere (CUDA) the selects keep the step free of host syncs and capturable in a CUDA graph.
-HOST_FLAG_DEVICES: tuple[str, ...] = ("cpu",)
+#: Devices on which the step takes the CPU's ways, both measured faster there (benchmarks/RESULTS.md): the momentum
+#: input is written per parameter and the new momentum recomputed at the commit (``_momentum_input``: nothing held
+#: across the step, no page faults), and ``"skip"`` reads its flag on the host — free there — and commits without
+#: selects, or not at all. Elsewhere (CUDA) gradients and momentum are stacked and the new momentum held until the
+#: commit (a few batched kernels instead of two launches per parameter), and the skip is a device-side select
+#: (no host sync, capturable in a CUDA graph).
+CPU_PATH_DEVICES: tuple[str, ...] = ("cpu",)
 NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "propagate")
 
 
@@ -120,7 +125,7 @@ def validate_orthogonalized_group(group: dict[str, Any]) -> None:
 class _Pending:
     """A megabatch's update, computed in phase 1, and what its commit needs (the step-wide finite flag aside).
 
-    On ``PER_PARAMETER_MOMENTUM_DEVICES`` (the CPU) the new momentum is not held: the commit recomputes it in place
+    On ``CPU_PATH_DEVICES`` (the CPU) the new momentum is not held: the commit recomputes it in place
     from the gradients, with the very operation (``lerp`` per parameter) that produced phase 1's copy inside ``M``,
     so both have the same bits. Elsewhere ``old_bufs``/``new_bufs`` hold the stacked momentum (``_momentum_stacks``).
     """
@@ -140,23 +145,16 @@ class _Pending:
     steps: list[Tensor] | None = None
     second_counts: tuple[int, ...] | None = None  # splits of the second moments, when not ``counts`` (sharded)
     old_bufs: Tensor | None = None  # stacked old and new momentum, held on devices outside
-    new_bufs: Tensor | None = None  # PER_PARAMETER_MOMENTUM_DEVICES (``_momentum_stacks``)
-
-
-#: Devices on which the momentum input is written per parameter and the new momentum recomputed at the commit
-#: (``_momentum_input``: nothing held across the step; on the CPU that is what avoids page faults). Elsewhere
-#: (CUDA) gradients and momentum are stacked and the new momentum held until the commit: a few batched kernels
-#: instead of two launches per parameter, memory from the caching allocator.
-PER_PARAMETER_MOMENTUM_DEVICES: tuple[str, ...] = ("cpu",)
+    new_bufs: Tensor | None = None  # CPU_PATH_DEVICES (``_momentum_stacks``)
 
 
 def _momentum_stacks(
     bufs: list[Tensor], grads: list[Tensor], mu: float, nesterov: bool, shape: tuple[int, ...]
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(M, old, new)`` for parameters stacked to ``shape`` (matrices, m, n) or flat (numel,): the optimizer's
-    input ``M`` — a temporary the normalization may overwrite — and, outside ``PER_PARAMETER_MOMENTUM_DEVICES``,
+    input ``M`` — a temporary the normalization may overwrite — and, outside ``CPU_PATH_DEVICES``,
     the stacked old and new momentum for the commit (else None: the commit recomputes it)."""
-    if grads[0].device.type in PER_PARAMETER_MOMENTUM_DEVICES:
+    if grads[0].device.type in CPU_PATH_DEVICES:
         M = torch.empty(shape, dtype=bufs[0].dtype, device=bufs[0].device)
         return _momentum_input(bufs, grads, mu, nesterov, M), None, None
     G = torch.cat([g.reshape(-1) for g in grads]).view(shape)
@@ -187,43 +185,23 @@ def _momentum_input(bufs: list[Tensor], grads: list[Tensor], mu: float, nesterov
     return out
 
 
-class _Scratch:
-    """One flat buffer per (dtype, device), reused by every parameter of a commit for its temporaries.
-
-    Why: per-parameter temporaries of the parameter's size (the new momentum before the skip selection, the
-    float32 copy torch makes of a bfloat16 update added into float32 parameters) are fresh allocations on every
-    step; one reused buffer stays in cache and off the allocator (on the CPU, page faults: megabatch.py).
-    """
-
-    def __init__(self) -> None:
-        self._flat: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-    def like(self, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """An uninitialized contiguous tensor of ``t``'s shape (and ``dtype``, default ``t``'s) in the buffer."""
-        key = (t.dtype if dtype is None else dtype, t.device)
-        flat = self._flat.get(key)
-        if flat is None or flat.numel() < t.numel():
-            flat = self._flat[key] = torch.empty(t.numel(), dtype=key[0], device=t.device)
-        return flat[: t.numel()].view(t.shape)
-
-
-def _commit_momentum(bufs: list[Tensor], grads: list[Tensor], mu: float, ok: Tensor | None, scratch: _Scratch) -> None:
+def _commit_momentum(bufs: list[Tensor], grads: list[Tensor], mu: float, ok: Tensor | None, scratch: Workspace) -> None:
     """``B ← lerp(B, G, 1−μ)`` in place where ``ok`` (or always when None); the same bits ``_momentum_input``
     computed (same operation on the same tensors). A non-finite G under a false ``ok`` is selected away."""
     if ok is None:
         torch._foreach_lerp_(bufs, grads, 1.0 - mu)
         return
     for b, g in zip(bufs, grads, strict=True):
-        torch.where(ok, torch.lerp(b, g, 1.0 - mu, out=scratch.like(b)), b, out=b)
+        torch.where(ok, torch.lerp(b, g, 1.0 - mu, out=scratch.like("momentum", b)), b, out=b)
 
 
-def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float, scratch: _Scratch) -> None:
+def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float, scratch: Workspace) -> None:
     """``θ ← θ + alpha·U`` for every parameter. A CPU update in another dtype (bfloat16 into float32) is converted
     into the scratch buffer first: torch's CPU kernels would convert it into a fresh tensor per parameter (the
     GPU ones cast on the fly). Same values either way: the conversion to the wider dtype is exact."""
     if parts and parts[0].device.type == "cpu" and parts[0].dtype != params[0].dtype:
         for t, u in zip(params, parts, strict=True):
-            t.add_(scratch.like(u, t.dtype).copy_(u), alpha=alpha)
+            t.add_(scratch.like("update", u, t.dtype).copy_(u), alpha=alpha)
         return
     torch._foreach_add_(params, parts, alpha=alpha)
 
@@ -495,7 +473,7 @@ def sharded_prepare(
     return pending
 
 
-def _commit(p: _Pending, ok: Tensor | None, scratch: _Scratch) -> None:
+def _commit(p: _Pending, ok: Tensor | None, scratch: Workspace) -> None:
     """Phase 2: write the megabatch's new state (or, where ``ok`` is false, keep the old one bit for bit)."""
     update = p.update
     if ok is not None:
@@ -854,11 +832,11 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 raise NonFiniteError(f"{self._nonfinite_cause(all_params, grads_finite)}; no state was changed")
         commit_ok = ok if policy == "skip" else None
         keep = True
-        if commit_ok is not None and commit_ok.device.type in HOST_FLAG_DEVICES:
+        if commit_ok is not None and commit_ok.device.type in CPU_PATH_DEVICES:
             # On the CPU reading the flag costs nothing (its ops run synchronously, there is no graph to capture):
             # a kept step commits without the selects, a skipped one writes nothing. Same state either way.
             keep, commit_ok = bool(commit_ok), None
-        scratch = _Scratch()
+        scratch = Workspace()  # the commit's per-parameter temporaries (polar/workspace.py)
         for p in pending if keep else ():
             if isinstance(p, AdamWPending):
                 p.commit(commit_ok)

@@ -33,6 +33,7 @@ import torch
 from . import kernels
 from .normalize import work_dtype
 from .schedules import Triple
+from .workspace import Workspace
 
 #: Unit roundoff of a product's result per compute dtype (the rounding of the stored m×m matrices).
 UNIT_ROUNDOFF: dict[torch.dtype, float] = {
@@ -204,23 +205,6 @@ def _poly_part(A: torch.Tensor, b: float, c: float, out: torch.Tensor | None = N
     return _addmm(A, A, A, beta=b, alpha=c, out=out)
 
 
-class _Workspace:
-    """Buffers reused by every matrix of a per-matrix CPU loop (``_per_matrix_on_cpu``), by role.
-
-    Why: the loop would otherwise allocate four m×n and eight m×m temporaries per matrix; reusing the same
-    memory keeps it in cache and off the allocator (on the CPU, large fresh allocations can cost page faults).
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        buf = self._buffers.get(role)
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype:
-            buf = self._buffers[role] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return buf
-
-
 #: Matrices with fewer entries than this are iterated as one batch on the CPU too (256×256).
 PER_MATRIX_MIN_ENTRIES = 65536
 
@@ -243,7 +227,7 @@ def _per_matrix_on_cpu(
     if X.device.type != "cpu" or X.shape[-2] * X.shape[-1] < PER_MATRIX_MIN_ENTRIES:
         return iterate(X, first_gram=first_gram, row_scale=row_scale, **kw)
     result = torch.empty_like(X)
-    work = _Workspace()
+    work = Workspace()
     for i in range(X.shape[0]):
         first = None if first_gram is None else first_gram[i]
         scale = None if row_scale is None else row_scale[i]
@@ -279,7 +263,7 @@ def _standard(
     first_gram: torch.Tensor | None,
     row_scale: torch.Tensor | None,
     out: torch.Tensor | None = None,
-    work: _Workspace | None = None,
+    work: Workspace | None = None,
 ) -> torch.Tensor:
     """The standard form on one matrix (2-D) or a batch (3-D); the last product is written into ``out`` if given,
     the intermediate ones into ``work`` (alternating between two m×n buffers) if given."""
@@ -289,9 +273,9 @@ def _standard(
         target = out if k == last else None
         gram = poly = None
         if work is not None:
-            gram, poly = work.get("gram", (m, m), X), work.get("poly", (m, m), X)
+            gram, poly = work.get("gram", (m, m), X.dtype, X.device), work.get("poly", (m, m), X.dtype, X.device)
             if target is None:
-                target = work.get(f"x{k % 2}", tuple(X.shape), X)  # never X itself: step k reads buffer k−1
+                target = work.like(f"x{k % 2}", X)  # never X itself: step k reads buffer k−1
         if k == 0 and first_gram is not None:
             Z = _poly_part(first_gram, b, c, out=poly)
             X = _mm(_plus_identity(Z, a, row_scale).to(X.dtype), X, out=target)
@@ -330,7 +314,7 @@ def _gram_form(
     row_scale: torch.Tensor | None,
     restart_at: frozenset[int],
     out: torch.Tensor | None = None,
-    work: _Workspace | None = None,  # accepted for the shared loop; the Gram form's m×m chain allocates its own
+    work: Workspace | None = None,  # accepted for the shared loop; the Gram form's m×m chain allocates its own
 ) -> torch.Tensor:
     """The Gram form on one matrix (2-D) or a batch (3-D); the last product is written into ``out`` if given."""
     R = gram_product(X) if first_gram is None else first_gram.to(X.dtype)

@@ -1,0 +1,35 @@
+"""Reusable buffers for the CPU's per-matrix and per-parameter loops (Newton–Schulz, the optimizer's commit).
+
+Why: those loops would otherwise allocate the same temporaries afresh for every matrix and every step; reusing one
+buffer per role keeps the memory in cache and off the allocator (on the CPU, large fresh allocations can cost a
+pass of page faults: ``optim/megabatch.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Workspace:
+    """One flat buffer per (role, dtype, device), grown when a request needs more; requests get views of it.
+
+    A view is valid until the next request for the same role: callers use one role per live temporary.
+    """
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialized contiguous tensor of ``shape`` in the role's buffer."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        key = (role, dtype, device)
+        flat = self._flat.get(key)
+        if flat is None or flat.numel() < numel:
+            flat = self._flat[key] = torch.empty(numel, dtype=dtype, device=device)
+        return flat[:numel].view(shape)
+
+    def like(self, role: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``get`` with ``t``'s shape and device (and dtype unless given)."""
+        return self.get(role, tuple(t.shape), t.dtype if dtype is None else dtype, t.device)
