@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import warnings
 
 import pytest
@@ -470,3 +471,25 @@ def test_momentum_buffer_is_torch_lerp_bit_for_bit(nonfinite: str, nesterov: boo
         opt.step()
         for p, b in zip(params, old, strict=True):
             assert torch.equal(opt.state[p]["momentum_buffer"], torch.lerp(b, p.grad, 1 - 0.9))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts minor page faults with getrusage")
+def test_cpu_step_reuses_its_buffers_in_steady_state() -> None:
+    """After the first steps a CPU step allocates nothing large afresh (optim/base.py ``_held_update``): fresh
+    large allocations are page-faulted in on every step. Before the optimizer kept its buffers, this
+    configuration faulted 7k–10k pages per step (measured 2026-11-23); now it faults none."""
+    import resource
+
+    params = make_params([(768, 3072), (3072, 768), (768, 768)] * 2)
+    opt = orthoptim.Muon(params, lr=0.02)
+    gen = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    opt.step()
+    faults = []
+    for _ in range(2):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        opt.step()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert min(faults) < 500, faults  # 2 MB; one fresh update buffer here is 4.7 MB

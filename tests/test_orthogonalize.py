@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 import orthoptim
-from orthoptim.polar import composite, get_schedule, list_schedules, polar
+from orthoptim.polar import Workspace, composite, get_schedule, list_schedules, polar
 
 from .conftest import gains, with_spectrum
 
@@ -218,3 +220,43 @@ def test_auto_compute_dtype_follows_the_cpu() -> None:
     assert resolve_compute_dtype(None, torch.device("cpu")) == want
     assert resolve_compute_dtype(None, torch.device("cuda")) == torch.bfloat16
     assert resolve_compute_dtype("fp32", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("tall", [False, True])
+@pytest.mark.parametrize("iteration", ["standard", "gram"])
+@pytest.mark.parametrize("normalization", ["frobenius", "schatten4"])
+def test_out_and_workspace_give_the_float64_polar_factor(tall: bool, iteration: str, normalization: str) -> None:
+    """``out=`` and ``workspace=`` (what the optimizers pass on the CPU): the result is written into ``out``,
+    equals the float64 SVD polar factor to the compute dtype's accuracy and the plain call bit for bit, and a
+    later call through the same workspace leaves the earlier result alone. 520 rows: the CPU's row-block path."""
+    s = torch.logspace(0, -1, 520, dtype=torch.float64)
+    G = torch.stack([with_spectrum(520, 600, s, seed=k)[0] for k in (3, 4)])
+    if tall:
+        G = G.mT.contiguous()
+    P = polar(G)
+    kw: dict[str, Any] = dict(schedule="polar_express", steps=8, normalization=normalization, iteration=iteration)
+    ws = Workspace()
+    for dtype, tol in ((torch.bfloat16, 0.03), (torch.float32, 5e-5)):
+        plain = orthoptim.orthogonalize(G.float(), compute_dtype=dtype, **kw)
+        for out_dtype in (dtype, torch.float32):  # the compute dtype (written directly) or a copy into out
+            wide = torch.empty(2, 520, 600, dtype=out_dtype)
+            out = wide.mT if tall else wide
+            got = orthoptim.orthogonalize(
+                G.float(), compute_dtype=dtype, out_dtype=out_dtype, out=out, workspace=ws, **kw
+            )
+            assert got is out
+            assert float(torch.linalg.matrix_norm(got.double() - P, ord=2).max()) < tol
+            assert torch.equal(got, plain.to(out_dtype))
+            kept = got.clone()
+            orthoptim.orthogonalize(-2.0 * G.float(), compute_dtype=dtype, workspace=ws, **kw)
+            assert torch.equal(got, kept)
+
+
+def test_bad_out_is_named() -> None:
+    G = torch.randn(2, 8, 12)
+    with pytest.raises(ValueError, match="shape"):
+        orthoptim.orthogonalize(G, out=torch.empty(2, 12, 8))
+    with pytest.raises(ValueError, match="dtype"):
+        orthoptim.orthogonalize(G, out=torch.empty(2, 8, 12, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="share memory"):
+        orthoptim.orthogonalize(G, out=G)

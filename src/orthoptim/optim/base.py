@@ -149,13 +149,20 @@ class _Pending:
 
 
 def _momentum_stacks(
-    bufs: list[Tensor], grads: list[Tensor], mu: float, nesterov: bool, shape: tuple[int, ...]
+    bufs: list[Tensor],
+    grads: list[Tensor],
+    mu: float,
+    nesterov: bool,
+    shape: tuple[int, ...],
+    held: Workspace | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(M, old, new)`` for parameters stacked to ``shape`` (matrices, m, n) or flat (numel,): the optimizer's
     input ``M`` — a temporary the normalization may overwrite — and, outside ``CPU_PATH_DEVICES``,
-    the stacked old and new momentum for the commit (else None: the commit recomputes it)."""
+    the stacked old and new momentum for the commit (else None: the commit recomputes it). ``held``: ``M`` is
+    written into its role ``"input"`` (one megabatch at a time uses it: the one-process CPU path)."""
     if grads[0].device.type in CPU_PATH_DEVICES:
-        M = torch.empty(shape, dtype=bufs[0].dtype, device=bufs[0].device)
+        dtype, device = bufs[0].dtype, bufs[0].device
+        M = torch.empty(shape, dtype=dtype, device=device) if held is None else held.get("input", shape, dtype, device)
         return _momentum_input(bufs, grads, mu, nesterov, M), None, None
     G = torch.cat([g.reshape(-1) for g in grads]).view(shape)
     old = torch.cat([b.reshape(-1) for b in bufs]).view(shape)
@@ -230,17 +237,18 @@ def _each_finite(tensors: list[Tensor]) -> Tensor:
     return torch.isfinite(hi) & torch.isfinite(lo)
 
 
-def _orthogonalizer(group: dict[str, Any], *, compute_dtype_out: bool = False) -> Callable[[Tensor], Tensor]:
+def _orthogonalizer(group: dict[str, Any], *, compute_dtype_out: bool = False) -> Callable[..., Tensor]:
     """The group's ``orthogonalize`` call on a stacked (B, m, n) batch (output finiteness is checked by the step).
 
     ``compute_dtype_out``: return O in the compute dtype (e.g. bfloat16) rather than the parameters' — the final
     foreach add takes mixed dtypes, so the conversion pass over every update is saved (one-process path).
     ``M`` is the step's own temporary: it is normalized in place (no float32 copy), except in the nuclear scale
-    mode, which needs it afterwards for ``⟨O, M⟩``.
+    mode, which needs it afterwards for ``⟨O, M⟩``. ``orth(M, out, workspace)``: O is written into ``out``, the
+    temporaries live in ``workspace`` (see ``orthogonalize``).
     """
     scratch = group["scale_mode"] != "nuclear"
 
-    def orth(M: Tensor) -> Tensor:
+    def orth(M: Tensor, out: Tensor | None = None, workspace: Workspace | None = None) -> Tensor:
         out_dtype = resolve_compute_dtype(group["compute_dtype"], M.device) if compute_dtype_out else None
         return orthogonalize(
             M,
@@ -252,6 +260,8 @@ def _orthogonalizer(group: dict[str, Any], *, compute_dtype_out: bool = False) -
             iteration=group.get("iteration", "auto"),  # groups saved before the option existed run "auto"
             out_dtype=out_dtype,
             overwrite_input=scratch,
+            out=out,
+            workspace=workspace,
         )
 
     return orth
@@ -296,6 +306,8 @@ def orthogonalized_prepare(
     *,
     need_flags: bool,
     start: StartFn | None = None,
+    held: Workspace | None = None,
+    role: str = "",
 ) -> list[_Pending]:
     """Phase 1 of the functional update: compute every megabatch's new state and update, commit nothing.
 
@@ -303,6 +315,8 @@ def orthogonalized_prepare(
     here: the commit selects (``torch.where``) rather than multiplies, so a discarded NaN never leaks.
     ``start`` (distributed): every megabatch's orthogonalization is started first — each rank computes its share
     while earlier results travel — and the updates are finished once all have started.
+    ``held`` (the CPU, one process): the optimizer's buffers kept between steps; megabatch k's O is written into
+    its role ``f"{role}{k}"`` (``_held_update``) instead of a fresh tensor.
     """
     mu = group["momentum"]
     orth = _orthogonalizer(group, compute_dtype_out=start is None)
@@ -312,9 +326,10 @@ def orthogonalized_prepare(
         m, n = mb.matrix_shape
         idx = mb.indices
         b_mb, g_mb = [bufs[i] for i in idx], [grads[i] for i in idx]
-        M, old, new = _momentum_stacks(b_mb, g_mb, mu, group["nesterov"], (mb.matrices, m, n))
+        M, old, new = _momentum_stacks(b_mb, g_mb, mu, group["nesterov"], (mb.matrices, m, n), held)
         if start is None:
-            p = _megabatch_pending(mb, params, grads, bufs, second, steps, M, orth(M), group, need_flags)
+            out = None if held is None else _held_update(held, f"{role}{k}", M, group)
+            p = _megabatch_pending(mb, params, grads, bufs, second, steps, M, orth(M, out, held), group, need_flags)
             p.old_bufs, p.new_bufs = old, new
             pending.append(p)
         else:
@@ -324,6 +339,22 @@ def orthogonalized_prepare(
         p.old_bufs, p.new_bufs = old, new
         pending.append(p)
     return pending
+
+
+def _held_update(held: Workspace, role: str, M: Tensor, group: dict[str, Any]) -> Tensor:
+    """A buffer for megabatch M's orthogonalized update, in the compute dtype, laid out wide (the iteration's
+    orientation, so its last product writes straight into it), kept in ``held`` from step to step.
+
+    Why (CPU): every update is held until the commit, and freeing them all at the end of a step let glibc return
+    the memory to the OS, to be page-faulted back in on the next step — ~40k faults and 0.1–0.5 s of system time
+    on a 2.5 s GPT-2-small step (measured 2026-11-23, 2-core CPU; benchmarks/RESULTS.md). The price is that
+    memory held between steps: the size of the updates (half the momentum's in bfloat16).
+    """
+    dtype = resolve_compute_dtype(group["compute_dtype"], M.device)
+    b, m, n = M.shape
+    if m > n:
+        return held.get(role, (b, n, m), dtype, M.device).mT
+    return held.get(role, (b, m, n), dtype, M.device)
 
 
 def _megabatch_pending(
@@ -538,6 +569,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self._distributed = self._group is not None
         self._dist_plans: dict[tuple[int, ...], list[_GroupSplit | None]] = {}
         self._plans: dict[tuple[int, ...], list[Megabatch]] = {}
+        # The CPU's phase-1 update buffers, kept between steps (``_held_update``); not optimizer state.
+        self._held = Workspace()
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._validate_group(group)
@@ -643,13 +676,14 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     def _prepare_local(self, gathered: list[Any], sanitize: Tensor | None, need_flags: bool) -> list[Any]:
         """Phase 1 on one process: every group's update, nothing committed."""
         pending: list[Any] = []
-        for group, params, grads, lists in gathered:
+        for g, (group, params, grads, lists) in enumerate(gathered):
             if not params:
                 continue
             if group.get("algorithm", "orthogonalized") == "adamw":
                 pending.append(adamw_prepare(params, grads, lists, group, sanitize=sanitize))
             else:
                 plan = self._plan(group, params)
+                on_cpu = grads[0].device.type in CPU_PATH_DEVICES
                 pending.extend(
                     orthogonalized_prepare(
                         params,
@@ -660,6 +694,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                         plan,
                         group,
                         need_flags=need_flags,
+                        held=self._held if on_cpu else None,
+                        role=f"update{g}.",
                     )
                 )
         return pending

@@ -14,6 +14,7 @@ from .schedules import (
     list_schedules,
     validate_schedule,
 )
+from .workspace import Workspace
 
 __all__ = [
     "DEFAULT_NORMALIZATION",
@@ -24,6 +25,7 @@ __all__ = [
     "NonFiniteError",
     "Schedule",
     "ScheduleReport",
+    "Workspace",
     "as_schedule",
     "composite",
     "design_schedule",

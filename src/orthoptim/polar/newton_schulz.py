@@ -91,15 +91,23 @@ def iteration_cost(m: int, n: int, coefficients: Sequence[Triple], restarts: Seq
     return cost
 
 
-def _plus_identity(Z: torch.Tensor, a: float, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+def _plus_identity(
+    Z: torch.Tensor,
+    a: float,
+    row_scale: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    work: Workspace | None = None,
+) -> torch.Tensor:
     """``(aI + Z)·diag(row_scale)`` in ``Z``'s dtype, with ``aI`` and the scale applied at float32 (float64)
-    precision so the factor is rounded once."""
-    work = row_scale.dtype if row_scale is not None else work_dtype(Z.dtype)
-    P = Z.to(work, copy=True)  # Z is still needed by the caller
+    precision so the factor is rounded once; into ``out`` if given (may be ``Z`` itself), the float32 copy in
+    ``work``'s role ``"factor"`` if given."""
+    dtype = row_scale.dtype if row_scale is not None else work_dtype(Z.dtype)
+    P = Z.to(dtype, copy=True) if work is None else work.like("factor", Z, dtype).copy_(Z)
     P.diagonal(dim1=-2, dim2=-1).add_(a)
     if row_scale is not None:
         P.mul_(row_scale.mT)
-    return P.to(Z.dtype)
+    return P.to(Z.dtype) if out is None else out.copy_(P)
 
 
 def _kernels_for(X: torch.Tensor) -> bool:
@@ -214,6 +222,8 @@ def _per_matrix_on_cpu(
     X: torch.Tensor,
     first_gram: torch.Tensor | None,
     row_scale: torch.Tensor | None,
+    out: torch.Tensor | None,
+    work: Workspace | None,
     **kw: Any,
 ) -> torch.Tensor:
     """Run ``iterate`` matrix by matrix on the CPU, batched elsewhere.
@@ -225,9 +235,9 @@ def _per_matrix_on_cpu(
     overhead dominates. On accelerators one batched launch is what matters.
     """
     if X.device.type != "cpu" or X.shape[-2] * X.shape[-1] < PER_MATRIX_MIN_ENTRIES:
-        return iterate(X, first_gram=first_gram, row_scale=row_scale, **kw)
-    result = torch.empty_like(X)
-    work = Workspace()
+        return iterate(X, first_gram=first_gram, row_scale=row_scale, out=out, **kw)
+    result = torch.empty_like(X) if out is None else out
+    work = Workspace() if work is None else work
     for i in range(X.shape[0]):
         first = None if first_gram is None else first_gram[i]
         scale = None if row_scale is None else row_scale[i]
@@ -242,6 +252,8 @@ def newton_schulz(
     *,
     first_gram: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    work: Workspace | None = None,
 ) -> torch.Tensor:
     """Apply the steps ``coefficients`` to ``X`` of shape (B, m, n), m ≤ n, already normalized (standard form).
 
@@ -249,11 +261,23 @@ def newton_schulz(
     without ever forming it: the first step is ``X₁ = (aI + bA_s + cA_s²)·diag(row_scale)·X`` — the m×m factor
     absorbs the scale, so ``X`` is not rounded a second time — and ``A_s`` replaces the first Gram product.
 
-    Runs in ``X``'s dtype (the compute dtype); returns a new tensor of the same shape and dtype.
+    Runs in ``X``'s dtype (the compute dtype); returns a new tensor of the same shape and dtype, or ``out``
+    (contiguous, ``X``'s shape and dtype, not overlapping ``X``) with the result written into it. ``work``: a
+    :class:`Workspace` for the CPU loop's temporaries (roles ``"x0"``, ``"x1"``, ``"gram"``, ``"poly"``,
+    ``"factor"``), kept by the caller across calls; a fresh one per call if None.
     """
     if first_gram is not None and row_scale is None:
         raise ValueError("newton_schulz: first_gram needs its row_scale")
-    return _per_matrix_on_cpu(_standard, X, first_gram, row_scale, coefficients=tuple(coefficients))
+    _check_out(out, X, "newton_schulz")
+    return _per_matrix_on_cpu(_standard, X, first_gram, row_scale, out, work, coefficients=tuple(coefficients))
+
+
+def _check_out(out: torch.Tensor | None, X: torch.Tensor, who: str) -> None:
+    if out is not None and (out.shape != X.shape or out.dtype != X.dtype or not out.is_contiguous()):
+        raise ValueError(
+            f"{who}: out must be a contiguous {X.dtype} tensor of shape {tuple(X.shape)}, got "
+            f"{out.dtype} of shape {tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}"
+        )
 
 
 def _standard(
@@ -278,7 +302,7 @@ def _standard(
                 target = work.like(f"x{k % 2}", X)  # never X itself: step k reads buffer k−1
         if k == 0 and first_gram is not None:
             Z = _poly_part(first_gram, b, c, out=poly)
-            X = _mm(_plus_identity(Z, a, row_scale).to(X.dtype), X, out=target)
+            X = _mm(_plus_identity(Z, a, row_scale, out=poly, work=work), X, out=target)
         elif c == 0.0:
             X = _addmm(X, gram_product(X, out=gram), X, beta=a, alpha=b, out=target)
         else:
@@ -293,6 +317,8 @@ def gram_newton_schulz(
     first_gram: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
     restarts: Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
+    work: Workspace | None = None,
 ) -> torch.Tensor:
     """The same iteration as :func:`newton_schulz`, in the Gram form (module docstring); same arguments.
 
@@ -301,9 +327,12 @@ def gram_newton_schulz(
     """
     if first_gram is not None and row_scale is None:
         raise ValueError("gram_newton_schulz: first_gram needs its row_scale")
+    _check_out(out, X, "gram_newton_schulz")
     coefficients = tuple(coefficients)
     restart_at = frozenset(gram_restarts(coefficients, X.dtype) if restarts is None else restarts)
-    return _per_matrix_on_cpu(_gram_form, X, first_gram, row_scale, coefficients=coefficients, restart_at=restart_at)
+    return _per_matrix_on_cpu(
+        _gram_form, X, first_gram, row_scale, out, work, coefficients=coefficients, restart_at=restart_at
+    )
 
 
 def _gram_form(

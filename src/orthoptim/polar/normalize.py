@@ -39,6 +39,7 @@ from typing import Literal, TypeAlias
 import torch
 
 from .errors import NonFiniteError
+from .workspace import Workspace
 
 Normalization: TypeAlias = Literal["frobenius", "schatten4", "aol"]
 NonFinitePolicy: TypeAlias = Literal["raise", "propagate"]
@@ -119,6 +120,7 @@ def normalize(
     shape: torch.Size | None = None,
     out_dtype: torch.dtype | None = None,
     overwrite_input: bool = False,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Return ``X`` (..., m, n) divided per matrix by ``margin·‖X‖_F`` (spectral norm ≤ 1/margin, exact arithmetic).
 
@@ -135,6 +137,9 @@ def normalize(
     dtype (the optimizers' stacked momentum input): no float32 copy is allocated. The norm is then summed in
     ``X``'s memory order, so a tall view and its wide contiguous twin may differ in the last bit; without it
     they are bit-identical.
+
+    ``workspace``: the result (and the float32 copy, if one is made) are views of its buffers (roles
+    ``"prescaled"``, ``"normalized"``), valid until their next use, instead of fresh tensors.
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
@@ -157,7 +162,7 @@ def normalize(
     if overwrite_input and X.dtype == work:
         scaled = X.mul_(exact_pow2(first, work))
     else:
-        scaled = torch.mul(X, exact_pow2(first, work), out=torch.empty(X.shape, dtype=work, device=X.device))
+        scaled = torch.mul(X, exact_pow2(first, work), out=_fresh(workspace, "prescaled", X, work))
     up = exact_pow2(rest, work)
     norm = torch.linalg.vector_norm(scaled, dim=(-2, -1), keepdim=True) * up
     factor = up / (norm.clamp_min(_NORM_FLOOR) * margin)
@@ -165,19 +170,34 @@ def normalize(
     # one mixed-dtype multiply: torch runs the latter through its unvectorized casting loop (2× slower, CPU).
     scaled.mul_(factor)
     if out_dtype is None or out_dtype == work:
-        return scaled if scaled.is_contiguous() else scaled.contiguous()
-    return torch.empty(X.shape, dtype=out_dtype, device=X.device).copy_(scaled)
+        return scaled if scaled.is_contiguous() else _fresh(workspace, "normalized", X, work).copy_(scaled)
+    return _fresh(workspace, "normalized", X, out_dtype).copy_(scaled)
 
 
-def gram_scale(A: torch.Tensor, normalization: Normalization, margin: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _fresh(workspace: Workspace | None, role: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous tensor of ``like``'s shape in ``dtype``: from ``workspace`` if given."""
+    if workspace is None:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    return workspace.like(role, like, dtype)
+
+
+def gram_scale(
+    A: torch.Tensor,
+    normalization: Normalization,
+    margin: float = 1.0,
+    *,
+    overwrite_input: bool = False,
+    workspace: Workspace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale for a Gram-based normalization, from ``A = XXᵀ`` (B, m, m) of a Frobenius-normalized ``X``.
 
     Returns ``(A_s, scale)``: ``scale`` (B, m, 1), in float32 (float64 for float64 ``A``), holds the factor
     for each row of ``X`` (the same for every row under ``"schatten4"``), so that ``X_s = scale·X`` has
     ``σmax ≤ 1/margin``; ``A_s = X_s X_sᵀ`` (in ``A``'s dtype) is its Gram matrix, ready for the first
-    Newton–Schulz step. Zero matrices give zeros.
+    Newton–Schulz step. Zero matrices give zeros. ``overwrite_input``: ``A_s`` is written into ``A`` (the
+    caller's temporary); ``workspace``: the float32 copy of ``A`` is a view of its role ``"gram_work"``.
     """
-    Af = A.to(work_dtype(A.dtype))
+    Af = _fresh(workspace, "gram_work", A, work_dtype(A.dtype)).copy_(A)
     if normalization == "schatten4":
         k = A.shape[-1]
         # ‖X‖_F = 1 ⇒ ‖A‖_F² = Σσ⁴ ≥ (Σσ²)²/k = 1/k: the floor only ever catches the zero matrix.
@@ -189,5 +209,6 @@ def gram_scale(A: torch.Tensor, normalization: Normalization, margin: float = 1.
         scale = rowsum.clamp_min(torch.finfo(Af.dtype).tiny).rsqrt() / margin
     else:
         raise ValueError(f"gram_scale: {normalization!r} is not a Gram-based normalization")
-    A_s = Af.mul(scale).mul_(scale.mT).to(A.dtype)  # (Af·scale)·scaleᵀ, one temporary
+    Af.mul_(scale).mul_(scale.mT)  # (Af·scale)·scaleᵀ
+    A_s = A.copy_(Af) if overwrite_input else Af.to(A.dtype, copy=True)
     return A_s, scale

@@ -11,6 +11,7 @@ from .checks import check_matrix_input
 from .newton_schulz import gram_newton_schulz, gram_product, gram_restarts, iteration_cost, newton_schulz
 from .normalize import NONFINITE_POLICIES, NonFinitePolicy, Normalization, gram_scale, normalize
 from .schedules import ScheduleSpec, Triple, as_schedule, check_precision
+from .workspace import Workspace
 
 #: The schedule and step count used when the caller names none (see README "Choosing a default").
 DEFAULT_SCHEDULE = "orthoptim"
@@ -111,6 +112,8 @@ def orthogonalize(
     iteration: Iteration = "auto",
     out_dtype: torch.dtype | None = None,
     overwrite_input: bool = False,
+    out: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Approximate the polar factor ``U Vᵀ`` of each matrix in ``G`` (..., m, n) by Newton–Schulz.
 
@@ -144,11 +147,29 @@ def orthogonalize(
             parameters directly).
         overwrite_input: ``G`` is the caller's temporary and may be used as scratch space (its contents are
             undefined afterwards); saves a float32 copy of it. The optimizers pass their momentum input.
+        out: a tensor of ``G``'s shape and the result's dtype (``out_dtype``, else ``G``'s) to write the result
+            into, which is then returned (torch's ``out=`` convention; it must not share memory with ``G``).
+            When it is in the compute dtype and contiguous in the wide orientation (``out.mT`` contiguous for
+            tall matrices) the last product is written straight into it; otherwise the result is copied in.
+            The optimizers pass buffers they keep between steps (no fresh allocation per step on the CPU).
+        workspace: a :class:`~orthoptim.polar.workspace.Workspace` whose buffers hold the call's large
+            temporaries (the normalized copy, Gram matrices, the CPU loop's products) instead of fresh tensors;
+            keep one across calls to allocate nothing after the first (the optimizers do, on the CPU). Its
+            buffers are overwritten by the next call that uses it; the result never lives in it.
 
     Returns:
-        A tensor of ``G``'s shape and dtype (a transposed view for tall matrices).
+        A tensor of ``G``'s shape and dtype (a transposed view for tall matrices), or ``out``.
     """
     check_matrix_input(G, "orthogonalize")
+    result_dtype = G.dtype if out_dtype is None else out_dtype
+    if out is not None:
+        if out.shape != G.shape or out.dtype != result_dtype:
+            raise ValueError(
+                f"orthogonalize: out must have shape {tuple(G.shape)} and dtype {result_dtype}, "
+                f"got {tuple(out.shape)} and {out.dtype}"
+            )
+        if out.untyped_storage().data_ptr() == G.untyped_storage().data_ptr():
+            raise ValueError("orthogonalize: out must not share memory with G")
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
     sched = as_schedule(schedule)
@@ -166,6 +187,11 @@ def orthogonalize(
     X = G.mT if tall else G
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, X.shape[-2], X.shape[-1])
+    direct = None  # ``out`` as the wide (B, m, n) batch the last product can be written into
+    if out is not None:
+        wide_out = out.mT if tall else out
+        if wide_out.dtype == dtype and wide_out.is_contiguous():
+            direct = wide_out.view(X.shape)
     gram_based = normalization != "frobenius"
     X = normalize(
         X,
@@ -176,11 +202,20 @@ def orthogonalize(
         shape=G.shape,
         out_dtype=dtype,
         overwrite_input=overwrite_input,
+        workspace=workspace,
     )
     if not gram_based:
-        X = iterate(X, coefficients)
+        X = iterate(X, coefficients, out=direct, work=workspace)
     else:
-        A_s, scale = gram_scale(gram_product(X), normalization, sched.margin)
-        X = iterate(X, coefficients, first_gram=A_s, row_scale=scale)
-    X = X.reshape(*batch_shape, X.shape[-2], X.shape[-1]).to(G.dtype if out_dtype is None else out_dtype)
+        gram = None if workspace is None else workspace.get("first_gram", (*X.shape[:-1], X.shape[-2]), dtype, X.device)
+        A_s, scale = gram_scale(
+            gram_product(X, out=gram), normalization, sched.margin, overwrite_input=True, workspace=workspace
+        )
+        X = iterate(X, coefficients, first_gram=A_s, row_scale=scale, out=direct, work=workspace)
+    X = X.reshape(*batch_shape, X.shape[-2], X.shape[-1])
+    if out is not None:
+        if direct is None:
+            out.copy_(X.mT if tall else X)
+        return out
+    X = X.to(result_dtype)
     return X.mT if tall else X
