@@ -872,7 +872,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             # On the CPU reading the flag costs nothing (its ops run synchronously, there is no graph to capture):
             # a kept step commits without the selects, a skipped one writes nothing. Same state either way.
             keep, commit_ok = bool(commit_ok), None
-        scratch = Workspace()  # the commit's per-parameter temporaries (polar/workspace.py)
+        scratch = self._held  # the commit's per-parameter temporaries (roles "momentum", "update"), kept too
         for p in pending if keep else ():
             if isinstance(p, AdamWPending):
                 p.commit(commit_ok)
