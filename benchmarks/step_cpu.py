@@ -1,24 +1,32 @@
 """Optimizer step time on GPT-2-small's 48 hidden matrices, orthoptim vs torch.optim.Muon, same process.
 
-    .venv/bin/python benchmarks/step_cpu.py [--layers 12] [--repeats 3] [--rounds 3] [--device cpu] [--configs 0 1 2]
+    .venv/bin/python benchmarks/step_cpu.py [--layers 12] [--rounds 8] [--device cpu] [--configs 0 1 2]
 
 Matrices: per layer {768×2304, 768×768, 3072×768, 768×3072} (the shapes listed for GPT-2 small in the project's
-issue), fp32 parameters with random gradients. Each configuration runs in fresh processes, in turn with the others
-(``time_in_subprocesses``). Prints median ms per ``step()`` and the ratio to torch.optim.Muon measured in the same
-run. Not a test: machines are shared and noisy; compare ratios within one run.
+issue), fp32 parameters with random gradients. Every configuration gets its own parameters and optimizer in this
+one process and one warm-up step; then each round steps every configuration once, in turn (forward order in even
+rounds, reverse in odd ones, so a drifting machine favours none). Printed per configuration: median ms per
+``step()``, and the median over rounds of its time divided by torch.optim.Muon's *in the same round* — the number
+to read on a shared machine, whose speed moves by ±20% from minute to minute but alike for neighbouring steps —
+with the smallest and largest of those per-round ratios. Not a test.
+
+Why one process (earlier versions ran each configuration in fresh processes): a configuration that allocates
+large blocks afresh every step pays page faults whose cost depends on the heap state other code left. Neither
+optimizer does in steady state any more (orthoptim keeps its buffers on the CPU, torch.optim.Muon's per-matrix
+temporaries are reused from the heap), and the last column shows it: minor page faults per step (median).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 import orthoptim
 from orthoptim.polar.orthogonalize import resolve_compute_dtype
@@ -26,6 +34,25 @@ from orthoptim.polar.orthogonalize import resolve_compute_dtype
 SHAPES = ((768, 2304), (768, 768), (3072, 768), (768, 3072))
 #: What ``compute_dtype=None`` resolves to on this machine's CPU (bfloat16 where it has native bf16 products).
 DEFAULT_DTYPE = str(resolve_compute_dtype(None, torch.device("cpu"))).replace("torch.", "")
+JORDAN = (3.4445, -4.7750, 2.0315)
+
+Maker = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+CONFIGS: list[tuple[str, Maker]] = [
+    ("torch.optim.Muon (Jordan NS5, bf16, per-matrix loop)", lambda ps: torch.optim.Muon(ps, lr=0.02)),
+    (
+        "orthoptim.Muon, same math (Jordan NS5, bf16), megabatched",
+        lambda ps: orthoptim.Muon(ps, lr=0.02, ns_coefficients=JORDAN, ns_steps=5, compute_dtype="bfloat16"),
+    ),
+    (f"orthoptim.Muon defaults (compute dtype here: {DEFAULT_DTYPE})", lambda ps: orthoptim.Muon(ps, lr=0.02)),
+    (
+        "orthoptim.Muon defaults, float32 compute (Gram form where cheaper)",
+        lambda ps: orthoptim.Muon(ps, lr=0.02, compute_dtype="float32"),
+    ),
+    (
+        "orthoptim.Muon defaults, float32 compute, standard form only",
+        lambda ps: orthoptim.Muon(ps, lr=0.02, compute_dtype="float32", iteration="standard"),
+    ),
+]
 
 
 def params_and_grads(layers: int, device: str) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
@@ -35,88 +62,63 @@ def params_and_grads(layers: int, device: str) -> tuple[list[nn.Parameter], list
     return params, grads
 
 
-def one_step_ms(opt: torch.optim.Optimizer, device: str) -> float:
+def timed_step(opt: torch.optim.Optimizer, device: str) -> tuple[float, int]:
+    """(ms, minor page faults) of one ``step()``."""
     if device != "cpu":
         torch.cuda.synchronize()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     opt.step()
     if device != "cpu":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def time_alone(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], args: argparse.Namespace) -> float:
-    """Median ms per step of one optimizer (after a warm-up step that allocates its state)."""
-    params, grads = params_and_grads(args.layers, args.device)
-    opt = make(params)
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g
-    opt.step()
-    return statistics.median(one_step_ms(opt, args.device) for _ in range(args.repeats))
-
-
-def time_in_subprocesses(configs: list[int], args: argparse.Namespace) -> list[float]:
-    """Each configuration in a fresh process, ``--rounds`` times in turn; the median over rounds of each.
-
-    Why fresh processes: on the CPU the step's speed depends on the allocator's state (which pages are already
-    mapped), so a configuration timed after another in one process inherits its heap; a shared machine that
-    drifts then slows all configurations of a round alike instead of whichever ran at a bad moment.
-    """
-    per: list[list[float]] = [[] for _ in configs]
-    base = [sys.executable, __file__, "--layers", str(args.layers), "--repeats", str(args.repeats)]
-    for _ in range(args.rounds):
-        for j, k in enumerate(configs):
-            out = subprocess.run([*base, "--device", args.device, "--only", str(k)], capture_output=True, text=True)
-            if out.returncode != 0:
-                raise RuntimeError(f"configuration {k} failed:\n{out.stderr}")
-            per[j].append(float(out.stdout.strip().splitlines()[-1]))
-    return [statistics.median(t) for t in per]
+    ms = (time.perf_counter() - t0) * 1e3
+    return ms, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8, help="timed steps per configuration, interleaved")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per configuration")
     parser.add_argument("--configs", type=int, nargs="+", default=None, help="rows to run (default: all; 0 first)")
-    parser.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)  # internal: one configuration
     args = parser.parse_args()
-    jordan = (3.4445, -4.7750, 2.0315)
-    configs: list[tuple[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]] = [
-        ("torch.optim.Muon (Jordan NS5, bf16, per-matrix loop)", lambda ps: torch.optim.Muon(ps, lr=0.02)),
-        (
-            "orthoptim.Muon, same math (Jordan NS5, bf16), megabatched",
-            lambda ps: orthoptim.Muon(ps, lr=0.02, ns_coefficients=jordan, ns_steps=5, compute_dtype="bfloat16"),
-        ),
-        (
-            f"orthoptim.Muon defaults (compute dtype here: {DEFAULT_DTYPE})",
-            lambda ps: orthoptim.Muon(ps, lr=0.02),
-        ),
-        (
-            "orthoptim.Muon defaults, float32 compute (Gram form where cheaper)",
-            lambda ps: orthoptim.Muon(ps, lr=0.02, compute_dtype="float32"),
-        ),
-        (
-            "orthoptim.Muon defaults, float32 compute, standard form only",
-            lambda ps: orthoptim.Muon(ps, lr=0.02, compute_dtype="float32", iteration="standard"),
-        ),
-    ]
-    if args.only is not None:
-        print(time_alone(configs[args.only][1], args))
-        return
+    chosen = list(range(len(CONFIGS))) if args.configs is None else args.configs
+    if not chosen or chosen[0] != 0 or any(not 0 <= k < len(CONFIGS) for k in chosen):
+        parser.error(f"--configs: row numbers in [0, {len(CONFIGS) - 1}], starting with 0 (torch.optim.Muon)")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    opts = []
+    for k in chosen:
+        params, grads = params_and_grads(args.layers, args.device)
+        opt = CONFIGS[k][1](params)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()  # warm-up: allocates the optimizer's state
+        opts.append(opt)
+    ms: list[list[float]] = [[] for _ in chosen]
+    faults: list[list[int]] = [[] for _ in chosen]
+    for r in tqdm(range(args.rounds), desc="rounds", leave=False):
+        order = list(range(len(chosen))) if r % 2 == 0 else list(reversed(range(len(chosen))))
+        for j in order:
+            t, f = timed_step(opts[j], args.device)
+            ms[j].append(t)
+            faults[j].append(f)
     print(
         f"# optimizer step, {4 * args.layers} matrices (GPT-2 small shapes), device {args.device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} steps per process, "
-        f"median over {args.rounds} fresh processes per configuration, run in turn"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} interleaved rounds in one "
+        "process after a warm-up step each"
     )
-    print("\n| configuration | ms / step | × torch.optim.Muon |\n|---|---|---|")
-    chosen = list(range(len(configs))) if args.configs is None else args.configs
-    if not chosen or chosen[0] != 0 or any(not 0 <= k < len(configs) for k in chosen):
-        parser.error(f"--configs: row numbers in [0, {len(configs) - 1}], starting with 0 (torch.optim.Muon)")
-    results = time_in_subprocesses(chosen, args)
-    for k, ms in zip(chosen, results, strict=True):
-        print(f"| {configs[k][0]} | {ms:.0f} | {ms / results[0]:.2f} |", flush=True)
+    print(
+        "\n| configuration | ms / step (median) | × torch.optim.Muon (median of per-round ratios) | range | faults |"
+        "\n|---|---|---|---|---|"
+    )
+    for j, k in enumerate(chosen):
+        ratios = [a / b for a, b in zip(ms[j], ms[0], strict=True)]
+        print(
+            f"| {CONFIGS[k][0]} | {statistics.median(ms[j]):.0f} | {statistics.median(ratios):.2f} | "
+            f"{min(ratios):.2f}–{max(ratios):.2f} | {statistics.median(faults[j]):.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

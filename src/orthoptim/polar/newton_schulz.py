@@ -177,15 +177,19 @@ def _symmetric_addmm(
             _symmetric_addmm(None if C is None else C[i], L[i], R[i], beta, alpha, out=out[i])
         return out
     rows = -(-m // SYMMETRIC_BLOCKS)
-    for start in range(0, m, rows):
-        end = min(start + rows, m)
-        if C is None:
-            torch.mm(L[start:end], R[:, :end], out=out[start:end, :end])
+    # Row blocks by one ``split`` each (fewer Python-level ops than slicing every block: this runs thousands of
+    # times per optimizer step).
+    out_rows, l_rows = out.split(rows), L.split(rows)
+    c_rows = (None,) * len(l_rows) if C is None else C.split(rows)
+    for o, left, c, start in zip(out_rows, l_rows, c_rows, range(0, m, rows), strict=True):
+        end = start + o.shape[0]
+        if c is None:
+            torch.mm(left, R[:, :end], out=o[:, :end])
         else:
-            torch.addmm(C[start:end, :end], L[start:end], R[:, :end], beta=beta, alpha=alpha, out=out[start:end, :end])
-    for start in range(0, m - rows, rows):
+            torch.addmm(c[:, :end], left, R[:, :end], beta=beta, alpha=alpha, out=o[:, :end])
+    for o, start in zip(out_rows[:-1], range(0, m, rows), strict=False):
         end = start + rows
-        out[start:end, end:].copy_(out[end:, start:end].mT)
+        o[:, end:].copy_(out[end:, start:end].mT)
     return out
 
 

@@ -18,9 +18,16 @@ class Workspace:
 
     def __init__(self) -> None:
         self._flat: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        # The views handed out, by request: the CPU loops ask for the same few shapes thousands of times a step,
+        # and a cached view saves the slicing (no memory: views share the flat buffer).
+        self._views: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
 
     def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialized contiguous tensor of ``shape`` in the role's buffer."""
+        request = (role, tuple(shape), dtype, device)
+        view = self._views.get(request)
+        if view is not None:
+            return view
         numel = 1
         for size in shape:
             numel *= size
@@ -28,7 +35,10 @@ class Workspace:
         flat = self._flat.get(key)
         if flat is None or flat.numel() < numel:
             flat = self._flat[key] = torch.empty(numel, dtype=dtype, device=device)
-        return flat[:numel].view(shape)
+            # Views of the old buffer must not be handed out again.
+            self._views = {k: v for k, v in self._views.items() if k[0] != role or k[2:] != key[1:]}
+        view = self._views[request] = flat[:numel].view(shape)
+        return view
 
     def like(self, role: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``get`` with ``t``'s shape and device (and dtype unless given)."""
