@@ -1,8 +1,10 @@
-"""Reusable buffers for the CPU's per-matrix and per-parameter loops (Newton–Schulz, the optimizer's commit).
+"""Reusable buffers: ``orthogonalize(..., workspace=)``, the CPU's per-matrix Newton–Schulz loop, and the
+optimizers, which keep one per optimizer on the CPU for the step's temporaries and held updates.
 
 Why: those loops would otherwise allocate the same temporaries afresh for every matrix and every step; reusing one
-buffer per role keeps the memory in cache and off the allocator (on the CPU, large fresh allocations can cost a
-pass of page faults: ``optim/megabatch.py``).
+buffer per role keeps the memory in cache and off the allocator — on the CPU, large blocks freed at the end of a
+step are handed back to the OS by glibc and page-faulted in again on the next one (``optim/base.py``,
+``_held_update``; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
