@@ -56,10 +56,10 @@ def test_inductor_compiles_and_matches_svd_polar() -> None:
 def test_fullgraph_trace_of_large_cpu_matrices(iteration: str) -> None:
     """Matrices large enough for the CPU's own eager paths (matrix-by-matrix loop with a workspace; row-block
     symmetric products from ``SYMMETRIC_MIN_ROWS``, which the trace replaces by full products) trace too."""
-    from orthoptim.polar.newton_schulz import PER_MATRIX_MIN_ENTRIES, SYMMETRIC_MIN_ROWS
+    from orthoptim.polar.newton_schulz import SYMMETRIC_MIN_ROWS, iterates_matrix_by_matrix
 
     G = torch.randn(2, SYMMETRIC_MIN_ROWS, 600, generator=torch.Generator().manual_seed(2))
-    assert G.shape[-2] * G.shape[-1] >= PER_MATRIX_MIN_ENTRIES
+    assert iterates_matrix_by_matrix(G.shape, G.device)
     torch._dynamo.reset()
     kw = {
         "nonfinite": "propagate",

@@ -100,12 +100,12 @@ def test_auto_picks_the_cheaper_form() -> None:
 
 @pytest.mark.parametrize("iteration", ["standard", "gram"])
 def test_large_batches_on_the_cpu_run_matrix_by_matrix(iteration: str) -> None:
-    """Above PER_MATRIX_MIN_ENTRIES the CPU iterates matrix by matrix (faster there): every matrix of a batch gets
+    """Large matrices on the CPU are iterated matrix by matrix (faster there): every matrix of a batch gets
     exactly the bits it gets alone, and the result is the polar factor (8 steps, float32, well-conditioned)."""
-    from orthoptim.polar.newton_schulz import PER_MATRIX_MIN_ENTRIES
+    from orthoptim.polar.newton_schulz import iterates_matrix_by_matrix
 
-    G = torch.randn(3, 256, 600, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    assert G.shape[-2] * G.shape[-1] >= PER_MATRIX_MIN_ENTRIES
+    G = torch.randn(3, 256, 1100, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    assert iterates_matrix_by_matrix(G.shape, G.device)
     kw = {"schedule": "polar_express", "steps": 8, "compute_dtype": "float32", "iteration": iteration}
     O = orthoptim.orthogonalize(G.float(), **kw)  # type: ignore[arg-type]
     for i in range(G.shape[0]):

@@ -433,10 +433,17 @@ def test_schedule_unsafe_in_the_compute_dtype_is_refused_at_construction() -> No
     orthoptim.Muon([w], schedule="cans", compute_dtype="float32")  # fine in float32
 
 
-# Large enough for the CPU's own paths: matrix-by-matrix iteration (≥ PER_MATRIX_MIN_ENTRIES entries), symmetric
-# row-block products (≥ SYMMETRIC_MIN_ROWS rows, 530 with an uneven last block), a megabatch of two parameters,
-# a tall one.
-LARGE = [(256, 640), (640, 256), (256, 640), (530, 530)]
+# Large enough for the CPU's own paths: matrix-by-matrix iteration (``newton_schulz.iterates_matrix_by_matrix``),
+# symmetric row-block products (≥ SYMMETRIC_MIN_ROWS rows, 530 with an uneven last block), a megabatch of two
+# parameters, a tall one.
+LARGE = [(256, 1100), (1100, 256), (256, 1100), (530, 530)]
+
+
+def test_large_shapes_take_the_cpu_paths() -> None:
+    from orthoptim.polar.newton_schulz import SYMMETRIC_MIN_ROWS, iterates_matrix_by_matrix
+
+    assert all(iterates_matrix_by_matrix(s, torch.device("cpu")) for s in LARGE)
+    assert max(min(s) for s in LARGE) >= SYMMETRIC_MIN_ROWS
 
 
 def test_large_cpu_matrices_match_torch_optim_muon(step_paths: str) -> None:

@@ -217,8 +217,21 @@ def _poly_part(A: torch.Tensor, b: float, c: float, out: torch.Tensor | None = N
     return _addmm(A, A, A, beta=b, alpha=c, out=out)
 
 
-#: Matrices with fewer entries than this are iterated as one batch on the CPU too (256×256).
-PER_MATRIX_MIN_ENTRIES = 65536
+#: On the CPU, matrices with at least this many rows (the short side) and entries are iterated one by one; smaller
+#: ones as one batch, as on accelerators. Measured 2026-11-23 (2-core CPU, bfloat16, defaults, batches of 8, time
+#: matrix by matrix ÷ batched, two runs): 128×512 1.44/1.46, 128×2048 1.28, 128×4096 1.02, 256×256 1.40,
+#: 384×384 1.10/1.15, 448×448 0.97, 256×1024 1.12/0.96, 512×512 0.93/0.97, 384×1536 0.79/0.93, 256×2048 0.83,
+#: 512×2048 0.92 (and 768×{768, 2304, 3072}: 10–17% faster one by one). The old rule (≥ 65536 entries) sent the
+#: demo's 128×512 matrices one by one: its optimizer step was 1.2× slower for it.
+PER_MATRIX_MIN_ROWS = 256
+PER_MATRIX_MIN_ENTRIES = 2**18
+
+
+def iterates_matrix_by_matrix(shape: Sequence[int], device: torch.device) -> bool:
+    """Whether a batch of matrices of ``shape`` (either orientation) on ``device`` is iterated one matrix at a
+    time (the CPU, large matrices: ``PER_MATRIX_MIN_ROWS``, ``PER_MATRIX_MIN_ENTRIES``) rather than batched."""
+    rows, cols = shape[-2], shape[-1]
+    return device.type == "cpu" and min(rows, cols) >= PER_MATRIX_MIN_ROWS and rows * cols >= PER_MATRIX_MIN_ENTRIES
 
 
 def _per_matrix_on_cpu(
@@ -235,10 +248,10 @@ def _per_matrix_on_cpu(
     Why: on the CPU a loop of ``mm`` beats one ``bmm`` over the same matrices (measured 2026-11-23, 2 cores,
     bfloat16, 12 × 768×{768, 2304, 3072}, 5 steps: 10–17% faster; float32 equal), the Python loop costs
     microseconds against milliseconds per product, and each matrix then meets exactly the same kernels whatever
-    batch it arrives in. Small matrices (below ``PER_MATRIX_MIN_ENTRIES``) stay batched: there the per-call
+    batch it arrives in. Small matrices stay batched (:func:`iterates_matrix_by_matrix`): there the per-call
     overhead dominates. On accelerators one batched launch is what matters.
     """
-    if X.device.type != "cpu" or X.shape[-2] * X.shape[-1] < PER_MATRIX_MIN_ENTRIES:
+    if not iterates_matrix_by_matrix(X.shape, X.device):
         return iterate(X, first_gram=first_gram, row_scale=row_scale, out=out, **kw)
     result = torch.empty_like(X) if out is None else out
     work = Workspace() if work is None else work
