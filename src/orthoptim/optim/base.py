@@ -213,14 +213,28 @@ def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float, scratch
     torch._foreach_add_(params, parts, alpha=alpha)
 
 
-def _row_normalize(O: Tensor, v: Tensor, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
+def _float32_like(O: Tensor, work: Workspace | None, role: str) -> Tensor:
+    """An uninitialized float32 tensor of ``O``'s shape and layout (a tall update is a transposed view of a wide
+    buffer: so is this, and copies between them stay plain, not transposing), in ``work``'s buffer for ``role``."""
+    if work is None:
+        return torch.empty_like(O, dtype=torch.float32)
+    if not O.is_contiguous() and O.mT.is_contiguous():
+        return work.like(role, O.mT, torch.float32).mT
+    return work.like(role, O, torch.float32)
+
+
+def _row_normalize(O: Tensor, v: Tensor, beta2: float, eps: float, work: Workspace | None) -> tuple[Tensor, Tensor]:
     """NorMuon (arXiv 2510.05491; microsoft/dion normuon.py; modded-nanogpt): per-row second moment of the
-    orthogonalized update, divide each row by its root, restore the Frobenius norm of each matrix."""
-    Of = O.float()
-    v_new = torch.lerp(v, Of.square().mean(dim=-1), 1.0 - beta2)
-    normed = Of / (v_new + eps).sqrt().unsqueeze(-1)
-    ratio = torch.linalg.matrix_norm(Of) / torch.linalg.matrix_norm(normed).clamp_min(torch.finfo(torch.float32).tiny)
-    return (normed * ratio.view(-1, 1, 1)).to(O.dtype), v_new
+    orthogonalized update, divide each row by its root, restore the Frobenius norm of each matrix.
+
+    Written back into ``O`` (the step's own output); the float32 temporaries live in ``work`` if given. The same
+    operations, in the same order, as computing ``normed = Of / d`` and ``(normed · ratio).to(O.dtype)`` afresh."""
+    Of = _float32_like(O, work, "row_norm").copy_(O)
+    v_new = torch.lerp(v, torch.square(Of, out=_float32_like(O, work, "row_square")).mean(dim=-1), 1.0 - beta2)
+    before = torch.linalg.matrix_norm(Of)
+    normed = Of.div_((v_new + eps).sqrt().unsqueeze(-1))
+    ratio = before / torch.linalg.matrix_norm(normed).clamp_min(torch.finfo(torch.float32).tiny)
+    return O.copy_(normed.mul_(ratio.view(-1, 1, 1))), v_new
 
 
 def _each_finite(tensors: list[Tensor]) -> Tensor:
@@ -273,17 +287,24 @@ def _alpha(group: dict[str, Any], m: int, n: int) -> float:
 
 
 def _finish(
-    O: Tensor, M: Tensor, old_second: Tensor | None, group: dict[str, Any], need_flags: bool
+    O: Tensor,
+    M: Tensor,
+    old_second: Tensor | None,
+    group: dict[str, Any],
+    need_flags: bool,
+    work: Workspace | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """From a megabatch's orthogonalized O (B, m, n) and its input M: ``(update, new second moment, finite)``."""
+    """From a megabatch's orthogonalized O (B, m, n) and its input M: ``(update, new second moment, finite)``.
+    ``O`` is the step's own tensor and becomes the update in place; float32 temporaries live in ``work`` if given."""
     new_second = None
     if group["row_norm"]:
         assert old_second is not None
-        O, new_second = _row_normalize(O, old_second, group["beta2"], group["row_eps"])
+        O, new_second = _row_normalize(O, old_second, group["beta2"], group["row_eps"], work)
     if group["scale_mode"] == "nuclear":
         # ⟨O, M⟩ = Σ gᵢσᵢ ≈ ‖M‖_* when the gains gᵢ ≈ 1 (PolarGrad runs enough steps for that).
-        nuc = (O.to(torch.float32) * M.to(torch.float32)).sum(dim=(-2, -1), keepdim=True)
-        update = O * (nuc * -group["lr"]).to(O.dtype)
+        Of = _float32_like(O, work, "nuclear").copy_(O)
+        nuc = Of.mul_(M.to(torch.float32)).sum(dim=(-2, -1), keepdim=True)
+        update = O.mul_((nuc * -group["lr"]).to(O.dtype))
     else:
         update = O  # −lr·scale is fused into the final foreach add (``_alpha``)
     # |O| ≲ 1.3 entrywise, so the sum cannot overflow: it is non-finite iff some entry is.
@@ -329,7 +350,8 @@ def orthogonalized_prepare(
         M, old, new = _momentum_stacks(b_mb, g_mb, mu, group["nesterov"], (mb.matrices, m, n), held)
         if start is None:
             out = None if held is None else _held_update(held, f"{role}{k}", M, group)
-            p = _megabatch_pending(mb, params, grads, bufs, second, steps, M, orth(M, out, held), group, need_flags)
+            O = orth(M, out, held)
+            p = _megabatch_pending(mb, params, grads, bufs, second, steps, M, O, group, need_flags, held)
             p.old_bufs, p.new_bufs = old, new
             pending.append(p)
         else:
@@ -368,6 +390,7 @@ def _megabatch_pending(
     O: Tensor,
     group: dict[str, Any],
     need_flags: bool,
+    work: Workspace | None = None,
 ) -> _Pending:
     m, n = mb.matrix_shape
     idx = mb.indices
@@ -387,7 +410,7 @@ def _megabatch_pending(
         assert second is not None
         p.second = [second[i] for i in idx]
         p.old_second = torch.cat([second[i].reshape(c, m) for i, c in zip(idx, mb.counts, strict=True)])
-    p.update, p.new_second, p.finite = _finish(O, M, p.old_second, group, need_flags)
+    p.update, p.new_second, p.finite = _finish(O, M, p.old_second, group, need_flags, work)
     p.steps = [steps[i] for i in idx]
     return p
 
