@@ -538,3 +538,31 @@ def test_normuon_and_polargrad_on_large_cpu_matrices_match_their_formulas() -> N
         expected = -2 * 0.01 * orthoptim.nuclear_norm(g) * orthoptim.polar(g)
         rel = float(((p.detach() - w).double() - expected).norm() / expected.norm())
         assert rel < 1e-3, rel  # measured 6e-6 (float32, PolarGrad's defaults, a 10:1 spectrum)
+
+
+def test_hybrid_cpu_in_place_adamw_equals_the_two_phase_step_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU computes Hybrid's AdamW half in place at the commit; CUDA's way (forced here) computes it out of
+    place in phase 1. Same operations, same order: every parameter and state tensor must be bit-identical, with
+    weight decay, and with lr 0 (the ×0 branch). The AdamW half itself is checked against torch.optim.AdamW above."""
+
+    def train(cuda_paths: bool, lr: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if cuda_paths:
+            monkeypatch.setattr("orthoptim.optim.base.CPU_PATH_DEVICES", ())
+        else:
+            monkeypatch.undo()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(300, 64), nn.Linear(64, 96), nn.ReLU(), nn.LayerNorm(96), nn.Linear(96, 8))
+        opt = orthoptim.Hybrid(model, lr=0.02, adamw_lr=lr, adamw_weight_decay=0.1)
+        x = torch.randint(0, 300, (16, 4))
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        states = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        return [p.detach().clone() for p in model.parameters()], [t.clone() for t in states]
+
+    for lr in (1e-3, 0.0):
+        cpu_params, cpu_state = train(False, lr)
+        cuda_params, cuda_state = train(True, lr)
+        assert all(torch.equal(a, b) for a, b in zip(cpu_params, cuda_params, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(cpu_state, cuda_state, strict=True))

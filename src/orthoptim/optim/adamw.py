@@ -1,6 +1,14 @@
 """AdamW for the non-matrix parameters of ``Hybrid`` — same math as torch.optim.AdamW (decoupled weight decay,
 bias-corrected moments, ``eps`` added after the square root), in two phases so the non-finite policy can drop a
-step bit for bit."""
+step bit for bit.
+
+Two ways, the same bits (tested): on CUDA (and in the distributed step) phase 1 computes the new moments and the
+update out of place and the commit selects them on the device-side flag. On the CPU, where the step reads that
+flag on the host and commits only a kept step (``optim/base.py``), nothing needs computing before the commit: it
+updates the moments in place and builds each parameter's update in one kept scratch buffer, as torch.optim.AdamW
+updates in place — no out-of-place copies of the state (for GPT-2 small's embedding and head, 4 × 154 MB per step
+of fresh memory, page-faulted in on every step).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..polar.workspace import Workspace
 
 
 def validate_adamw_group(group: dict[str, Any]) -> None:
@@ -24,9 +34,20 @@ def validate_adamw_group(group: dict[str, Any]) -> None:
     check_number("eps", group["eps"], 0.0)
 
 
+def _bias_corrections(steps: list[Tensor], beta1: float, beta2: float) -> tuple[list[Tensor], list[Tensor]]:
+    """``1 − β₁ᵗ`` and ``1 − β₂ᵗ`` for the coming step ``t`` of each float32 step counter (as torch.optim.AdamW)."""
+    t = torch._foreach_add(steps, 1.0)
+    bias1 = torch._foreach_neg(torch._foreach_pow(beta1, t))
+    torch._foreach_add_(bias1, 1.0)
+    bias2 = torch._foreach_neg(torch._foreach_pow(beta2, t))
+    torch._foreach_add_(bias2, 1.0)
+    return list(bias1), list(bias2)
+
+
 @dataclass
 class AdamWPending:
-    """New AdamW state for one group, computed out of place, committed once the step-wide flag is known."""
+    """New AdamW state for one group, computed out of place, committed once the step-wide flag is known; or, when
+    ``deferred`` holds the gradients (the CPU), computed in place by the commit."""
 
     params: list[Tensor]
     exp_avg: list[Tensor]
@@ -36,9 +57,15 @@ class AdamWPending:
     new_avg_sq: list[Tensor] | tuple[Tensor, ...]
     update: list[Tensor] | tuple[Tensor, ...]  # already multiplied by −lr/bias1
     decay: float
+    deferred: tuple[list[Tensor], dict[str, Any], Workspace] | None = None  # (grads, group, scratch buffers)
 
     def commit(self, ok: Tensor | None) -> None:
         """Write the new state; where ``ok`` is false keep every tensor bit for bit (per-tensor select)."""
+        if self.deferred is not None:
+            if ok is not None:
+                raise RuntimeError("a deferred AdamW step commits only unconditionally (the CPU's kept steps)")
+            self._commit_in_place(*self.deferred)
+            return
         if ok is None:
             torch._foreach_copy_(self.exp_avg, self.new_avg)
             torch._foreach_copy_(self.exp_avg_sq, self.new_avg_sq)
@@ -61,6 +88,29 @@ class AdamWPending:
         torch._foreach_add_(self.params, self.update)
         torch._foreach_add_(self.steps, okf.to(torch.float32))
 
+    def _commit_in_place(self, grads: list[Tensor], group: dict[str, Any], scratch: Workspace) -> None:
+        """The CPU's commit: ``adamw_prepare``'s operations, in the same order, on the state in place; each
+        parameter's update is built in one scratch buffer (role ``"adamw"``) and added."""
+        lr, eps = group["lr"], group["eps"]
+        beta1, beta2 = group["betas"]
+        torch._foreach_lerp_(self.exp_avg, grads, 1.0 - beta1)
+        torch._foreach_mul_(self.exp_avg_sq, beta2)
+        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1.0 - beta2)
+        bias1, bias2 = _bias_corrections(self.steps, beta1, beta2)
+        root2 = torch._foreach_sqrt(bias2)
+        step_size = torch._foreach_div(bias1, -lr) if lr != 0 else [None] * len(bias1)
+        for p, avg, avg_sq, r2, size in zip(self.params, self.exp_avg, self.exp_avg_sq, root2, step_size, strict=True):
+            update = torch.sqrt(avg_sq, out=scratch.like("adamw", avg_sq)).div_(r2).add_(eps)
+            torch.div(avg, update, out=update)
+            if size is None:
+                update.mul_(0.0)
+            else:
+                update.div_(size)  # update · (−lr / bias1)
+            if self.decay != 1.0:
+                p.mul_(self.decay)
+            p.add_(update)
+        torch._foreach_add_(self.steps, 1.0)
+
 
 def adamw_prepare(
     params: list[Tensor],
@@ -69,10 +119,27 @@ def adamw_prepare(
     group: dict[str, Any],
     *,
     sanitize: Tensor | None,
+    defer: Workspace | None = None,
 ) -> AdamWPending:
-    """Phase 1: the AdamW update of ``params`` from ``grads`` (state in ``lists``), nothing written yet."""
+    """Phase 1: the AdamW update of ``params`` from ``grads`` (state in ``lists``), nothing written yet.
+
+    ``defer`` (the CPU, where the commit runs only for a kept step): compute nothing now; the commit updates the
+    state in place, with its scratch buffer in ``defer``. ``sanitize`` is then not needed: a step whose gradients
+    are not all finite is not committed at all."""
     lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
     beta1, beta2 = group["betas"]
+    if defer is not None:
+        return AdamWPending(
+            params,
+            lists["exp_avg"],
+            lists["exp_avg_sq"],
+            lists["step"],
+            [],
+            [],
+            [],
+            1.0 - lr * wd,
+            deferred=(grads, group, defer),
+        )
     if sanitize is not None:
         zero = torch.zeros((), dtype=grads[0].dtype, device=grads[0].device)
         grads = [torch.where(sanitize, g, zero) for g in grads]
@@ -80,11 +147,7 @@ def adamw_prepare(
     new_avg = torch._foreach_lerp(lists["exp_avg"], grads, 1.0 - beta1)
     new_avg_sq = torch._foreach_mul(lists["exp_avg_sq"], beta2)
     torch._foreach_addcmul_(new_avg_sq, grads, grads, 1.0 - beta2)
-    t = torch._foreach_add(steps, 1.0)  # float32 step counters, as torch.optim.AdamW keeps them
-    bias1 = torch._foreach_neg(torch._foreach_pow(beta1, t))
-    torch._foreach_add_(bias1, 1.0)
-    bias2 = torch._foreach_neg(torch._foreach_pow(beta2, t))
-    torch._foreach_add_(bias2, 1.0)
+    bias1, bias2 = _bias_corrections(steps, beta1, beta2)  # float32 step counters, as torch.optim.AdamW keeps them
     denom = torch._foreach_sqrt(new_avg_sq)
     torch._foreach_div_(denom, torch._foreach_sqrt(bias2))
     torch._foreach_add_(denom, eps)

@@ -702,11 +702,13 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         for g, (group, params, grads, lists) in enumerate(gathered):
             if not params:
                 continue
+            on_cpu = grads[0].device.type in CPU_PATH_DEVICES
             if group.get("algorithm", "orthogonalized") == "adamw":
-                pending.append(adamw_prepare(params, grads, lists, group, sanitize=sanitize))
+                # On the CPU the commit runs only for a kept step (the flag is read on the host): AdamW in place then.
+                defer = self._held if on_cpu else None
+                pending.append(adamw_prepare(params, grads, lists, group, sanitize=sanitize, defer=defer))
             else:
                 plan = self._plan(group, params)
-                on_cpu = grads[0].device.type in CPU_PATH_DEVICES
                 pending.extend(
                     orthogonalized_prepare(
                         params,
