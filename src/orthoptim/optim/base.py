@@ -16,7 +16,8 @@ step commits without selects, a skipped one writes nothing. ``"raise"`` raises :
 the parameter (host syncs). ``"propagate"`` checks nothing. Every policy computes all updates before writing any
 state (two phases), so the updates (in the compute dtype) are held until the commit. The new momentum is held too
 on CUDA (stacked, a few batched kernels); on the CPU it is recomputed in place at the commit instead
-(``CPU_PATH_DEVICES``), so nothing but the updates outlives phase 1.
+(``CPU_PATH_DEVICES``), so nothing but the updates outlives phase 1; and Hybrid's AdamW half is computed there
+by the commit itself, in place (``optim/adamw.py``): the CPU commits only kept steps.
 
 Distributed (``process_group``; ``orthoptim.distributed`` moves the tensors): plain parameters are taken to be
 replicated (DDP): every rank computes the momentum of every matrix, but orthogonalizes only the matrices it owns
