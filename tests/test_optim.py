@@ -81,6 +81,15 @@ def test_muon_float32_matches_float64_definition() -> None:
         assert torch.allclose(a.double(), b, atol=2e-5)
 
 
+def test_muon_float64_matches_float64_definition_on_both_paths(step_paths: str) -> None:
+    """Float64 parameters and compute: equal to the definition to float64 rounding, weight decay included (CUDA's
+    select once built the decay factor in float32: 0.999 became 0.99900001, a 5e-8 error here)."""
+    ours = [nn.Parameter(p.detach().double()) for p in make_params(SHAPES)]
+    run(orthoptim.Muon(ours, lr=0.02, ns_coefficients=JORDAN, compute_dtype="float64"), ours, 4)
+    for a, b in zip(ours, reference_muon(SHAPES, 4, 0.02, 0.95, 0.1), strict=True):  # type: ignore[arg-type]
+        assert torch.allclose(a, b, rtol=0.0, atol=1e-11), float((a - b).abs().max())
+
+
 def test_conv_and_batched_weights() -> None:
     """A conv weight acts as its (out, in·k·k) matrix; a 3-D weight as independent matrices."""
     conv, flat = make_params([(8, 3, 3, 3)]), make_params([(8, 27)])
@@ -540,7 +549,10 @@ def test_normuon_and_polargrad_on_large_cpu_matrices_match_their_formulas() -> N
         assert rel < 1e-3, rel  # measured 6e-6 (float32, PolarGrad's defaults, a 10:1 spectrum)
 
 
-def test_hybrid_cpu_in_place_adamw_equals_the_two_phase_step_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_hybrid_cpu_in_place_adamw_equals_the_two_phase_step_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
     """The CPU computes Hybrid's AdamW half in place at the commit; CUDA's way (forced here) computes it out of
     place in phase 1. Same operations, same order: every parameter and state tensor must be bit-identical, with
     weight decay, and with lr 0 (the ×0 branch). The AdamW half itself is checked against torch.optim.AdamW above."""
@@ -552,6 +564,7 @@ def test_hybrid_cpu_in_place_adamw_equals_the_two_phase_step_bit_for_bit(monkeyp
             monkeypatch.undo()
         torch.manual_seed(0)
         model = nn.Sequential(nn.Embedding(300, 64), nn.Linear(64, 96), nn.ReLU(), nn.LayerNorm(96), nn.Linear(96, 8))
+        model = model.to(dtype)
         opt = orthoptim.Hybrid(model, lr=0.02, adamw_lr=lr, adamw_weight_decay=0.1)
         x = torch.randint(0, 300, (16, 4))
         for _ in range(3):

@@ -34,6 +34,13 @@ def validate_adamw_group(group: dict[str, Any]) -> None:
     check_number("eps", group["eps"], 0.0)
 
 
+def decay_if(ok: Tensor, decay: float, like: Tensor) -> Tensor:
+    """0-d ``decay`` where ``ok`` else 1, in ``like``'s dtype and device. Built in that dtype: ``torch.where`` on
+    Python floats would round ``decay`` to float32 first (float64 parameters then decay by, e.g., 0.99900001 for
+    0.999)."""
+    return torch.where(ok, torch.full((), decay, dtype=like.dtype, device=like.device), 1.0)
+
+
 def _bias_corrections(steps: list[Tensor], beta1: float, beta2: float) -> tuple[list[Tensor], list[Tensor]]:
     """``1 − β₁ᵗ`` and ``1 − β₂ᵗ`` for the coming step ``t`` of each float32 step counter (as torch.optim.AdamW)."""
     t = torch._foreach_add(steps, 1.0)
@@ -83,7 +90,7 @@ class AdamWPending:
         )
         okf = ok.to(self.params[0].dtype)
         if self.decay != 1.0:
-            torch._foreach_mul_(self.params, torch.where(ok, self.decay, 1.0).to(self.params[0].dtype))
+            torch._foreach_mul_(self.params, decay_if(ok, self.decay, self.params[0]))
         torch._foreach_mul_(self.update, okf)  # finite (inputs were sanitized): ×0 gives exact zeros
         torch._foreach_add_(self.params, self.update)
         torch._foreach_add_(self.steps, okf.to(torch.float32))

@@ -63,7 +63,7 @@ from ..polar.normalize import NORMALIZATIONS
 from ..polar.orthogonalize import ITERATIONS, resolve_compute_dtype
 from ..polar.schedules import check_precision
 from ..polar.workspace import Workspace
-from .adamw import AdamWPending, adamw_prepare
+from .adamw import AdamWPending, adamw_prepare, decay_if
 from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
 from .shapes import SCALE_MODES, SHAPE_POLICIES, lr_scale, matrix_layout
 
@@ -549,7 +549,7 @@ def _commit(p: _Pending, ok: Tensor | None, scratch: Workspace) -> None:
         if ok is None:
             torch._foreach_mul_(p.params, p.decay)
         else:
-            torch._foreach_mul_(p.params, torch.where(ok, p.decay, 1.0).to(p.params[0].dtype))
+            torch._foreach_mul_(p.params, decay_if(ok, p.decay, p.params[0]))
     parts = [u.view_as(t) for u, t in zip(update.split(p.counts), p.params, strict=True)]
     _add_update(p.params, parts, p.alpha, scratch)
     assert p.steps is not None
