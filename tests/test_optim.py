@@ -549,7 +549,7 @@ def test_normuon_and_polargrad_on_large_cpu_matrices_match_their_formulas() -> N
         assert rel < 1e-3, rel  # measured 6e-6 (float32, PolarGrad's defaults, a 10:1 spectrum)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_hybrid_cpu_in_place_adamw_equals_the_two_phase_step_bit_for_bit(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
 ) -> None:
