@@ -90,6 +90,22 @@ def test_muon_float64_matches_float64_definition_on_both_paths(step_paths: str) 
         assert torch.allclose(a, b, rtol=0.0, atol=1e-11), float((a - b).abs().max())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_weight_decay_equals_torch_optim_muon_in_every_dtype(dtype: torch.dtype, step_paths: str) -> None:
+    """With a zero gradient the step is the weight decay alone: ``param.mul_(1 − lr·wd)`` as torch.optim.Muon
+    computes it, bit for bit, in 16-bit dtypes too (torch's CPU ``_foreach_mul_`` would round 0.99 to bfloat16's
+    0.98828 first)."""
+    theirs = [nn.Parameter(p.detach().to(dtype)) for p in make_params([(24, 40), (40, 24)])]
+    ours = [nn.Parameter(p.detach().clone()) for p in theirs]
+    expected = [p.detach().clone().mul_(1 - 0.1 * 0.1) for p in theirs]
+    for opt, ps in ((torch.optim.Muon(theirs, lr=0.1, weight_decay=0.1), theirs), (orthoptim.Muon(ours, lr=0.1), ours)):
+        for p in ps:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    for a, b, e in zip(ours, theirs, expected, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, e)
+
+
 def test_conv_and_batched_weights() -> None:
     """A conv weight acts as its (out, in·k·k) matrix; a 3-D weight as independent matrices."""
     conv, flat = make_params([(8, 3, 3, 3)]), make_params([(8, 27)])
@@ -565,7 +581,7 @@ def test_hybrid_cpu_in_place_adamw_equals_the_two_phase_step_bit_for_bit(
         torch.manual_seed(0)
         model = nn.Sequential(nn.Embedding(300, 64), nn.Linear(64, 96), nn.ReLU(), nn.LayerNorm(96), nn.Linear(96, 8))
         model = model.to(dtype)
-        opt = orthoptim.Hybrid(model, lr=0.02, adamw_lr=lr, adamw_weight_decay=0.1)
+        opt = orthoptim.Hybrid(model, lr=0.02, adamw_lr=lr, adamw_weight_decay=0.2)  # decay 0.99: seen in bfloat16
         x = torch.randint(0, 300, (16, 4))
         for _ in range(3):
             opt.zero_grad()
@@ -574,7 +590,7 @@ def test_hybrid_cpu_in_place_adamw_equals_the_two_phase_step_bit_for_bit(
         states = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         return [p.detach().clone() for p in model.parameters()], [t.clone() for t in states]
 
-    for lr in (1e-3, 0.0):
+    for lr in (0.05, 0.0):
         cpu_params, cpu_state = train(False, lr)
         cuda_params, cuda_state = train(True, lr)
         assert all(torch.equal(a, b) for a, b in zip(cpu_params, cuda_params, strict=True))

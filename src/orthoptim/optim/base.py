@@ -63,7 +63,7 @@ from ..polar.normalize import NORMALIZATIONS
 from ..polar.orthogonalize import ITERATIONS, resolve_compute_dtype
 from ..polar.schedules import check_precision
 from ..polar.workspace import Workspace
-from .adamw import AdamWPending, adamw_prepare, decay_if
+from .adamw import AdamWPending, adamw_prepare, decay_factor
 from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
 from .shapes import SCALE_MODES, SHAPE_POLICIES, lr_scale, matrix_layout
 
@@ -546,10 +546,7 @@ def _commit(p: _Pending, ok: Tensor | None, scratch: Workspace) -> None:
         counts = p.counts if p.second_counts is None else p.second_counts
         torch._foreach_copy_(p.second, [s.view_as(t) for s, t in zip(new_second.split(counts), p.second, strict=True)])
     if p.decay != 1.0:
-        if ok is None:
-            torch._foreach_mul_(p.params, p.decay)
-        else:
-            torch._foreach_mul_(p.params, decay_if(ok, p.decay, p.params[0]))
+        torch._foreach_mul_(p.params, decay_factor(p.decay, p.params[0], ok))
     parts = [u.view_as(t) for u, t in zip(update.split(p.counts), p.params, strict=True)]
     _add_update(p.params, parts, p.alpha, scratch)
     assert p.steps is not None
