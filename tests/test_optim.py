@@ -595,3 +595,37 @@ def test_hybrid_cpu_in_place_adamw_equals_the_two_phase_step_bit_for_bit(
         cuda_params, cuda_state = train(True, lr)
         assert all(torch.equal(a, b) for a, b in zip(cpu_params, cuda_params, strict=True))
         assert all(torch.equal(a, b) for a, b in zip(cpu_state, cuda_state, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("cls", [orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad], ids=lambda c: c.__name__)
+def test_cpu_and_cuda_step_paths_give_the_same_bits(
+    cls: type, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU's step (momentum recomputed at the commit, host-read skip flag, kept buffers, in-place NorMuon and
+    PolarGrad post-processing) and CUDA's (stacked momentum, device-side selects; forced here) are two
+    implementations of one update: every parameter and state tensor must agree bit for bit, through a skipped step
+    (NaN gradient) too. The update itself is checked against torch.optim.Muon and the formulas elsewhere; this
+    comparison found a float32 decay factor applied to float64 parameters on the CUDA path."""
+    shapes = [(600, 450), (450, 600), (16, 8, 3, 3), (3, 40, 24), (64, 64)]  # per-matrix, tall, conv, 3-D, batched
+
+    def train(cuda_paths: bool) -> list[torch.Tensor]:
+        if cuda_paths:
+            monkeypatch.setattr("orthoptim.optim.base.CPU_PATH_DEVICES", ())
+        else:
+            monkeypatch.undo()
+        gen = torch.Generator().manual_seed(0)
+        ps = [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+        opt = cls(ps, lr=0.05, weight_decay=0.2, warn_nonfinite=False)
+        for k in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            if k == 1:
+                ps[2].grad.view(-1)[3] = float("nan")  # type: ignore[union-attr]
+            opt.step()
+        assert opt.nonfinite_skips == 1
+        states = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        return [p.detach().clone() for p in ps] + [t.clone() for t in states]
+
+    cpu, cuda = train(False), train(True)
+    assert all(torch.equal(a, b) for a, b in zip(cpu, cuda, strict=True))
