@@ -57,8 +57,7 @@ def _bias_corrections(steps: list[Tensor], beta1: float, beta2: float) -> tuple[
 
 @dataclass
 class AdamWPending:
-    """New AdamW state for one group, computed out of place, committed once the step-wide flag is known; or, when
-    ``deferred`` holds the gradients (the CPU), computed in place by the commit."""
+    """New AdamW state for one group, computed out of place, committed once the step-wide flag is known."""
 
     params: list[Tensor]
     exp_avg: list[Tensor]
@@ -68,15 +67,9 @@ class AdamWPending:
     new_avg_sq: list[Tensor] | tuple[Tensor, ...]
     update: list[Tensor] | tuple[Tensor, ...]  # already multiplied by −lr/bias1
     decay: float
-    deferred: tuple[list[Tensor], dict[str, Any], Workspace] | None = None  # (grads, group, scratch buffers)
 
     def commit(self, ok: Tensor | None) -> None:
         """Write the new state; where ``ok`` is false keep every tensor bit for bit (per-tensor select)."""
-        if self.deferred is not None:
-            if ok is not None:
-                raise RuntimeError("a deferred AdamW step commits only unconditionally (the CPU's kept steps)")
-            self._commit_in_place(*self.deferred)
-            return
         if ok is None:
             torch._foreach_copy_(self.exp_avg, self.new_avg)
             torch._foreach_copy_(self.exp_avg_sq, self.new_avg_sq)
@@ -99,10 +92,27 @@ class AdamWPending:
         torch._foreach_add_(self.params, self.update)
         torch._foreach_add_(self.steps, okf.to(torch.float32))
 
-    def _commit_in_place(self, grads: list[Tensor], group: dict[str, Any], scratch: Workspace) -> None:
-        """The CPU's commit: ``adamw_prepare``'s operations, in the same order, on the state in place; each
-        parameter's update is built in one scratch buffer (role ``"adamw"``) and added."""
+
+@dataclass
+class AdamWInPlace:
+    """One group's AdamW step on the CPU, computed by the commit itself (which runs there only for a kept step):
+    ``adamw_prepare``'s operations, in the same order, on the state in place; each parameter's update is built in
+    one scratch buffer (role ``"adamw"``) and added."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avg: list[Tensor]
+    exp_avg_sq: list[Tensor]
+    steps: list[Tensor]
+    group: dict[str, Any]
+    scratch: Workspace
+
+    def commit(self, ok: Tensor | None) -> None:
+        if ok is not None:
+            raise RuntimeError("an in-place AdamW step commits only unconditionally (the CPU's kept steps)")
+        grads, group, scratch = self.grads, self.group, self.scratch
         lr, eps = group["lr"], group["eps"]
+        decay = 1.0 - lr * group["weight_decay"]
         beta1, beta2 = group["betas"]
         torch._foreach_lerp_(self.exp_avg, grads, 1.0 - beta1)
         bias1, bias2 = _bias_corrections(self.steps, beta1, beta2)
@@ -120,8 +130,8 @@ class AdamWPending:
                 update.mul_(0.0)
             else:
                 update.div_(size)  # update · (−lr / bias1)
-            if self.decay != 1.0:
-                p.mul_(self.decay)
+            if decay != 1.0:
+                p.mul_(decay)
             p.add_(update)
         torch._foreach_add_(self.steps, 1.0)
 
@@ -134,7 +144,7 @@ def adamw_prepare(
     *,
     sanitize: Tensor | None,
     defer: Workspace | None = None,
-) -> AdamWPending:
+) -> AdamWPending | AdamWInPlace:
     """Phase 1: the AdamW update of ``params`` from ``grads`` (state in ``lists``), nothing written yet.
 
     ``defer`` (the CPU, where the commit runs only for a kept step): compute nothing now; the commit updates the
@@ -143,17 +153,7 @@ def adamw_prepare(
     lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
     beta1, beta2 = group["betas"]
     if defer is not None:
-        return AdamWPending(
-            params,
-            lists["exp_avg"],
-            lists["exp_avg_sq"],
-            lists["step"],
-            [],
-            [],
-            [],
-            1.0 - lr * wd,
-            deferred=(grads, group, defer),
-        )
+        return AdamWInPlace(params, grads, lists["exp_avg"], lists["exp_avg_sq"], lists["step"], group, defer)
     if sanitize is not None:
         zero = torch.zeros((), dtype=grads[0].dtype, device=grads[0].device)
         grads = [torch.where(sanitize, g, zero) for g in grads]

@@ -62,8 +62,8 @@ from ..polar import NonFiniteError, as_schedule, orthogonalize
 from ..polar.normalize import NORMALIZATIONS
 from ..polar.orthogonalize import ITERATIONS, resolve_compute_dtype
 from ..polar.schedules import check_precision
-from ..polar.workspace import Workspace
-from .adamw import AdamWPending, adamw_prepare, decay_factor
+from ..polar.workspace import Workspace, scratch, scratch_like
+from .adamw import adamw_prepare, decay_factor
 from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
 from .shapes import SCALE_MODES, SHAPE_POLICIES, lr_scale, matrix_layout
 
@@ -162,8 +162,7 @@ def _momentum_stacks(
     the stacked old and new momentum for the commit (else None: the commit recomputes it). ``held``: ``M`` is
     written into its role ``"input"`` (one megabatch at a time uses it: the one-process CPU path)."""
     if grads[0].device.type in CPU_PATH_DEVICES:
-        dtype, device = bufs[0].dtype, bufs[0].device
-        M = torch.empty(shape, dtype=dtype, device=device) if held is None else held.get("input", shape, dtype, device)
+        M = scratch(held, "input", shape, bufs[0].dtype, bufs[0].device)
         return _momentum_input(bufs, grads, mu, nesterov, M), None, None
     G = torch.cat([g.reshape(-1) for g in grads]).view(shape)
     old = torch.cat([b.reshape(-1) for b in bufs]).view(shape)
@@ -214,24 +213,16 @@ def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float, scratch
     torch._foreach_add_(params, parts, alpha=alpha)
 
 
-def _float32_like(O: Tensor, work: Workspace | None, role: str) -> Tensor:
-    """An uninitialized float32 tensor of ``O``'s shape and layout (a tall update is a transposed view of a wide
-    buffer: so is this, and copies between them stay plain, not transposing), in ``work``'s buffer for ``role``."""
-    if work is None:
-        return torch.empty_like(O, dtype=torch.float32)
-    if not O.is_contiguous() and O.mT.is_contiguous():
-        return work.like(role, O.mT, torch.float32).mT
-    return work.like(role, O, torch.float32)
-
-
 def _row_normalize(O: Tensor, v: Tensor, beta2: float, eps: float, work: Workspace | None) -> tuple[Tensor, Tensor]:
     """NorMuon (arXiv 2510.05491; microsoft/dion normuon.py; modded-nanogpt): per-row second moment of the
     orthogonalized update, divide each row by its root, restore the Frobenius norm of each matrix.
 
     Written back into ``O`` (the step's own output); the float32 temporaries live in ``work`` if given. The same
     operations, in the same order, as computing ``normed = Of / d`` and ``(normed · ratio).to(O.dtype)`` afresh."""
-    Of = _float32_like(O, work, "row_norm").copy_(O)
-    v_new = torch.lerp(v, torch.square(Of, out=_float32_like(O, work, "row_square")).mean(dim=-1), 1.0 - beta2)
+    Of = scratch_like(work, "row_norm", O, torch.float32).copy_(O)
+    v_new = torch.lerp(
+        v, torch.square(Of, out=scratch_like(work, "row_square", O, torch.float32)).mean(dim=-1), 1.0 - beta2
+    )
     before = torch.linalg.matrix_norm(Of)
     normed = Of.div_((v_new + eps).sqrt().unsqueeze(-1))
     ratio = before / torch.linalg.matrix_norm(normed).clamp_min(torch.finfo(torch.float32).tiny)
@@ -303,7 +294,7 @@ def _finish(
         O, new_second = _row_normalize(O, old_second, group["beta2"], group["row_eps"], work)
     if group["scale_mode"] == "nuclear":
         # ⟨O, M⟩ = Σ gᵢσᵢ ≈ ‖M‖_* when the gains gᵢ ≈ 1 (PolarGrad runs enough steps for that).
-        Of = _float32_like(O, work, "nuclear").copy_(O)
+        Of = scratch_like(work, "nuclear", O, torch.float32).copy_(O)
         nuc = Of.mul_(M.to(torch.float32)).sum(dim=(-2, -1), keepdim=True)
         update = O.mul_((nuc * -group["lr"]).to(O.dtype))
     else:
@@ -897,10 +888,10 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             keep, commit_ok = bool(commit_ok), None
         scratch = self._held  # the commit's per-parameter temporaries (roles "momentum", "update"), kept too
         for p in pending if keep else ():
-            if isinstance(p, AdamWPending):
-                p.commit(commit_ok)
-            else:
+            if isinstance(p, _Pending):
                 _commit(p, commit_ok, scratch)
+            else:  # Hybrid's AdamW half (optim/adamw.py)
+                p.commit(commit_ok)
         if policy == "skip":
             assert ok is not None
             skips = [s for _, _, _, lists in gathered for s in lists.get("nonfinite_skips", [])]

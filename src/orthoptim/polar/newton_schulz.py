@@ -33,7 +33,7 @@ import torch
 from . import kernels
 from .normalize import work_dtype
 from .schedules import Triple
-from .workspace import Workspace
+from .workspace import Workspace, scratch_like
 
 #: Unit roundoff of a product's result per compute dtype (the rounding of the stored m×m matrices).
 UNIT_ROUNDOFF: dict[torch.dtype, float] = {
@@ -103,7 +103,7 @@ def _plus_identity(
     precision so the factor is rounded once; into ``out`` if given (may be ``Z`` itself), the float32 copy in
     ``work``'s role ``"factor"`` if given."""
     dtype = row_scale.dtype if row_scale is not None else work_dtype(Z.dtype)
-    P = Z.to(dtype, copy=True) if work is None else work.like("factor", Z, dtype).copy_(Z)
+    P = scratch_like(work, "factor", Z, dtype).copy_(Z)
     P.diagonal(dim1=-2, dim2=-1).add_(a)
     if row_scale is not None:
         P.mul_(row_scale.mT)
@@ -310,13 +310,13 @@ def _standard(
     the intermediate ones into ``work`` (alternating between two m×n buffers) if given."""
     last = len(coefficients) - 1
     m = X.shape[-2]
+    gram = poly = None
+    if work is not None:
+        gram, poly = work.get("gram", (m, m), X.dtype, X.device), work.get("poly", (m, m), X.dtype, X.device)
     for k, (a, b, c) in enumerate(coefficients):
         target = out if k == last else None
-        gram = poly = None
-        if work is not None:
-            gram, poly = work.get("gram", (m, m), X.dtype, X.device), work.get("poly", (m, m), X.dtype, X.device)
-            if target is None:
-                target = work.like(f"x{k % 2}", X)  # never X itself: step k reads buffer k−1
+        if target is None and work is not None:
+            target = work.like(f"x{k % 2}", X)  # never X itself: step k reads buffer k−1
         if k == 0 and first_gram is not None:
             Z = _poly_part(first_gram, b, c, out=poly)
             X = _mm(_plus_identity(Z, a, row_scale, out=poly, work=work), X, out=target)

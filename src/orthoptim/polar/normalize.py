@@ -39,7 +39,7 @@ from typing import Literal, TypeAlias
 import torch
 
 from .errors import NonFiniteError
-from .workspace import Workspace
+from .workspace import Workspace, scratch
 
 Normalization: TypeAlias = Literal["frobenius", "schatten4", "aol"]
 NonFinitePolicy: TypeAlias = Literal["raise", "propagate"]
@@ -162,7 +162,7 @@ def normalize(
     if overwrite_input and X.dtype == work:
         scaled = X.mul_(exact_pow2(first, work))
     else:
-        scaled = torch.mul(X, exact_pow2(first, work), out=_fresh(workspace, "prescaled", X, work))
+        scaled = torch.mul(X, exact_pow2(first, work), out=scratch(workspace, "prescaled", X.shape, work, X.device))
     up = exact_pow2(rest, work)
     norm = torch.linalg.vector_norm(scaled, dim=(-2, -1), keepdim=True) * up
     factor = up / (norm.clamp_min(_NORM_FLOOR) * margin)
@@ -170,15 +170,12 @@ def normalize(
     # one mixed-dtype multiply: torch runs the latter through its unvectorized casting loop (2× slower, CPU).
     scaled.mul_(factor)
     if out_dtype is None or out_dtype == work:
-        return scaled if scaled.is_contiguous() else _fresh(workspace, "normalized", X, work).copy_(scaled)
-    return _fresh(workspace, "normalized", X, out_dtype).copy_(scaled)
-
-
-def _fresh(workspace: Workspace | None, role: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized contiguous tensor of ``like``'s shape in ``dtype``: from ``workspace`` if given."""
-    if workspace is None:
-        return torch.empty(like.shape, dtype=dtype, device=like.device)
-    return workspace.like(role, like, dtype)
+        return (
+            scaled
+            if scaled.is_contiguous()
+            else scratch(workspace, "normalized", X.shape, work, X.device).copy_(scaled)
+        )
+    return scratch(workspace, "normalized", X.shape, out_dtype, X.device).copy_(scaled)
 
 
 def gram_scale(
@@ -197,7 +194,7 @@ def gram_scale(
     Newton–Schulz step. Zero matrices give zeros. ``overwrite_input``: ``A_s`` is written into ``A`` (the
     caller's temporary); ``workspace``: the float32 copy of ``A`` is a view of its role ``"gram_work"``.
     """
-    Af = _fresh(workspace, "gram_work", A, work_dtype(A.dtype)).copy_(A)
+    Af = scratch(workspace, "gram_work", A.shape, work_dtype(A.dtype), A.device).copy_(A)
     if normalization == "schatten4":
         k = A.shape[-1]
         # ‖X‖_F = 1 ⇒ ‖A‖_F² = Σσ⁴ ≥ (Σσ²)²/k = 1/k: the floor only ever catches the zero matrix.

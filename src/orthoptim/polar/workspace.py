@@ -45,3 +45,23 @@ class Workspace:
     def like(self, role: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``get`` with ``t``'s shape and device (and dtype unless given)."""
         return self.get(role, tuple(t.shape), t.dtype if dtype is None else dtype, t.device)
+
+
+def scratch(
+    workspace: Workspace | None, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """An uninitialized contiguous tensor: the role's buffer in ``workspace``, or a fresh one without."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.get(role, shape, dtype, device)
+
+
+def scratch_like(
+    workspace: Workspace | None, role: str, t: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``scratch`` with ``t``'s shape and device (and dtype unless given), laid out as ``t`` when ``t`` is a
+    transposed view of a contiguous tensor (a tall matrix iterated wide): copies between them stay plain."""
+    dtype = t.dtype if dtype is None else dtype
+    if not t.is_contiguous() and t.mT.is_contiguous():
+        return scratch(workspace, role, tuple(t.mT.shape), dtype, t.device).mT
+    return scratch(workspace, role, tuple(t.shape), dtype, t.device)
