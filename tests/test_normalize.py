@@ -7,7 +7,14 @@ import torch
 
 import orthoptim
 from orthoptim.polar import composite, get_schedule
-from orthoptim.polar.normalize import exact_pow2, gram_scale, normalize, pow2_prescale
+from orthoptim.polar.normalize import (
+    exact_pow2,
+    gram_scale,
+    max_abs_by_extremes,
+    max_abs_by_norm,
+    normalize,
+    pow2_prescale,
+)
 
 from .conftest import gains, with_spectrum
 
@@ -129,3 +136,26 @@ def test_overwrite_input_gives_the_same_result_and_keeps_scale_invariance(tall: 
         assert torch.equal(G * 2.0**k * 2.0**-k, G)  # the scaled input is exact (no subnormals, no overflow)
         scaled = normalize(view(G * 2.0**k), nonfinite="propagate", out_dtype=torch.bfloat16, overwrite_input=True)
         assert torch.equal(scaled, got), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_both_max_abs_reductions_give_the_exact_max_and_keep_nan_and_inf(dtype: torch.dtype) -> None:
+    """``max_abs`` is the max-abs norm off the CPU and max(amax, −amin) on it: both must be the exact max |x| of
+    each matrix (reference: float64 abs().amax per matrix), NaN where a matrix holds a NaN, Inf where it holds
+    ±Inf and no NaN, 0 for a zero matrix, and keep subnormal and huge entries exact."""
+    gen = torch.Generator().manual_seed(7)
+    X = torch.randn(8, 6, 10, generator=gen, dtype=torch.float64).to(dtype)
+    tiny, huge = torch.finfo(dtype).tiny, torch.finfo(dtype).max
+    X[1].zero_()
+    X[2, 3, 4] = float("nan")
+    X[3, 0, 0] = float("inf")
+    X[4, 5, 9] = float("-inf")
+    X[5, 2, 2], X[5, 4, 1] = float("-inf"), float("nan")
+    X[6] = X[6] * tiny / 2  # subnormal scale (bfloat16: flushed values still compare exactly)
+    X[7, 1, 1] = -huge
+    ref = X.to(torch.float64).abs().amax(dim=(-2, -1), keepdim=True)
+    ref[2] = ref[5] = float("nan")
+    for reduce in (max_abs_by_norm, max_abs_by_extremes):
+        got = reduce(X)
+        assert got.shape == (8, 1, 1) and got.dtype == dtype
+        torch.testing.assert_close(got.to(torch.float64), ref, rtol=0, atol=0, equal_nan=True)

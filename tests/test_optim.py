@@ -629,3 +629,37 @@ def test_cpu_and_cuda_step_paths_give_the_same_bits(
 
     cpu, cuda = train(False), train(True)
     assert all(torch.equal(a, b) for a, b in zip(cpu, cuda, strict=True))
+
+
+@pytest.mark.parametrize("paths", ["cpu", "device"])
+def test_each_finite_flags_exactly_the_non_finite_tensors(paths: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The skip policy's per-gradient check (foreach max-abs norm off the CPU, max and min on it) against
+    ``torch.isfinite(t).all()``: NaN, +Inf, −Inf, the largest finite values (no overflow), mixed dtypes."""
+    from orthoptim.optim.base import _each_finite
+
+    if paths == "device":
+        monkeypatch.setattr("orthoptim.optim.base.CPU_PATH_DEVICES", ())
+    gen = torch.Generator().manual_seed(3)
+    tensors = [
+        torch.randn(5, 7, generator=gen, dtype=torch.float64).to(dt)
+        for dt in (
+            torch.float32,
+            torch.bfloat16,
+            torch.float64,
+            torch.float32,
+            torch.float16,
+            torch.float32,
+            torch.bfloat16,
+        )
+    ]
+    tensors[1][2, 3] = float("nan")
+    tensors[2][0, 0] = float("-inf")
+    tensors[3].fill_(torch.finfo(torch.float32).max)
+    tensors[3][1, 1] = -torch.finfo(torch.float32).max
+    tensors[4][4, 6] = float("inf")
+    tensors[6].fill_(float("-inf"))
+    expected = torch.stack([torch.isfinite(t).all() for t in tensors])
+    assert expected.tolist() == [True, False, False, True, False, True, False]
+    assert torch.equal(_each_finite(tensors), expected)
+    with_empty = [*tensors, torch.empty(0, 3)]
+    assert torch.equal(_each_finite(with_empty), torch.cat([expected, torch.tensor([True])]))

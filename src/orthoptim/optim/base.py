@@ -34,6 +34,7 @@ it is not part of ``state_dict()``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -139,7 +140,7 @@ class _Pending:
     alpha: float  # the update is added with this factor (−lr·scale; 1 in the nuclear mode)
     counts: tuple[int, ...]
     decay: float
-    finite: Tensor | None  # 0-d bool: every orthogonalized matrix of the megabatch is finite
+    out_sum: Tensor | None  # 0-d: the sum of O, finite iff every orthogonalized matrix of the megabatch is
     second: list[Tensor] | None = None
     old_second: Tensor | None = None
     new_second: Tensor | None = None
@@ -232,15 +233,20 @@ def _row_normalize(O: Tensor, v: Tensor, beta2: float, eps: float, work: Workspa
 def _each_finite(tensors: list[Tensor]) -> Tensor:
     """Per tensor (plain tensors or local shards): True iff every entry is finite, as a bool vector on the device.
 
-    Max and min per tensor: NaN and ±Inf survive them, large finite values cannot overflow. Two plain reductions
-    are ~10× faster on the CPU than the max-abs norm (``_foreach_norm(·, inf)``: 121 vs 13 ms for GPT-2-small's
-    48 gradients, measured 2026-11-23). Empty tensors have no max: they count as finite.
+    Max-abs per tensor: NaN and ±Inf survive it (``max_propagate_nan`` in torch's CUDA norm and block reductions),
+    large finite values cannot overflow it, and ``< inf`` is false for both Inf and NaN. Outside
+    ``CPU_PATH_DEVICES`` one ``_foreach_norm(·, inf)`` (a few launches for all tensors; one ``amin`` per tensor
+    would be 48 launches for GPT-2 small); on the CPU, where torch computes that norm tensor by tensor and ~10×
+    slower (121 vs 13 ms for GPT-2-small's 48 gradients, measured 2026-11-23), a foreach max and a min per tensor.
+    Empty tensors have no max: they count as finite.
     """
     if any(t.numel() == 0 for t in tensors):
         return torch.stack([torch.isfinite(t).all() for t in tensors])
+    if tensors[0].device.type not in CPU_PATH_DEVICES:
+        return torch.stack(torch._foreach_norm(tensors, math.inf)) < math.inf
     hi = torch.stack(torch._foreach_max(tensors))
     lo = torch.stack([t.amin() for t in tensors])  # torch has no foreach min; one small reduction per tensor
-    return torch.isfinite(hi) & torch.isfinite(lo)
+    return (hi < math.inf) & (lo > -math.inf)
 
 
 def _orthogonalizer(group: dict[str, Any], *, compute_dtype_out: bool = False) -> Callable[..., Tensor]:
@@ -286,8 +292,10 @@ def _finish(
     need_flags: bool,
     work: Workspace | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """From a megabatch's orthogonalized O (B, m, n) and its input M: ``(update, new second moment, finite)``.
-    ``O`` is the step's own tensor and becomes the update in place; float32 temporaries live in ``work`` if given."""
+    """From a megabatch's orthogonalized O (B, m, n) and its input M: ``(update, new second moment, O's sum)``
+    — the sum (if ``need_flags``) is finite iff every entry of O is; the step checks all megabatches' sums at
+    once. ``O`` is the step's own tensor and becomes the update in place; float32 temporaries
+    live in ``work`` if given."""
     new_second = None
     if group["row_norm"]:
         assert old_second is not None
@@ -300,8 +308,7 @@ def _finish(
     else:
         update = O  # −lr·scale is fused into the final foreach add (``_alpha``)
     # |O| ≲ 1.3 entrywise, so the sum cannot overflow: it is non-finite iff some entry is.
-    finite = torch.isfinite(O.sum()) if need_flags else None
-    return update, new_second, finite
+    return update, new_second, O.sum() if need_flags else None
 
 
 #: ``start(k, M, orthogonalize)`` begins orthogonalizing megabatch k's ``M`` and returns a thunk yielding O.
@@ -402,7 +409,7 @@ def _megabatch_pending(
         assert second is not None
         p.second = [second[i] for i in idx]
         p.old_second = torch.cat([second[i].reshape(c, m) for i, c in zip(idx, mb.counts, strict=True)])
-    p.update, p.new_second, p.finite = _finish(O, M, p.old_second, group, need_flags, work)
+    p.update, p.new_second, p.out_sum = _finish(O, M, p.old_second, group, need_flags, work)
     p.steps = [steps[i] for i in idx]
     return p
 
@@ -494,8 +501,8 @@ def sharded_prepare(
         v_full = None
         if row_norm:
             v_full = torch.cat([full[base + k + j].view(c, m) for j, c in zip(mine, counts, strict=True)])  # type: ignore[union-attr]
-        update, new_v, finite = _finish(orth(M_full), M_full, v_full, group, need_flags)
-        flags.append(finite)
+        update, new_v, out_sum = _finish(orth(M_full), M_full, v_full, group, need_flags)
+        flags.append(out_sum)
         for j, u in zip(mine, update.split(counts), strict=True):
             results[base + j] = u.reshape(-1, n)
         if new_v is not None:
@@ -504,13 +511,13 @@ def sharded_prepare(
     device = pieces[0].device if pieces else torch.device("cpu")
     back = scatter_from_owners(results, like, item_owner, item_rows, rank, device, process_group)
     pending = []
-    for (mb, base, p_loc, b_loc, g_loc, numels, _, old, new, s_loc, old_s, s_numels), finite in zip(
+    for (mb, base, p_loc, b_loc, g_loc, numels, _, old, new, s_loc, old_s, s_numels), out_sum in zip(
         staged, flags, strict=True
     ):
         k = len(mb.indices)
         update = torch.cat([back[base + j].reshape(-1) for j in range(k)])
         alpha = _alpha(group, *mb.matrix_shape)
-        p = _Pending(p_loc, b_loc, g_loc, mu, update, alpha, numels, decay, finite, old_bufs=old, new_bufs=new)
+        p = _Pending(p_loc, b_loc, g_loc, mu, update, alpha, numels, decay, out_sum, old_bufs=old, new_bufs=new)
         if row_norm:
             p.second, p.old_second, p.second_counts = s_loc, old_s, s_numels
             p.new_second = torch.cat([back[base + k + j].reshape(-1) for j in range(k)])
@@ -519,13 +526,30 @@ def sharded_prepare(
     return pending
 
 
-def _commit(p: _Pending, ok: Tensor | None, scratch: Workspace) -> None:
-    """Phase 2: write the megabatch's new state (or, where ``ok`` is false, keep the old one bit for bit)."""
-    update = p.update
-    if ok is not None:
+class _StepFlag:
+    """The step-wide flag ``ok`` (None: commit unconditionally) in the forms the commits use, each built once per
+    step rather than once per megabatch: every tensor op outside the CPU is a kernel launch."""
+
+    def __init__(self, ok: Tensor | None) -> None:
+        self.ok = ok
+        self.skipped = None if ok is None else ~ok
+        self._decay: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+
+    def decay_factor(self, decay: float, like: Tensor) -> Tensor:
+        """``adamw.decay_factor(decay, like, ok)``, shared by the megabatches with the same decay and dtype."""
+        key = (decay, like.dtype, like.device)
+        if key not in self._decay:
+            self._decay[key] = decay_factor(decay, like, self.ok)
+        return self._decay[key]
+
+
+def _commit(p: _Pending, flag: _StepFlag, scratch: Workspace) -> None:
+    """Phase 2: write the megabatch's new state (or, where ``flag.ok`` is false, keep the old one bit for bit).
+    The step counters are advanced by the step, all at once."""
+    ok, update = flag.ok, p.update
+    if flag.skipped is not None:
         # In place into the step's own temporary: no fresh allocation (on the CPU: no pass of page faults).
-        zero = torch.zeros((), dtype=update.dtype, device=update.device)
-        update = torch.where(ok, update, zero, out=update)
+        update = update.masked_fill_(flag.skipped, 0.0)
     if p.new_bufs is None:
         _commit_momentum(p.bufs, p.grads, p.momentum, ok, scratch)
     else:
@@ -537,11 +561,9 @@ def _commit(p: _Pending, ok: Tensor | None, scratch: Workspace) -> None:
         counts = p.counts if p.second_counts is None else p.second_counts
         torch._foreach_copy_(p.second, [s.view_as(t) for s, t in zip(new_second.split(counts), p.second, strict=True)])
     if p.decay != 1.0:
-        torch._foreach_mul_(p.params, decay_factor(p.decay, p.params[0], ok))
+        torch._foreach_mul_(p.params, flag.decay_factor(p.decay, p.params[0]))
     parts = [u.view_as(t) for u, t in zip(update.split(p.counts), p.params, strict=True)]
     _add_update(p.params, parts, p.alpha, scratch)
-    assert p.steps is not None
-    torch._foreach_add_(p.steps, 1 if ok is None else ok.to(torch.int64))
 
 
 @dataclass
@@ -868,9 +890,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             pending = self._prepare_distributed(gathered, sanitize, need_flags=policy != "propagate")
         else:
             pending = self._prepare_local(gathered, sanitize, need_flags=policy != "propagate")
-        out_flags = [p.finite for p in pending if isinstance(p, _Pending) and p.finite is not None]
-        if out_flags:
-            out_ok = torch.stack(out_flags).all()
+        out_sums = [p.out_sum for p in pending if isinstance(p, _Pending) and p.out_sum is not None]
+        if out_sums:
+            out_ok = (torch.stack(out_sums).abs() < math.inf).all()
             if policy == "raise" and local and not bool(out_ok):
                 raise NonFiniteError("orthogonalization produced a non-finite update; no state was changed")
             ok = out_ok if ok is None else ok & out_ok
@@ -887,11 +909,16 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             # a kept step commits without the selects, a skipped one writes nothing. Same state either way.
             keep, commit_ok = bool(commit_ok), None
         scratch = self._held  # the commit's per-parameter temporaries (roles "momentum", "update"), kept too
+        flag, steps = _StepFlag(commit_ok), []
         for p in pending if keep else ():
             if isinstance(p, _Pending):
-                _commit(p, commit_ok, scratch)
+                _commit(p, flag, scratch)
+                assert p.steps is not None
+                steps += p.steps
             else:  # Hybrid's AdamW half (optim/adamw.py)
                 p.commit(commit_ok)
+        if steps:  # int64 counters; one foreach for all megabatches, +0 on a skipped step
+            torch._foreach_add_(steps, 1 if commit_ok is None else commit_ok.to(torch.int64))
         if policy == "skip":
             assert ok is not None
             skips = [s for _, _, _, lists in gathered for s in lists.get("nonfinite_skips", [])]

@@ -1,0 +1,182 @@
+"""Kernel launches and host reads of one optimizer step on the accelerator code path, counted without a GPU.
+
+    .venv/bin/python benchmarks/step_launches.py [--layers 12] [--where CONFIG]
+
+Why: on an H100 a Muon step over GPT-2-small's 48 hidden matrices is ~2 ms of arithmetic (the GPU speed issue),
+while every launched kernel costs the host several microseconds of dispatch and launch. A step that launches
+hundreds of kernels is bound by the host, whatever its kernels; one that reads a device value on the host
+(``.item()``, ``bool(t)``) waits for the GPU. Both are properties of the code path, not of the machine, so they can
+be counted here.
+
+How: the parameters and gradients live on the ``meta`` device (shapes only: no memory, no arithmetic). The step
+takes the same path there as on CUDA (everything not on the CPU does), and a ``TorchDispatchMode`` counts every
+aten operation it dispatches. Printed per configuration:
+
+- *launches*: operations other than views, allocations and profiler markers — on CUDA each launches at least one
+  kernel (a foreach operation one per chunk of tensors, so a few for 48 tensors);
+- *products*: of those, the matrix products (``mm``/``bmm``/``addmm``/``baddbmm``). With Triton on a CUDA GPU
+  the symmetric ones become ``orthoptim.polar.kernels`` launches, one for one (counted here as the torch product);
+- *host reads*: values read back to the host (``_local_scalar_dense``): each one a GPU sync;
+- *per extra matrix*: how the launches grow when the model has more layers (the step is run at ``--layers`` and
+  at twice that): 0 means no per-parameter kernel anywhere in the step.
+
+torch.optim.Muon is counted the same way (a Python loop of per-matrix ops). One substitution: the meta device
+decomposes ``_foreach_add_(tensors, 0-d tensor)`` into a host read, where CUDA has a kernel that reads the scalar
+on the device; that call is counted as the one launch it is on CUDA (``CountOps``). Not a test; counts only (no
+timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import orthoptim
+
+SHAPES = ((768, 2304), (768, 768), (3072, 768), (768, 3072))  # GPT-2 small, per layer
+JORDAN = (3.4445, -4.7750, 2.0315)  # KellerJordan/Muon muon.py, torch.optim._muon DEFAULT_A/B/C
+
+#: Operations that launch no kernel: views and metadata changes, allocations (the caching allocator's host cost is
+#: small next to a launch), profiler markers.
+NO_LAUNCH = frozenset(
+    "view _unsafe_view view_as reshape permute transpose t expand unsqueeze squeeze select slice narrow as_strided"
+    " alias detach split split_with_sizes unbind diagonal empty empty_strided empty_like"
+    " _record_function_enter_new _record_function_exit".split()
+)
+PRODUCTS = frozenset({"mm", "bmm", "addmm", "baddbmm"})
+
+Maker = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+CONFIGS: list[tuple[str, Maker]] = [
+    ("torch.optim.Muon", lambda ps: torch.optim.Muon(ps, lr=0.02)),
+    ("orthoptim.Muon defaults", lambda ps: orthoptim.Muon(ps, lr=0.02)),
+    ("orthoptim.Muon, warn_nonfinite=False", lambda ps: orthoptim.Muon(ps, lr=0.02, warn_nonfinite=False)),
+    ("orthoptim.Muon, nonfinite='propagate'", lambda ps: orthoptim.Muon(ps, lr=0.02, nonfinite="propagate")),
+    (
+        "orthoptim.Muon, torch's math (Jordan NS5, bf16, Frobenius)",
+        lambda ps: orthoptim.Muon(ps, lr=0.02, ns_coefficients=JORDAN, ns_steps=5, compute_dtype="bfloat16"),
+    ),
+    ("orthoptim.NorMuon defaults", lambda ps: orthoptim.NorMuon(ps, lr=0.02)),
+    ("orthoptim.PolarGrad defaults", lambda ps: orthoptim.PolarGrad(ps, lr=0.02)),
+]
+
+
+@dataclass
+class Counts:
+    ops: Counter[str] = field(default_factory=Counter)
+    host_reads: int = 0
+    sites: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    @property
+    def launches(self) -> int:
+        return sum(n for op, n in self.ops.items() if op not in NO_LAUNCH)
+
+    @property
+    def products(self) -> int:
+        return sum(n for op, n in self.ops.items() if op in PRODUCTS)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts dispatched aten operations; answers host reads with True (a finite flag) instead of failing on meta.
+
+    ``torch._foreach_add_(tensors, 0-d tensor)`` is replaced while counting by one counted launch that changes
+    nothing: the meta device would decompose it into a host read and a scalar add before any mode sees it, where
+    CUDA runs one kernel reading the scalar on the device (torch's ForeachBinaryOpScalarTensor.cu)."""
+
+    def __init__(self, sites: bool) -> None:
+        super().__init__()
+        self.counts = Counts()
+        self.sites = sites
+        self._foreach_add_ = torch._foreach_add_
+
+    def __enter__(self) -> CountOps:
+        def foreach_add_(tensors: Any, other: Any, **kwargs: Any) -> None:
+            if isinstance(other, torch.Tensor) and other.dim() == 0 and other.is_meta:
+                self._count("_foreach_add_")
+                return
+            self._foreach_add_(tensors, other, **kwargs)
+
+        torch._foreach_add_ = foreach_add_
+        return super().__enter__()  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: object) -> None:
+        torch._foreach_add_ = self._foreach_add_
+        super().__exit__(*exc)
+
+    def _count(self, name: str) -> None:
+        if name == "_local_scalar_dense":
+            self.counts.host_reads += 1
+        else:
+            self.counts.ops[name] += 1
+        if self.sites and name not in NO_LAUNCH:
+            self.counts.sites[(name, _site())] += 1
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        self._count(name)
+        if name == "_local_scalar_dense":
+            return True
+        return func(*args, **(kwargs or {}))
+
+
+def _site() -> str:
+    """The innermost two orthoptim frames of the current call, for ``--where``."""
+    frames = [f for f in traceback.extract_stack() if "orthoptim" in f.filename and "benchmarks" not in f.filename]
+    return " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames[-2:]))
+
+
+def count_step(make: Maker, layers: int, sites: bool = False) -> Counts:
+    """Counts for one steady-state step (after two untimed steps: state initialized, buffers kept)."""
+    params = [nn.Parameter(torch.empty(s, device="meta")) for _ in range(layers) for s in SHAPES]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    opt = make(params)
+    with CountOps(sites) as mode:
+        for _ in range(2):
+            opt.step()
+        mode.counts = Counts()
+        opt.step()
+    return mode.counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=12, help="GPT-2-small layers (4 matrices each)")
+    parser.add_argument(
+        "--where", metavar="CONFIG", help="list launches by call site for configurations containing this"
+    )
+    args = parser.parse_args()
+    if args.layers < 1:
+        parser.error(f"--layers must be ≥ 1, got {args.layers}")
+    matrices = 4 * args.layers
+    print(f"One step over {matrices} matrices ({args.layers} × GPT-2-small's 4 shapes), accelerator code path (meta)")
+    header = f"{'configuration':60} {'launches':>9} {'products':>9} {'host reads':>11} {'per extra matrix':>17}"
+    print(header + f" {'× torch':>8}")
+    print("-" * (len(header) + 9))
+    base: int | None = None
+    for name, make in CONFIGS:
+        counts = count_step(make, args.layers)
+        double = count_step(make, 2 * args.layers)
+        base = counts.launches if base is None else base
+        growth = (double.launches - counts.launches) / matrices
+        print(
+            f"{name:60} {counts.launches:9d} {counts.products:9d} {counts.host_reads:11d} {growth:17.2f}"
+            f" {counts.launches / base:8.2f}"
+        )
+    if args.where:
+        for name, make in CONFIGS:
+            if args.where in name:
+                print(f"\n{name}: launches and host reads by call site")
+                for (op, where), n in count_step(make, args.layers, sites=True).sites.most_common():
+                    print(f"{n:6d}  {op:28} {where}")
+
+
+if __name__ == "__main__":
+    main()
