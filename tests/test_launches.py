@@ -81,11 +81,8 @@ MAKERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     ),
     "normuon": lambda ps: orthoptim.NorMuon(_split(ps)[0], lr=0.02, warn_nonfinite=False),
     "polargrad": lambda ps: orthoptim.PolarGrad(_split(ps)[0], lr=0.02, warn_nonfinite=False),
-    # Hybrid under "propagate" only: its AdamW half selects per tensor under "skip" (torch has no foreach
-    # ``where``; three selects per AdamW parameter, documented in optim/adamw.py).
-    "hybrid-propagate": lambda ps: orthoptim.Hybrid(
-        _split(ps), lr=0.02, adamw_weight_decay=0.01, nonfinite="propagate"
-    ),
+    "hybrid": lambda ps: orthoptim.Hybrid(_split(ps), lr=0.02, adamw_weight_decay=0.01, warn_nonfinite=False),
+    "hybrid-propagate": lambda ps: orthoptim.Hybrid(_split(ps), lr=0.02, nonfinite="propagate"),
 }
 
 

@@ -566,35 +566,35 @@ def test_normuon_and_polargrad_on_large_cpu_matrices_match_their_formulas() -> N
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_hybrid_cpu_in_place_adamw_equals_the_two_phase_step_bit_for_bit(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
-) -> None:
-    """The CPU computes Hybrid's AdamW half in place at the commit; CUDA's way (forced here) computes it out of
-    place in phase 1. Same operations, same order: every parameter and state tensor must be bit-identical, with
-    weight decay, and with lr 0 (the ×0 branch). The AdamW half itself is checked against torch.optim.AdamW above."""
-
-    def train(cuda_paths: bool, lr: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if cuda_paths:
-            monkeypatch.setattr("orthoptim.optim.base.CPU_PATH_DEVICES", ())
-        else:
-            monkeypatch.undo()
+def test_hybrid_adamw_half_is_torch_fused_adamw_bit_for_bit(step_paths: str, dtype: torch.dtype) -> None:
+    """Hybrid's AdamW half against ``torch.optim.AdamW(fused=True)`` on a twin model: every parameter, moment and
+    step counter bit for bit, with weight decay, with lr 0, and through a skipped step (a NaN in a matrix's
+    gradient: Hybrid drops the step, the reference is not stepped), on both step paths."""
+    for lr in (0.05, 0.0):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Embedding(300, 64), nn.Linear(64, 96), nn.ReLU(), nn.LayerNorm(96), nn.Linear(96, 8))
         model = model.to(dtype)
-        opt = orthoptim.Hybrid(model, lr=0.02, adamw_lr=lr, adamw_weight_decay=0.2)  # decay 0.99: seen in bfloat16
+        twin = copy.deepcopy(model)
+        opt = orthoptim.Hybrid(model, lr=0.02, adamw_lr=lr, adamw_weight_decay=0.2, warn_nonfinite=False)
+        rest, twin_rest = orthoptim.split_params(model)[1], orthoptim.split_params(twin)[1]
+        ref = torch.optim.AdamW(twin_rest, lr=lr, betas=(0.9, 0.95), weight_decay=0.2, fused=True)
         x = torch.randint(0, 300, (16, 4))
-        for _ in range(3):
+        for k in range(4):
             opt.zero_grad()
             model(x).square().mean().backward()
+            for p, q in zip(rest, twin_rest, strict=True):
+                q.grad = p.grad.clone()  # type: ignore[union-attr]
+            if k == 2:
+                model[1].weight.grad[0, 0] = float("nan")  # type: ignore[index]
             opt.step()
-        states = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        return [p.detach().clone() for p in model.parameters()], [t.clone() for t in states]
-
-    for lr in (0.05, 0.0):
-        cpu_params, cpu_state = train(False, lr)
-        cuda_params, cuda_state = train(True, lr)
-        assert all(torch.equal(a, b) for a, b in zip(cpu_params, cuda_params, strict=True))
-        assert all(torch.equal(a, b) for a, b in zip(cpu_state, cuda_state, strict=True))
+            if k != 2:
+                ref.step()
+        assert opt.nonfinite_skips == 1
+        for p, q in zip(rest, twin_rest, strict=True):
+            assert torch.equal(p, q)
+            mine, theirs = opt.state[p], ref.state[q]
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(mine[key], theirs[key]), key
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -663,3 +663,20 @@ def test_each_finite_flags_exactly_the_non_finite_tensors(paths: str, monkeypatc
     assert torch.equal(_each_finite(tensors), expected)
     with_empty = [*tensors, torch.empty(0, 3)]
     assert torch.equal(_each_finite(with_empty), torch.cat([expected, torch.tensor([True])]))
+
+
+def test_hybrid_adamw_half_takes_a_tensor_lr() -> None:
+    """A 1-element tensor ``adamw_lr`` (what some schedulers hold) gives the bits of the same float lr."""
+    results = []
+    for lr in (1e-2, torch.tensor(1e-2)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 12), nn.LayerNorm(12))
+        opt = orthoptim.Hybrid(model, adamw_lr=lr)  # type: ignore[arg-type]
+        start = model[0].weight.detach().clone()
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.arange(6)).square().mean().backward()
+            opt.step()
+        assert not torch.equal(model[0].weight, start)  # the AdamW half did step
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -16,8 +16,8 @@ step commits without selects, a skipped one writes nothing. ``"raise"`` raises :
 the parameter (host syncs). ``"propagate"`` checks nothing. Every policy computes all updates before writing any
 state (two phases), so the updates (in the compute dtype) are held until the commit. The new momentum is held too
 on CUDA (stacked, a few batched kernels); on the CPU it is recomputed in place at the commit instead
-(``CPU_PATH_DEVICES``), so nothing but the updates outlives phase 1; and Hybrid's AdamW half is computed there
-by the commit itself, in place (``optim/adamw.py``): the CPU commits only kept steps.
+(``CPU_PATH_DEVICES``), so nothing but the updates outlives phase 1. Hybrid's AdamW half is taken entirely by
+the commit, in place, with torch's fused AdamW kernel, which reads the flag on the device (``optim/adamw.py``).
 
 Distributed (``process_group``; ``orthoptim.distributed`` moves the tensors): plain parameters are taken to be
 replicated (DDP): every rank computes the momentum of every matrix, but orthogonalizes only the matrices it owns
@@ -64,7 +64,7 @@ from ..polar.normalize import NORMALIZATIONS
 from ..polar.orthogonalize import ITERATIONS, resolve_compute_dtype
 from ..polar.schedules import check_precision
 from ..polar.workspace import Workspace, scratch, scratch_like
-from .adamw import adamw_prepare, decay_factor
+from .adamw import adamw_prepare
 from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
 from .shapes import SCALE_MODES, SHAPE_POLICIES, lr_scale, matrix_layout
 
@@ -526,6 +526,17 @@ def sharded_prepare(
     return pending
 
 
+def decay_factor(decay: float, like: Tensor, ok: Tensor | None = None) -> Tensor:
+    """The weight-decay factor for ``torch._foreach_mul_`` over parameters like ``like`` (1 where ``ok`` is false):
+    a 0-d tensor in the parameters' dtype, or float32 for 16-bit ones — what ``param.mul_(decay)`` computes in
+    (torch.optim.Muon's decay). Why not the Python float: torch's CPU ``_foreach_mul_`` rounds a scalar to a
+    bfloat16 tensor's dtype first (0.998 → 0.99609: 2.8× the decay), and ``torch.where`` on Python floats builds
+    float32 (0.999 → 0.99900001 for float64 parameters). Measured, torch 2.13."""
+    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    factor = torch.full((), decay, dtype=dtype, device=like.device)
+    return factor if ok is None else torch.where(ok, factor, 1.0)
+
+
 class _StepFlag:
     """The step-wide flag ``ok`` (None: commit unconditionally) in the forms the commits use, each built once per
     step rather than once per megabatch: every tensor op outside the CPU is a kernel launch."""
@@ -536,7 +547,7 @@ class _StepFlag:
         self._decay: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
 
     def decay_factor(self, decay: float, like: Tensor) -> Tensor:
-        """``adamw.decay_factor(decay, like, ok)``, shared by the megabatches with the same decay and dtype."""
+        """``decay_factor(decay, like, ok)``, shared by the megabatches with the same decay and dtype."""
         key = (decay, like.dtype, like.device)
         if key not in self._decay:
             self._decay[key] = decay_factor(decay, like, self.ok)
@@ -707,7 +718,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             self._plans[key] = plan
         return plan
 
-    def _prepare_local(self, gathered: list[Any], sanitize: Tensor | None, need_flags: bool) -> list[Any]:
+    def _prepare_local(self, gathered: list[Any], need_flags: bool) -> list[Any]:
         """Phase 1 on one process: every group's update, nothing committed."""
         pending: list[Any] = []
         for g, (group, params, grads, lists) in enumerate(gathered):
@@ -715,9 +726,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 continue
             on_cpu = grads[0].device.type in CPU_PATH_DEVICES
             if group.get("algorithm", "orthogonalized") == "adamw":
-                # On the CPU the commit runs only for a kept step (the flag is read on the host): AdamW in place then.
-                defer = self._held if on_cpu else None
-                pending.append(adamw_prepare(params, grads, lists, group, sanitize=sanitize, defer=defer))
+                pending.append(adamw_prepare(params, grads, lists, group))  # the commit takes the step
             else:
                 plan = self._plan(group, params)
                 pending.extend(
@@ -736,7 +745,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 )
         return pending
 
-    def _prepare_distributed(self, gathered: list[Any], sanitize: Tensor | None, need_flags: bool) -> list[Any]:
+    def _prepare_distributed(self, gathered: list[Any], need_flags: bool) -> list[Any]:
         """Phase 1 over the process group: replicated matrices split by owner, sharded ones gathered to theirs.
 
         The collectives depend only on the (cached) plan, which every rank builds from the same shapes, so they
@@ -751,7 +760,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 continue
             if split is None:  # AdamW: elementwise, so each rank updates its own shards (or replicas)
                 local_lists = {k: _local(v) for k, v in lists.items()}
-                pending.append(adamw_prepare(_local(params), _local(grads), local_lists, group, sanitize=sanitize))
+                pending.append(adamw_prepare(_local(params), _local(grads), local_lists, group))
                 continue
             state = (lists["momentum_buffer"], lists.get("second_moment"), lists["step"])
             if split.plain:
@@ -885,11 +894,10 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 bad = all_params[int((~grads_finite).nonzero()[0])]
                 raise NonFiniteError(f"non-finite gradient for the parameter of shape {tuple(bad.shape)}")
         ok = None if grads_finite is None else grads_finite.all()
-        sanitize = ok if policy == "skip" else None
         if self._distributed:
-            pending = self._prepare_distributed(gathered, sanitize, need_flags=policy != "propagate")
+            pending = self._prepare_distributed(gathered, need_flags=policy != "propagate")
         else:
-            pending = self._prepare_local(gathered, sanitize, need_flags=policy != "propagate")
+            pending = self._prepare_local(gathered, need_flags=policy != "propagate")
         out_sums = [p.out_sum for p in pending if isinstance(p, _Pending) and p.out_sum is not None]
         if out_sums:
             out_ok = (torch.stack(out_sums).abs() < math.inf).all()
