@@ -5,7 +5,8 @@
 Matrices: per layer {768×2304, 768×768, 3072×768, 768×3072} (the shapes listed for GPT-2 small in the project's
 issue), fp32 parameters with random gradients. ``--model``: the whole GPT-2-small parameter set instead (token and
 position embeddings, biases, LayerNorms, an untied 50257×768 head), orthoptim.Hybrid against torch.optim.Muon on
-the hidden matrices plus torch.optim.AdamW (foreach) on the rest, the split made by ``orthoptim.split_params``.
+the hidden matrices plus torch.optim.AdamW (foreach, and fused: the kernel Hybrid's AdamW half runs) on the rest,
+the split made by ``orthoptim.split_params``.
 
 Every configuration gets its own parameters and optimizer in this one process and one warm-up step; then each
 round steps every configuration once, in turn (forward order in even rounds, reverse in odd ones, so a drifting
@@ -69,6 +70,11 @@ def _torch_pair(model: nn.Module) -> list[torch.optim.Optimizer]:
     return [torch.optim.Muon(mats, lr=0.02), torch.optim.AdamW(rest, foreach=True, **ADAMW)]  # type: ignore[arg-type]
 
 
+def _torch_pair_fused(model: nn.Module) -> list[torch.optim.Optimizer]:
+    mats, rest = orthoptim.split_params(model)
+    return [torch.optim.Muon(mats, lr=0.02), torch.optim.AdamW(rest, fused=True, **ADAMW)]  # type: ignore[arg-type]
+
+
 def _hybrid(**kw: object) -> ModelMaker:
     adamw = {"adamw_lr": ADAMW["lr"], "adamw_betas": ADAMW["betas"], "adamw_weight_decay": ADAMW["weight_decay"]}
     return lambda model: [orthoptim.Hybrid(model, lr=0.02, **adamw, **kw)]  # type: ignore[arg-type]
@@ -76,6 +82,7 @@ def _hybrid(**kw: object) -> ModelMaker:
 
 MODEL_CONFIGS: list[tuple[str, ModelMaker]] = [
     ("torch.optim.Muon (hidden matrices) + torch.optim.AdamW (foreach, the rest)", _torch_pair),
+    ("torch.optim.Muon (hidden matrices) + torch.optim.AdamW (fused, the rest)", _torch_pair_fused),
     (
         "orthoptim.Hybrid, same math (Jordan NS5, bf16)",
         _hybrid(ns_coefficients=JORDAN, ns_steps=5, compute_dtype="bfloat16"),

@@ -1,6 +1,6 @@
 """Kernel launches and host reads of one optimizer step on the accelerator code path, counted without a GPU.
 
-    .venv/bin/python benchmarks/step_launches.py [--layers 12] [--where CONFIG]
+    .venv/bin/python benchmarks/step_launches.py [--layers 12] [--where CONFIG] [--model]
 
 Why: on an H100 a Muon step over GPT-2-small's 48 hidden matrices is ~2 ms of arithmetic (the GPU speed issue),
 while every launched kernel costs the host several microseconds of dispatch and launch. A step that launches
@@ -16,9 +16,15 @@ aten operation it dispatches. Printed per configuration:
   kernel (a foreach operation one per chunk of tensors, so a few for 48 tensors);
 - *products*: of those, the matrix products (``mm``/``bmm``/``addmm``/``baddbmm``). With Triton on a CUDA GPU
   the symmetric ones become ``orthoptim.polar.kernels`` launches, one for one (counted here as the torch product);
-- *host reads*: values read back to the host (``_local_scalar_dense``): each one a GPU sync;
+- *host reads*: values read back to the host (``_local_scalar_dense``) from the device: each one a GPU sync.
+  Operations on CPU tensors alone (torch.optim.AdamW's step counters) are neither launches nor reads;
 - *per extra matrix*: how the launches grow when the model has more layers (the step is run at ``--layers`` and
-  at twice that): 0 means no per-parameter kernel anywhere in the step.
+  at twice that): 0 means no per-parameter kernel anywhere in the step (``--model``: per extra layer's matrices,
+  with the layer's norms and biases).
+
+``--model``: GPT-2 small's whole parameter set (embeddings, norms, biases, head: ``step_cpu.py``'s module), Hybrid
+against torch.optim.Muon on the hidden matrices + torch.optim.AdamW (foreach) on the rest. (torch.optim.AdamW's
+fused mode refuses meta tensors; it is the kernel Hybrid's AdamW half calls, counted in Hybrid's rows.)
 
 torch.optim.Muon is counted the same way (a Python loop of per-matrix ops). One substitution: the meta device
 decomposes ``_foreach_add_(tensors, 0-d tensor)`` into a host read, where CUDA has a kernel that reads the scalar
@@ -38,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import orthoptim
 
@@ -72,6 +79,7 @@ CONFIGS: list[tuple[str, Maker]] = [
 class Counts:
     ops: Counter[str] = field(default_factory=Counter)
     host_reads: int = 0
+    cpu_ops: int = 0  # operations on CPU tensors only: no launch, no sync
     sites: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @property
@@ -120,6 +128,10 @@ class CountOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if tensors and all(t.device.type == "cpu" for t in tensors):
+            self.counts.cpu_ops += 1  # host-side work (torch.optim.AdamW keeps its step counters on the CPU)
+            return func(*args, **(kwargs or {}))
         self._count(name)
         if name == "_local_scalar_dense":
             return True
@@ -132,38 +144,71 @@ def _site() -> str:
     return " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames[-2:]))
 
 
-def count_step(make: Maker, layers: int, sites: bool = False) -> Counts:
-    """Counts for one steady-state step (after two untimed steps: state initialized, buffers kept)."""
-    params = [nn.Parameter(torch.empty(s, device="meta")) for _ in range(layers) for s in SHAPES]
+ModelMaker = Callable[[nn.Module], list[torch.optim.Optimizer]]
+
+
+def _torch_pair(model: nn.Module) -> list[torch.optim.Optimizer]:
+    mats, rest = orthoptim.split_params(model)
+    return [torch.optim.Muon(mats, lr=0.02), torch.optim.AdamW(rest, lr=3e-4, weight_decay=0.01, foreach=True)]
+
+
+MODEL_CONFIGS: list[tuple[str, ModelMaker]] = [
+    ("torch.optim.Muon + torch.optim.AdamW (foreach)", _torch_pair),
+    ("orthoptim.Hybrid defaults", lambda m: [orthoptim.Hybrid(m, adamw_weight_decay=0.01)]),
+    ("orthoptim.Hybrid, warn_nonfinite=False", lambda m: [orthoptim.Hybrid(m, warn_nonfinite=False)]),
+    ("orthoptim.Hybrid, nonfinite='propagate'", lambda m: [orthoptim.Hybrid(m, nonfinite="propagate")]),
+]
+
+
+def gpt2_small(layers: int) -> nn.Module:
+    """GPT-2 small's parameter set on the meta device (step_cpu.py's module: embeddings, norms, biases, head)."""
+    from step_cpu import GPT2Small  # this directory is on sys.path when the script runs
+
+    with torch.device("meta"):
+        return GPT2Small(layers)
+
+
+def count_step(make: Any, layers: int, sites: bool = False, model: bool = False) -> Counts:
+    """Counts for one steady-state step (after two untimed steps: state initialized, buffers kept). ``make``: a
+    ``Maker``, or with ``model`` a ``ModelMaker`` given GPT-2 small's whole parameter set."""
+    if model:
+        module = gpt2_small(layers)
+        params = list(module.parameters())
+        opts = make(module)
+    else:
+        params = [nn.Parameter(torch.empty(s, device="meta")) for _ in range(layers) for s in SHAPES]
+        opts = [make(params)]
     for p in params:
         p.grad = torch.empty_like(p)
-    opt = make(params)
     with CountOps(sites) as mode:
         for _ in range(2):
-            opt.step()
+            for opt in opts:
+                opt.step()
         mode.counts = Counts()
-        opt.step()
+        for opt in opts:
+            opt.step()
     return mode.counts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=12, help="GPT-2-small layers (4 matrices each)")
-    parser.add_argument(
-        "--where", metavar="CONFIG", help="list launches by call site for configurations containing this"
-    )
+    parser.add_argument("--where", metavar="CONFIG", help="launches by call site for configurations containing this")
+    parser.add_argument("--model", action="store_true", help="GPT-2 small's whole parameter set (Hybrid)")
     args = parser.parse_args()
     if args.layers < 1:
         parser.error(f"--layers must be ≥ 1, got {args.layers}")
     matrices = 4 * args.layers
-    print(f"One step over {matrices} matrices ({args.layers} × GPT-2-small's 4 shapes), accelerator code path (meta)")
+    configs: list[tuple[str, Any]] = list(MODEL_CONFIGS if args.model else CONFIGS)
+    what = "GPT-2 small's whole parameter set" if args.model else "GPT-2 small's 4 matrix shapes"
+    print(f"One step, {args.layers} layers of {what} ({matrices} matrices), accelerator code path (meta)")
     header = f"{'configuration':60} {'launches':>9} {'products':>9} {'host reads':>11} {'per extra matrix':>17}"
-    print(header + f" {'× torch':>8}")
+    print(header + f" {'× row 0':>8}")
     print("-" * (len(header) + 9))
     base: int | None = None
-    for name, make in CONFIGS:
-        counts = count_step(make, args.layers)
-        double = count_step(make, 2 * args.layers)
+    for name, make in configs:
+        counts = count_step(make, args.layers, model=args.model)
+        double = count_step(make, 2 * args.layers, model=args.model)
         base = counts.launches if base is None else base
         growth = (double.launches - counts.launches) / matrices
         print(
@@ -171,10 +216,10 @@ def main() -> None:
             f" {counts.launches / base:8.2f}"
         )
     if args.where:
-        for name, make in CONFIGS:
+        for name, make in configs:
             if args.where in name:
                 print(f"\n{name}: launches and host reads by call site")
-                for (op, where), n in count_step(make, args.layers, sites=True).sites.most_common():
+                for (op, where), n in count_step(make, args.layers, sites=True, model=args.model).sites.most_common():
                     print(f"{n:6d}  {op:28} {where}")
 
 
