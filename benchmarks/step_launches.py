@@ -18,6 +18,10 @@ aten operation it dispatches. Printed per configuration:
   the symmetric ones become ``orthoptim.polar.kernels`` launches, one for one (counted here as the torch product);
 - *host reads*: values read back to the host (``_local_scalar_dense``) from the device: each one a GPU sync.
   Operations on CPU tensors alone (torch.optim.AdamW's step counters) are neither launches nor reads;
+- *other GB*: bytes the launches other than the products read and write (from each op's schema: arguments read,
+  written ones written, fresh outputs written; no cache reuse) — the memory-bound part of the step (momentum,
+  normalization, commit); *≥ ms*: those bytes at an H100's copy rate (3.0 TB/s, the device notes' reading): a
+  lower bound on their time on such a GPU, not a timing;
 - *per extra matrix*: how the launches grow when the model has more layers (the step is run at ``--layers`` and
   at twice that): 0 means no per-parameter kernel anywhere in the step (``--model``: per extra layer's matrices,
   with the layer's norms and biases).
@@ -59,6 +63,9 @@ NO_LAUNCH = frozenset(
     " _record_function_enter_new _record_function_exit".split()
 )
 PRODUCTS = frozenset({"mm", "bmm", "addmm", "baddbmm"})
+#: An H100's device-to-device copy rate, bytes read plus written (the device notes' reading on this workplace's
+#: H100, 2026-11-13: "about 3.0 TB/s"): turns bytes into a lower bound on time, not a timing.
+COPY_RATE_TB_S = 3.0
 
 Maker = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 CONFIGS: list[tuple[str, Maker]] = [
@@ -80,7 +87,10 @@ class Counts:
     ops: Counter[str] = field(default_factory=Counter)
     host_reads: int = 0
     cpu_ops: int = 0  # operations on CPU tensors only: no launch, no sync
+    product_bytes: int = 0  # bytes read and written by the matrix products (compute-bound on a GPU)
+    other_bytes: int = 0  # by every other launch (memory-bound: normalization, momentum, commit)
     sites: Counter[tuple[str, str]] = field(default_factory=Counter)
+    site_bytes: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @property
     def launches(self) -> int:
@@ -128,14 +138,43 @@ class CountOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
+        kwargs = kwargs or {}
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if tensors and all(t.device.type == "cpu" for t in tensors):
             self.counts.cpu_ops += 1  # host-side work (torch.optim.AdamW keeps its step counters on the CPU)
-            return func(*args, **(kwargs or {}))
+            return func(*args, **kwargs)
         self._count(name)
         if name == "_local_scalar_dense":
             return True
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **kwargs)
+        if name not in NO_LAUNCH:
+            moved = _bytes_moved(func, args, kwargs, out)
+            if self.sites:
+                self.counts.site_bytes[(name, _site())] += moved
+            if name in PRODUCTS:
+                self.counts.product_bytes += moved
+            else:
+                self.counts.other_bytes += moved
+        return out
+
+
+def _bytes_moved(func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> int:
+    """Bytes an operation reads and writes, from its schema: every tensor argument is read, except the destination
+    of ``copy_`` and ``out=`` arguments, which are only written; arguments the schema marks as written are written
+    (in-place ops: read and written); fresh outputs are written. No cache reuse assumed: a DRAM traffic estimate."""
+    total = 0
+    schema_args = func._schema.arguments
+    fresh = not any(r.alias_info is not None for r in func._schema.returns)
+    for i, arg in enumerate(schema_args):
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        size = sum(t.nbytes for t in values if isinstance(t, torch.Tensor))
+        written = arg.alias_info is not None and arg.alias_info.is_write
+        read = not (written and (arg.name == "out" or func.overloadpacket.__name__ in ("copy_", "_foreach_copy_")))
+        total += size * (int(read) + int(written))
+    if fresh:
+        total += sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+    return total
 
 
 def _site() -> str:
@@ -203,7 +242,8 @@ def main() -> None:
     what = "GPT-2 small's whole parameter set" if args.model else "GPT-2 small's 4 matrix shapes"
     print(f"One step, {args.layers} layers of {what} ({matrices} matrices), accelerator code path (meta)")
     header = f"{'configuration':60} {'launches':>9} {'products':>9} {'host reads':>11} {'per extra matrix':>17}"
-    print(header + f" {'× row 0':>8}")
+    header += f" {'× row 0':>8} {'other GB':>9} {'≥ ms':>6}"
+    print(header)
     print("-" * (len(header) + 9))
     base: int | None = None
     for name, make in configs:
@@ -211,16 +251,19 @@ def main() -> None:
         double = count_step(make, 2 * args.layers, model=args.model)
         base = counts.launches if base is None else base
         growth = (double.launches - counts.launches) / matrices
+        gb = counts.other_bytes / 1e9
         print(
             f"{name:60} {counts.launches:9d} {counts.products:9d} {counts.host_reads:11d} {growth:17.2f}"
-            f" {counts.launches / base:8.2f}"
+            f" {counts.launches / base:8.2f} {gb:9.2f} {gb / COPY_RATE_TB_S:6.2f}"
         )
     if args.where:
         for name, make in configs:
             if args.where in name:
                 print(f"\n{name}: launches and host reads by call site")
-                for (op, where), n in count_step(make, args.layers, sites=True, model=args.model).sites.most_common():
-                    print(f"{n:6d}  {op:28} {where}")
+                counts = count_step(make, args.layers, sites=True, model=args.model)
+                print(f"{'count':>6}  {'MB moved':>9}  {'op':28} call site")
+                for (op, where), n in counts.sites.most_common():
+                    print(f"{n:6d}  {counts.site_bytes[(op, where)] / 1e6:9.0f}  {op:28} {where}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from orthoptim.polar.normalize import (
     max_abs_by_extremes,
     max_abs_by_norm,
     normalize,
+    normalize_by_float64_norm,
     pow2_prescale,
 )
 
@@ -159,3 +160,54 @@ def test_both_max_abs_reductions_give_the_exact_max_and_keep_nan_and_inf(dtype: 
         got = reduce(X)
         assert got.shape == (8, 1, 1) and got.dtype == dtype
         torch.testing.assert_close(got.to(torch.float64), ref, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("out_dtype", "bits"), [(torch.bfloat16, 8), (torch.float32, 24), (None, 24)], ids=str)
+@pytest.mark.parametrize("tall", [False, True])
+def test_float64_norm_normalization_is_one_rounding_from_the_exact_quotient(
+    in_dtype: torch.dtype, out_dtype: torch.dtype | None, bits: int, tall: bool
+) -> None:
+    """The accelerators' normalization (two passes, norm accumulated in float64) against X/(margin·‖X‖_F) in float64:
+    every entry within one rounding of the result dtype; contiguous output; the input left unchanged."""
+    G = torch.randn(4, 50, 30, generator=torch.Generator().manual_seed(5)).to(in_dtype)
+    X = G.mT if tall else G
+    before = X.clone()
+    for margin in (1.0, 1.01):
+        got = normalize_by_float64_norm(X, margin=margin, nonfinite="propagate", out_dtype=out_dtype)
+        assert got.dtype == (out_dtype or torch.float32) and got.is_contiguous() and got.shape == X.shape
+        X64 = X.double()
+        exact = X64 / (margin * torch.linalg.vector_norm(X64, dim=(-2, -1), keepdim=True))
+        assert ((got.double() - exact).abs() <= 2.0**-bits * exact.abs()).all()
+    assert torch.equal(X, before)
+
+
+def test_float64_norm_normalization_is_exactly_scale_invariant_over_float32s_range() -> None:
+    """Powers of two from the subnormal end (entries down to 2⁻¹⁴⁹) to the top of float32's range give the very same
+    bits (the inputs are exact at every scale: 8-bit mantissas); a zero matrix stays zero."""
+    gen = torch.Generator().manual_seed(11)
+    sign = torch.randint(0, 2, (3, 17, 23), generator=gen).float() * 2 - 1
+    X = sign * torch.randint(1, 256, (3, 17, 23), generator=gen).float() / 256  # ±j/256: 8 significant bits
+    X[2] = 0.0
+    ref = normalize_by_float64_norm(X, nonfinite="propagate", out_dtype=torch.bfloat16)
+    assert torch.equal(ref[2], torch.zeros_like(ref[2])) and bool((ref[0] != 0).any())
+    for e in [*range(-141, 128, 9), -141, 127]:
+        scaled = X * 2.0**e
+        assert torch.equal(scaled.double() * 2.0**-e, X.double()), e  # exact input at this scale
+        for out_dtype in (torch.bfloat16, torch.float32):
+            got = normalize_by_float64_norm(scaled, nonfinite="propagate", out_dtype=out_dtype)
+            want = normalize_by_float64_norm(X, nonfinite="propagate", out_dtype=out_dtype)
+            assert torch.equal(got, want), (e, out_dtype)
+
+
+def test_float64_norm_normalization_propagates_or_raises_on_non_finite_input() -> None:
+    X = torch.randn(3, 6, 9, generator=torch.Generator().manual_seed(2))
+    clean = normalize_by_float64_norm(X[:1], nonfinite="propagate")
+    X[1, 2, 3] = float("nan")
+    X[2, 0, 0] = float("-inf")
+    out = normalize_by_float64_norm(X, nonfinite="propagate")
+    assert torch.equal(out[:1], clean)  # the other matrices are unaffected
+    assert torch.isnan(out[1]).all()  # NaN norm
+    assert torch.isnan(out[2, 0, 0]) and not bool(torch.isfinite(out[2]).all())  # Inf·0
+    with pytest.raises(orthoptim.NonFiniteError, match=r"\(3, 6, 9\)"):
+        normalize_by_float64_norm(X, nonfinite="raise")

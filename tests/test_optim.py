@@ -224,10 +224,11 @@ def assert_same_state(a: dict, b: dict, ignore: tuple[str, ...] = ("nonfinite_sk
 @pytest.fixture(params=["cpu paths", "cuda paths"])
 def step_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test through both ways the step is taken: the CPU's (momentum input per parameter, recomputed at the
-    commit; the skip flag read on the host) and CUDA's (stacked momentum held to the commit; device-side selects),
-    forced here on the CPU."""
+    commit; the skip flag read on the host; prescaled normalization) and CUDA's (stacked momentum held to the
+    commit; device-side selects; normalization by a float64 norm), forced here on the CPU."""
     if request.param == "cuda paths":
         monkeypatch.setattr("orthoptim.optim.base.CPU_PATH_DEVICES", ())
+        monkeypatch.setattr(sys.modules["orthoptim.polar.normalize"], "PRESCALE_DEVICES", ())
     return str(request.param)
 
 
