@@ -681,3 +681,30 @@ def test_hybrid_adamw_half_takes_a_tensor_lr() -> None:
         assert not torch.equal(model[0].weight, start)  # the AdamW half did step
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("iteration", ["standard", "gram"])
+@pytest.mark.parametrize("normalization", ["frobenius", "schatten4", "aol"])
+def test_a_non_finite_gradient_always_reaches_the_checked_update(
+    bad: float, iteration: str, normalization: str, step_paths: str
+) -> None:
+    """Under ``"skip"`` in one process the orthogonalized matrices' gradients are not checked on their own: their
+    NaN/Inf must make the update non-finite, whatever the form, the normalization and the optimizer, or the step
+    would commit it. Here one entry of one matrix (of a batch of two; tall and per-matrix-sized ones too) is bad:
+    the step must be skipped with every parameter and state tensor unchanged."""
+    shapes = [(24, 40), (24, 40), (40, 24), (300, 900)]
+    for cls in (orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad):
+        params = make_params(shapes)
+        kw = {"iteration": iteration, "normalization": normalization, "warn_nonfinite": False}
+        opt = cls(params, lr=0.02, weight_decay=0.1, **kw)
+        run(opt, params, 1)
+        before, state = snapshot(opt, params)
+        for k in range(len(shapes)):
+            for p in params:
+                p.grad = torch.randn(p.shape)
+            params[k].grad.view(-1)[7] = bad  # type: ignore[union-attr]
+            opt.step()
+            assert opt.nonfinite_skips == k + 1, (cls.__name__, k)
+            assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True)), (cls.__name__, k)
+            assert_same_state(state, opt.state_dict(), ignore=("nonfinite_skips",))  # type: ignore[arg-type]
