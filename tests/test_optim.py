@@ -598,16 +598,31 @@ def test_hybrid_adamw_half_is_torch_fused_adamw_bit_for_bit(step_paths: str, dty
                 assert torch.equal(mine[key], theirs[key]), key
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("cls", [orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad], ids=lambda c: c.__name__)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+_CLASSES = (orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad)
+_PATH_CASES = [  # the full grid for both ways of committing, the rest in float32
+    *((c, d, commit, True) for c in _CLASSES for d in _DTYPES for commit in ("selects", "reads flag")),
+    *((c, torch.float32, "reads flag", False) for c in _CLASSES),
+    *((c, torch.float32, "propagate", True) for c in _CLASSES),
+]
+
+
+@pytest.mark.parametrize(
+    ("cls", "dtype", "commit", "nesterov"),
+    _PATH_CASES,
+    ids=[f"{c.__name__}-{str(d)[6:]}-{m}-{'nesterov' if n else 'plain'}" for c, d, m, n in _PATH_CASES],
+)
 def test_cpu_and_cuda_step_paths_give_the_same_bits(
-    cls: type, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    cls: type, dtype: torch.dtype, commit: str, nesterov: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The CPU's step (momentum recomputed at the commit, host-read skip flag, kept buffers, in-place NorMuon and
-    PolarGrad post-processing) and CUDA's (stacked momentum, device-side selects; forced here) are two
-    implementations of one update: every parameter and state tensor must agree bit for bit, through a skipped step
-    (NaN gradient) too. The update itself is checked against torch.optim.Muon and the formulas elsewhere; this
-    comparison found a float32 decay factor applied to float64 parameters on the CUDA path."""
+    """The CPU's step (momentum per parameter, recomputed at the commit, host-read skip flag, kept buffers, in-place
+    NorMuon and PolarGrad post-processing) and CUDA's (forced here) are implementations of one update: every
+    parameter and state tensor must agree bit for bit, through a skipped step (NaN gradient) too. CUDA's momentum
+    is stacked and held for a commit that selects on the device flag (``warn_nonfinite=False``); built by foreach
+    ops (the Nesterov input as ``lerp(new, G, 1 − μ)``) where the commit does not select (the warning's read; or
+    ``"propagate"``, no skipped step then). The normalization is the CPU's on both (its GPU form rounds
+    differently by design, checked on its own). The update itself is checked against torch.optim.Muon and the
+    formulas elsewhere; this comparison found a float32 decay factor applied to float64 parameters on CUDA."""
     shapes = [(600, 450), (450, 600), (16, 8, 3, 3), (3, 40, 24), (64, 64)]  # per-matrix, tall, conv, 3-D, batched
 
     def train(cuda_paths: bool) -> list[torch.Tensor]:
@@ -617,14 +632,17 @@ def test_cpu_and_cuda_step_paths_give_the_same_bits(
             monkeypatch.undo()
         gen = torch.Generator().manual_seed(0)
         ps = [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-        opt = cls(ps, lr=0.05, weight_decay=0.2, warn_nonfinite=False)
+        policy = {"nonfinite": "propagate"} if commit == "propagate" else {"warn_nonfinite": commit == "reads flag"}
+        opt = cls(ps, lr=0.05, weight_decay=0.2, nesterov=nesterov, **policy)
         for k in range(3):
             for p in ps:
                 p.grad = torch.randn(p.shape, generator=gen).to(dtype)
-            if k == 1:
+            if k == 1 and commit != "propagate":
                 ps[2].grad.view(-1)[3] = float("nan")  # type: ignore[union-attr]
-            opt.step()
-        assert opt.nonfinite_skips == 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the skip warning ("reads flag")
+                opt.step()
+        assert opt.nonfinite_skips == (0 if commit == "propagate" else 1)
         states = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         return [p.detach().clone() for p in ps] + [t.clone() for t in states]
 
