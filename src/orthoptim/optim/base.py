@@ -18,8 +18,8 @@ a kept step commits without selects, a skipped one writes nothing. Elsewhere (``
 ranks) the commit selects on the flag: no host sync, capturable. ``"raise"`` checks every gradient first and
 raises :class:`NonFiniteError` naming the parameter (host syncs). ``"propagate"`` checks nothing. Every policy
 computes all updates before writing any state (two phases), so the updates (in the compute dtype) are held until
-the commit. The new momentum is held too on CUDA (stacked, a few batched kernels); on the CPU it is recomputed in
-place at the commit instead (``CPU_PATH_DEVICES``), so nothing but the updates outlives phase 1. Hybrid's AdamW
+the commit. The new momentum is held too where the commit selects (stacked); elsewhere it is recomputed in place
+at the commit, so nothing but the updates outlives phase 1. Hybrid's AdamW
 half is taken entirely by the commit, in place, with torch's fused AdamW kernel, which reads the flag on the
 device (``optim/adamw.py``).
 
@@ -77,9 +77,9 @@ NonFiniteMode: TypeAlias = Literal["skip", "raise", "propagate"]
 #: Devices on which the step takes the CPU's ways, both measured faster there (benchmarks/RESULTS.md): the momentum
 #: input is written per parameter and the new momentum recomputed at the commit (``_momentum_input``: nothing held
 #: across the step, no page faults), and ``"skip"`` reads its flag on the host — free there — and commits without
-#: selects, or not at all. Elsewhere (CUDA) gradients and momentum are stacked and the new momentum held until the
-#: commit (a few batched kernels instead of two launches per parameter), and the skip is a device-side select
-#: (no host sync, capturable in a CUDA graph).
+#: selects, or not at all. Elsewhere (CUDA) the momentum input is built by a few foreach/batched kernels instead
+#: of two launches per parameter (``_momentum_stacks``), and the skip is a device-side select (no host sync,
+#: capturable in a CUDA graph) unless the skip warning reads the flag anyway.
 CPU_PATH_DEVICES: tuple[str, ...] = ("cpu",)
 NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "propagate")
 
@@ -132,9 +132,10 @@ def validate_orthogonalized_group(group: dict[str, Any]) -> None:
 class _Pending:
     """A megabatch's update, computed in phase 1, and what its commit needs (the step-wide finite flag aside).
 
-    On ``CPU_PATH_DEVICES`` (the CPU) the new momentum is not held: the commit recomputes it in place
-    from the gradients, with the very operation (``lerp`` per parameter) that produced phase 1's copy inside ``M``,
-    so both have the same bits. Elsewhere ``old_bufs``/``new_bufs`` hold the stacked momentum (``_momentum_stacks``).
+    The new momentum is not held unless the commit selects on a device-side flag: the commit recomputes it in
+    place from the gradients, with the very operation that produced phase 1's copy inside ``M`` (``lerp``), so
+    both have the same bits. For a selecting commit ``old_bufs``/``new_bufs`` hold the stacked momentum
+    (``_momentum_stacks``).
     """
 
     params: list[Tensor]
