@@ -8,6 +8,7 @@ import torch
 import orthoptim
 from orthoptim.polar import composite, get_schedule
 from orthoptim.polar.normalize import (
+    _schatten4_scale_in_place,
     exact_pow2,
     gram_scale,
     max_abs_by_extremes,
@@ -211,3 +212,27 @@ def test_float64_norm_normalization_propagates_or_raises_on_non_finite_input() -
     assert torch.isnan(out[2, 0, 0]) and not bool(torch.isfinite(out[2]).all())  # Inf·0
     with pytest.raises(orthoptim.NonFiniteError, match=r"\(3, 6, 9\)"):
         normalize_by_float64_norm(X, nonfinite="raise")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_schatten4_gram_scale_in_place_is_one_rounding_from_float64(dtype: torch.dtype) -> None:
+    """The accelerators' Schatten-4 Gram scale (norm accumulated in float64, A·s² rounded once into A) against float64:
+    s = 1/(margin·‖A‖_F^½) per matrix, A_s within one rounding of the result dtype of A·s², the floor only on the
+    zero matrix; and the same as the float32 path up to that rounding."""
+    X = torch.randn(3, 20, 50, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    X = X / torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    X[2] = 0.0
+    A = (X @ X.mT).to(dtype)
+    for margin in (1.0, 1.01):
+        A_s, scale = _schatten4_scale_in_place(A.clone(), margin)
+        A64 = A.double()
+        s = 1 / (margin * torch.linalg.vector_norm(A64, dim=(-2, -1), keepdim=True).clamp_min(0.25 / 20**0.5).sqrt())
+        exact = A64 * s * s
+        bits = 8 if dtype == torch.bfloat16 else 24
+        assert A_s.dtype == dtype and ((A_s.double() - exact).abs() <= 2.0**-bits * exact.abs()).all()
+        assert scale.shape == (3, 20, 1) and scale.dtype == torch.float32
+        torch.testing.assert_close(scale.double(), s.expand(3, 20, 1), rtol=2**-23, atol=0)
+        assert torch.equal(A_s[2], torch.zeros_like(A_s[2]))
+        ref, ref_scale = gram_scale(A.clone(), "schatten4", margin)  # the CPU's float32 path
+        torch.testing.assert_close(scale, ref_scale, rtol=2**-22, atol=0)
+        assert ((A_s.double() - ref.double()).abs() <= 2.0 ** (2 - bits) * exact.abs()).all()  # ≤ 3 roundings
