@@ -137,3 +137,35 @@ def test_cpu_symmetric_row_blocks_match_float64_products(dtype: torch.dtype, row
     assert (P.double() - P_exact).abs().max() <= full_error * 2 + 1e-12
     for M in (A, P):  # symmetric to the rounding of one product
         assert (M - M.mT).abs().max() <= 2 * full_error + 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("scaled", [True, False])
+@pytest.mark.parametrize("into", ["fresh", "Z"])
+def test_first_gram_factor_without_a_float32_copy_gives_the_same_bits(
+    dtype: torch.dtype, scaled: bool, into: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``(aI + Z)·diag(s)``: the GPUs' way (diagonal at float32 precision first, then one mixed-precision pass) and
+    the CPU's (a float32 copy of Z) round the same float32 values once: bit for bit equal; Z itself is left
+    unchanged unless it is the destination. And both against float64 within one rounding."""
+    from orthoptim.polar import devices
+    from orthoptim.polar.newton_schulz import _plus_identity
+
+    gen = torch.Generator().manual_seed(4)
+    Z = torch.randn(3, 17, 17, generator=gen).to(dtype)
+    s = (torch.rand(3, 17, 1, generator=gen) + 0.5) if scaled else None
+    a = 3.4445
+    results = []
+    for copies in (("cpu",), ()):
+        monkeypatch.setattr(devices, "FLOAT32_COPY_DEVICES", copies)
+        z = Z.clone()
+        results.append(_plus_identity(z, a, s, out=z if into == "Z" else None))
+        if into == "fresh":
+            assert torch.equal(z, Z)
+    assert results[0].dtype == results[1].dtype == dtype
+    assert torch.equal(results[0], results[1])
+    exact = Z.double() + a * torch.eye(17, dtype=torch.float64)
+    if s is not None:
+        exact = exact * s.double().mT
+    bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 23}[dtype]
+    assert ((results[1].double() - exact).abs() <= 2.0**-bits * exact.abs()).all()

@@ -13,6 +13,7 @@ from torch import nn
 
 import orthoptim
 from orthoptim.optim import lr_scale
+from orthoptim.polar import devices as polar_devices
 
 from .conftest import with_spectrum
 
@@ -228,7 +229,7 @@ def step_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     commit; device-side selects; normalization by a float64 norm), forced here on the CPU."""
     if request.param == "cuda paths":
         monkeypatch.setattr("orthoptim.optim.base.CPU_PATH_DEVICES", ())
-        monkeypatch.setattr(sys.modules["orthoptim.polar.normalize"], "PRESCALE_DEVICES", ())
+        monkeypatch.setattr(polar_devices, "FLOAT32_COPY_DEVICES", ())
     return str(request.param)
 
 

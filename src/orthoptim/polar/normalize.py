@@ -39,6 +39,7 @@ from typing import Literal, TypeAlias
 
 import torch
 
+from . import devices
 from .errors import NonFiniteError
 from .workspace import Workspace, scratch
 
@@ -50,12 +51,6 @@ NONFINITE_POLICIES: tuple[str, ...] = ("raise", "propagate")
 
 # After the prescale every nonzero matrix has max-abs entry ≥ 0.5, hence norm ≥ 0.5.
 _NORM_FLOOR = 0.5
-
-
-#: Devices where ``normalize(..., overwrite_input=True)`` keeps the prescaled five-pass computation; elsewhere it
-#: takes :func:`normalize_by_float64_norm` (two passes; see there why not on the CPU). Tests empty it to run the
-#: accelerators' way on the CPU.
-PRESCALE_DEVICES: tuple[str, ...] = ("cpu",)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -160,16 +155,16 @@ def normalize(
     ``workspace``: the result (and the float32 copy, if one is made) are views of its buffers (roles
     ``"prescaled"``, ``"normalized"``), valid until their next use, instead of fresh tensors.
 
-    Off the CPU, with ``overwrite_input`` and input narrower than float64, the same quotient is computed in two
-    passes instead of five (:func:`normalize_by_float64_norm`); the result can differ from the prescaled path's
-    in the last bit (it is rounded once, from float64).
+    Off ``devices.FLOAT32_COPY_DEVICES``, with ``overwrite_input`` and input narrower than float64, the same
+    quotient is computed in two passes instead of five (:func:`normalize_by_float64_norm`); the result can differ
+    from the prescaled path's in the last bit (it is rounded once, from float64).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
     work = work_dtype(X.dtype)
-    if overwrite_input and work == torch.float32 and X.device.type not in PRESCALE_DEVICES:
+    if overwrite_input and work == torch.float32 and not devices.float32_copies(X.device):
         return normalize_by_float64_norm(
             X, margin=margin, nonfinite=nonfinite, who=who, shape=shape, out_dtype=out_dtype, workspace=workspace
         )
@@ -267,16 +262,16 @@ def gram_scale(
     Newton–Schulz step. Zero matrices give zeros. ``overwrite_input``: ``A_s`` is written into ``A`` (the
     caller's temporary); ``workspace``: the float32 copy of ``A`` is a view of its role ``"gram_work"``.
 
-    Off ``PRESCALE_DEVICES``, for ``"schatten4"`` into ``A`` (narrower than float64): the norm accumulated in
-    float64 from ``A`` itself and ``A·s²`` in one float64 multiply rounded once into ``A`` — no float32 copy, two
-    passes instead of five (6 bytes per bfloat16 entry instead of 32); the result can differ from the float32
-    path's in the last bit.
+    Off ``devices.FLOAT32_COPY_DEVICES``, for ``"schatten4"`` into ``A`` (narrower than float64): the norm
+    accumulated in float64 from ``A`` itself and ``A·s²`` in one float64 multiply rounded once into ``A`` — no
+    float32 copy, two passes instead of five (6 bytes per bfloat16 entry instead of 32); the result can differ
+    from the float32 path's in the last bit.
     """
     if (
         normalization == "schatten4"
         and overwrite_input
         and A.dtype != torch.float64
-        and A.device.type not in PRESCALE_DEVICES
+        and not devices.float32_copies(A.device)
     ):
         return _schatten4_scale_in_place(A, margin)
     Af = scratch(workspace, "gram_work", A.shape, work_dtype(A.dtype), A.device).copy_(A)
