@@ -19,7 +19,8 @@ each call on the GPU, ``time.perf_counter`` on the CPU):
 3. On CUDA only, the Triton symmetric kernels (``orthoptim.polar.kernels.sym_gram``/``sym_poly``) against the
    torch products they replace (``bmm(X, Xᵀ)``, ``baddbmm(A, A, A)``), bf16.
 4. The optimizer step on GPT-2-small's 48 hidden matrices (12 × {768×2304, 768×768, 3072×768, 768×3072},
-   ``nn.Parameter`` with random gradients): ``orthoptim.Muon(params, lr=0.02)`` (defaults and torch's math) vs
+   ``nn.Parameter`` with random gradients): ``orthoptim.Muon(params, lr=0.02)`` (defaults; without the skip
+   warning's host read, eagerly and, on CUDA, as a captured CUDA graph's replay; torch's math) vs
    ``torch.optim.Muon(params, lr=0.02)``, and microsoft/dion's Muon when ``--dion-path`` points at a checkout
    that imports (never vendored here).
 
@@ -289,30 +290,41 @@ def dion_muon(path: str | None) -> tuple[Callable[..., torch.optim.Optimizer] | 
 
 
 def bench_step(args: argparse.Namespace, device: torch.device) -> list[Result]:
-    configs: list[tuple[str, Maker]] = [
-        ("torch.optim.Muon(lr=0.02)", lambda ps: torch.optim.Muon(ps, lr=0.02)),
-        ("orthoptim.Muon(lr=0.02) defaults", lambda ps: orthoptim.Muon(ps, lr=0.02)),
+    no_sync: Maker = lambda ps: orthoptim.Muon(ps, lr=0.02, warn_nonfinite=False)  # noqa: E731
+    configs: list[tuple[str, Maker, bool]] = [  # (name, maker, replay a captured CUDA graph of the step)
+        ("torch.optim.Muon(lr=0.02)", lambda ps: torch.optim.Muon(ps, lr=0.02), False),
+        (
+            "orthoptim.Muon(lr=0.02) defaults (skip flag read once per step)",
+            lambda ps: orthoptim.Muon(ps, lr=0.02),
+            False,
+        ),
+        ("orthoptim.Muon(lr=0.02, warn_nonfinite=False) (no host sync)", no_sync, False),
         (
             "orthoptim.Muon(lr=0.02, ns_coefficients=jordan, ns_steps=5, bf16)",
             lambda ps: orthoptim.Muon(ps, lr=0.02, ns_coefficients=JORDAN, ns_steps=NS_STEPS, compute_dtype="bfloat16"),
+            False,
         ),
     ]
+    if device.type == "cuda":
+        configs.append(("orthoptim.Muon(lr=0.02, warn_nonfinite=False), CUDA graph replay", no_sync, True))
     DionMuon, dion_status = dion_muon(args.dion_path)
     if DionMuon is not None:
-        configs.append(("dion.Muon(lr=0.02)", lambda ps: DionMuon(ps, lr=0.02)))
+        configs.append(("dion.Muon(lr=0.02)", lambda ps: DionMuon(ps, lr=0.02), False))
         if device.type == "cuda":
-            configs.append(("dion.Muon(lr=0.02, use_triton=True)", lambda ps: DionMuon(ps, lr=0.02, use_triton=True)))
+            configs.append(
+                ("dion.Muon(lr=0.02, use_triton=True)", lambda ps: DionMuon(ps, lr=0.02, use_triton=True), False)
+            )
     label = f"{4 * args.layers} matrices ({args.layers} × GPT-2 small layer), {str(args.dtype).replace('torch.', '')}"
     print(f"\nOptimizer step, {label}; microsoft/dion: {dion_status}\n")
     print("| optimizer | ms / step | × torch.optim.Muon |\n|---|---|---|")
     results: list[Result] = []
     base: float | None = None
-    for name, make in configs:
+    for name, make, graph in configs:
         params = gpt2_params(args.layers, device, args.dtype)
         try:
             opt = make(params)
             opt.step()  # state allocation (momentum buffers), untimed whatever --warmup says
-            ms = median_ms(opt.step, device, args.warmup, args.repeats)
+            ms = median_ms(captured(opt.step) if graph else opt.step, device, args.warmup, args.repeats)
         except Exception as exc:  # a third-party optimizer failing here must not hide the other rows
             print(f"| {name} | failed: {type(exc).__name__}: {exc} | |", flush=True)
             continue
@@ -321,6 +333,22 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> list[Result]:
         results.append(Result("step", label, name, ms, vs_torch_muon=ms / base))
         del opt, params
     return results
+
+
+def captured(step: Callable[[], Any]) -> Callable[[], Any]:
+    """``step`` captured in a CUDA graph (after three warm-up calls on a side stream, as torch's CUDA-graph notes
+    ask); returns the graph's replay. The step re-runs on the same gradients (static tensors) each replay. A step
+    that reads a device value on the host, or allocates differently per call, fails here: the error is the row."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _opt(v: float | None) -> str:
