@@ -165,8 +165,9 @@ def test_polargrad_nuclear_norm_within_one_percent(cond: float) -> None:
     assert abs(s_est - truth) / truth < 0.01, (s_est, truth)
 
 
-def test_normuon_matches_published_formula() -> None:
-    """One step from zero state, against the formula applied to the float64-SVD polar factor."""
+def test_normuon_matches_published_formula(step_paths: str) -> None:
+    """One step from zero state, against the formula applied to the float64-SVD polar factor (both step paths: the
+    CPU's float32 copies and the GPUs' row sums)."""
     (p,) = make_params([(16, 40)])
     w0 = p.detach().clone()
     g = torch.randn(16, 40, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -225,8 +226,9 @@ def assert_same_state(a: dict, b: dict, ignore: tuple[str, ...] = ("nonfinite_sk
 @pytest.fixture(params=["cpu paths", "cuda paths"])
 def step_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test through both ways the step is taken: the CPU's (momentum input per parameter, recomputed at the
-    commit; the skip flag read on the host; prescaled normalization) and CUDA's (stacked momentum held to the
-    commit; device-side selects; normalization by a float64 norm), forced here on the CPU."""
+    commit; the skip flag read on the host; float32 copies in the normalization, the Gram scalings and NorMuon's
+    rows) and CUDA's (foreach or stacked momentum; device-side selects unless the warning reads the flag; float64
+    factors and row sums instead of float32 copies, ``polar/devices.py``), forced here on the CPU."""
     if request.param == "cuda paths":
         monkeypatch.setattr("orthoptim.optim.base.CPU_PATH_DEVICES", ())
         monkeypatch.setattr(polar_devices, "FLOAT32_COPY_DEVICES", ())
@@ -529,9 +531,10 @@ def test_cpu_step_reuses_its_buffers_in_steady_state() -> None:
     assert min(faults) < 500, faults  # 2 MB; one fresh update buffer here is 4.7 MB
 
 
-def test_normuon_and_polargrad_on_large_cpu_matrices_match_their_formulas() -> None:
-    """The CPU path's in-place row normalization and nuclear scaling (float32 temporaries kept by the optimizer,
-    tall updates as transposed views) against the formulas on the float64-SVD polar factor, wide and tall."""
+def test_normuon_and_polargrad_on_large_cpu_matrices_match_their_formulas(step_paths: str) -> None:
+    """The in-place row normalization and nuclear scaling (the CPU's float32 temporaries kept by the optimizer, the
+    GPUs' row sums; tall updates as transposed views) against the formulas on the float64-SVD polar factor, wide
+    and tall."""
     shapes = [(256, 1100), (1100, 256)]
     s = torch.logspace(0, -1, 256, dtype=torch.float64)
     grads = [with_spectrum(256, 1100, s, seed=3)[0], with_spectrum(256, 1100, s, seed=4)[0].T]
