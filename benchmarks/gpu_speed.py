@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
@@ -307,6 +308,10 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> list[Result]:
     ]
     if device.type == "cuda":
         configs.append(("orthoptim.Muon(lr=0.02, warn_nonfinite=False), CUDA graph replay", no_sync, True))
+        if kernels.triton_available():  # the same step with cuBLAS for the symmetric products (launch cost check)
+            configs.append(
+                ("orthoptim.Muon(lr=0.02) defaults, ORTHOPTIM_TRITON=0", lambda ps: orthoptim.Muon(ps, lr=0.02), False)
+            )
     DionMuon, dion_status = dion_muon(args.dion_path)
     if DionMuon is not None:
         configs.append(("dion.Muon(lr=0.02)", lambda ps: DionMuon(ps, lr=0.02), False))
@@ -321,13 +326,21 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> list[Result]:
     base: float | None = None
     for name, make, graph in configs:
         params = gpt2_params(args.layers, device, args.dtype)
+        no_triton, before = "ORTHOPTIM_TRITON=0" in name, os.environ.get("ORTHOPTIM_TRITON")
         try:
+            if no_triton:
+                os.environ["ORTHOPTIM_TRITON"] = "0"  # read by kernels.use_triton at every call
             opt = make(params)
             opt.step()  # state allocation (momentum buffers), untimed whatever --warmup says
             ms = median_ms(captured(opt.step) if graph else opt.step, device, args.warmup, args.repeats)
         except Exception as exc:  # a third-party optimizer failing here must not hide the other rows
             print(f"| {name} | failed: {type(exc).__name__}: {exc} | |", flush=True)
             continue
+        finally:
+            if no_triton and before is None:
+                os.environ.pop("ORTHOPTIM_TRITON", None)
+            elif no_triton and before is not None:
+                os.environ["ORTHOPTIM_TRITON"] = before
         base = base if base is not None else ms
         print(f"| {name} | {ms:.2f} | {ms / base:.2f} |", flush=True)
         results.append(Result("step", label, name, ms, vs_torch_muon=ms / base))
