@@ -304,13 +304,16 @@ def _orthogonalizer(group: dict[str, Any], *, compute_dtype_out: bool = False) -
     ``compute_dtype_out``: return O in the compute dtype (e.g. bfloat16) rather than the parameters' — the final
     foreach add takes mixed dtypes, so the conversion pass over every update is saved (one-process path).
     ``M`` is the step's own temporary: it is normalized in place (no float32 copy), except in the nuclear scale
-    mode, which needs it afterwards for ``⟨O, M⟩``. ``orth(M, out, workspace)``: O is written into ``out``, the
+    mode, which needs it afterwards for ``⟨O, M⟩`` — there only where the normalization reads ``M`` without
+    writing it (``normalize_by_float64_norm``: off ``devices.FLOAT32_COPY_DEVICES``, inputs narrower than
+    float64), which saves its five-pass copy path. ``orth(M, out, workspace)``: O is written into ``out``, the
     temporaries live in ``workspace`` (see ``orthogonalize``).
     """
-    scratch = group["scale_mode"] != "nuclear"
+    nuclear = group["scale_mode"] == "nuclear"
 
     def orth(M: Tensor, out: Tensor | None = None, workspace: Workspace | None = None) -> Tensor:
         out_dtype = resolve_compute_dtype(group["compute_dtype"], M.device) if compute_dtype_out else None
+        scratch = not nuclear or (not devices.float32_copies(M.device) and M.dtype != torch.float64)
         return orthogonalize(
             M,
             schedule=group["schedule"],
@@ -351,8 +354,11 @@ def _finish(
         O, new_second = _row_normalize(O, old_second, group["beta2"], group["row_eps"], work)
     if group["scale_mode"] == "nuclear":
         # ⟨O, M⟩ = Σ gᵢσᵢ ≈ ‖M‖_* when the gains gᵢ ≈ 1 (PolarGrad runs enough steps for that).
-        Of = scratch_like(work, "nuclear", O, torch.float32).copy_(O)
-        nuc = Of.mul_(M.to(torch.float32)).sum(dim=(-2, -1), keepdim=True)
+        if devices.float32_copies(O.device):  # CPU: a kept float32 copy (mixed-dtype products are slow loops there)
+            Of = scratch_like(work, "nuclear", O, torch.float32).copy_(O)
+            nuc = Of.mul_(M.to(torch.float32)).sum(dim=(-2, -1), keepdim=True)
+        else:  # the same float32 products, O widened on the fly: 14 bytes per entry instead of 22
+            nuc = torch.mul(O, M.to(torch.float32)).sum(dim=(-2, -1), keepdim=True)
         update = O.mul_((nuc * -group["lr"]).to(O.dtype))
     else:
         update = O  # −lr·scale is fused into the final foreach add (``_alpha``)
