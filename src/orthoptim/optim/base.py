@@ -499,6 +499,7 @@ def sharded_prepare(
     need_flags: bool,
     rank: int,
     process_group: Any,
+    selects: bool = True,
 ) -> list[_Pending]:
     """Phase 1 for DTensor ``Shard(0)`` parameters (FSDP2); ``megabatches`` group them by full matrix shape.
 
@@ -507,6 +508,7 @@ def sharded_prepare(
     matrices and computes the whole update — row statistics on whole rows, the Frobenius rescale and the nuclear
     norm over whole matrices, as on one device — and each rank gets its rows of the update back. The pending
     state is flat (1-D) over this rank's shards; ``rows[i][r]`` is how many stacked matrix rows rank r holds.
+    ``selects``: as in ``orthogonalized_prepare``.
     """
     mu, decay = group["momentum"], 1.0 - group["lr"] * group["weight_decay"]
     row_norm = group["row_norm"]
@@ -523,7 +525,7 @@ def sharded_prepare(
             _local([grads[i] for i in idx]),
         )
         numels = tuple(t.numel() for t in p_loc)
-        M, old, new = _momentum_stacks(b_loc, g_loc, mu, group["nesterov"], (sum(numels),))
+        M, old, new = _momentum_stacks(b_loc, g_loc, mu, group["nesterov"], (sum(numels),), selects=selects)
         base = len(pieces)
         for i, part in zip(idx, M.split(numels), strict=True):
             pieces.append(part.view(-1, n))
@@ -804,7 +806,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 )
         return pending
 
-    def _prepare_distributed(self, gathered: list[Any], need_flags: bool) -> list[Any]:
+    def _prepare_distributed(self, gathered: list[Any], need_flags: bool, selects: bool) -> list[Any]:
         """Phase 1 over the process group: replicated matrices split by owner, sharded ones gathered to theirs.
 
         The collectives depend only on the (cached) plan, which every rank builds from the same shapes, so they
@@ -826,7 +828,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 start = None if local else _split_starter(split.counts, rank, pg)
                 pending.extend(
                     orthogonalized_prepare(
-                        params, grads, *state, split.plain, group, need_flags=need_flags, start=start
+                        params, grads, *state, split.plain, group, need_flags=need_flags, start=start, selects=selects
                     )
                 )
             if split.sharded:
@@ -842,6 +844,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                         need_flags=need_flags,
                         rank=rank,
                         process_group=pg,
+                        selects=selects,
                     )
                 )
         return pending
@@ -968,11 +971,11 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             # Distributed, every gradient: a rank updates the momentum of matrices another rank orthogonalizes.
             checked = all_grads if self._distributed else [g for g, a in zip(all_grads, adamw, strict=True) if a]
             ok = _each_finite(checked).all() if checked else torch.ones((), dtype=torch.bool, device=device)
+        # The commit selects on the device flag unless the flag is read first (or there is none to honour).
+        selects = policy == "skip" and device.type not in CPU_PATH_DEVICES and not self._reads_skip_flag
         if self._distributed:
-            pending = self._prepare_distributed(gathered, need_flags=policy != "propagate")
+            pending = self._prepare_distributed(gathered, need_flags=policy != "propagate", selects=selects)
         else:
-            # The commit selects on the device flag unless the flag is read first (or there is none to honour).
-            selects = policy == "skip" and device.type not in CPU_PATH_DEVICES and not self._reads_skip_flag
             pending = self._prepare_local(gathered, need_flags=policy != "propagate", selects=selects)
         out_sums = [p.out_sum for p in pending if isinstance(p, _Pending) and p.out_sum is not None]
         if out_sums:
