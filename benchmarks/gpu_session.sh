@@ -14,6 +14,11 @@
 # PYTHON (default python3: on the lent machines the interpreter that holds torch with CUDA, triton, tqdm,
 # matplotlib and pytest). DION: a microsoft/dion checkout to time beside orthoptim (benchmarks/gpu_speed.py
 # --dion-path; never committed). DEVICE (default cuda). orthoptim runs from src/ (PYTHONPATH): nothing is installed.
+#
+# dion on the device machine (nothing can be fetched there): here, `fetch` github:microsoft/dion, then
+#   echo /.dion/ >> .git/info/exclude; mkdir -p .dion
+#   git -C /work/.mirror/microsoft+dion/repo archive HEAD dion | tar -x -C .dion
+# and in the device call: carry [".dion"], command `DION=.dion bash benchmarks/gpu_session.sh env tests speed`.
 set -u -o pipefail
 
 PY=${PYTHON:-python3}
