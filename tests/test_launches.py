@@ -105,3 +105,25 @@ def test_the_skip_warning_is_the_one_host_read(monkeypatch: Any) -> None:
     """With the default ``warn_nonfinite=True`` the skip policy reads its flag once per step (documented)."""
     ops = _count_step(lambda ps: orthoptim.Muon(_split(ps)[0], lr=0.02), 3, monkeypatch)
     assert ops["_local_scalar_dense"] == 1
+
+
+@pytest.mark.parametrize("name", ["muon", "normuon", "polargrad", "hybrid"])
+def test_a_tensor_lr_on_the_device_is_never_read_back(name: str, monkeypatch: Any) -> None:
+    """A tensor learning rate on the parameters' device (as a captured CUDA graph needs it: schedulers ``fill_`` it
+    in place) is used on the device — the update factor (PolarGrad: the ⟨O, M⟩ factor), the weight decay — with no
+    host read. (Hybrid's AdamW groups keep a float lr here: torch's fused AdamW with a tensor lr has no meta
+    kernel; on CUDA it takes the tensor itself.)"""
+    make = MAKERS[name]
+
+    def with_tensor_lr(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+        opt = make(ps)
+        for group in opt.param_groups:
+            if group.get("algorithm") != "adamw":
+                group["lr"] = torch.tensor(group["lr"], device="meta")
+                group["weight_decay"] = 0.01
+        return opt
+
+    ops = _count_step(with_tensor_lr, 2, monkeypatch)
+    assert ops["_local_scalar_dense"] == 0
+    if name != "polargrad":
+        assert ops["addcmul_"] > 0  # the update was added with the tensor factor

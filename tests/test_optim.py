@@ -730,3 +730,33 @@ def test_a_non_finite_gradient_always_reaches_the_checked_update(
             assert opt.nonfinite_skips == k + 1, (cls.__name__, k)
             assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True)), (cls.__name__, k)
             assert_same_state(state, opt.state_dict(), ignore=("nonfinite_skips",))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cls", [orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad, orthoptim.Hybrid])
+def test_a_tensor_lr_is_read_live_and_gives_the_float_lr_bits(cls: type, step_paths: str) -> None:
+    """``lr`` as a 0-d tensor (what a captured CUDA graph needs: it reads the value on the device): the same bits as
+    the float lr; changed in place between steps (as torch's schedulers do for tensor lrs: ``fill_``), the next
+    step uses the new value without the optimizer re-reading any Python number."""
+    shapes = [(16, 24), (24, 16), (8,)]
+
+    def train(tensor: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(s)) for s in shapes]
+        lr: float | torch.Tensor = torch.tensor(0.02) if tensor else 0.02
+        if cls is orthoptim.Hybrid:
+            adamw_lr: float | torch.Tensor = torch.tensor(1e-3) if tensor else 1e-3
+            opt = cls((ps[:2], ps[2:]), lr=lr, weight_decay=0.1, adamw_lr=adamw_lr, adamw_weight_decay=0.1)
+        else:
+            opt = cls(ps[:2], lr=lr, weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            sched.step()
+        assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) == tensor
+        return [p.detach().clone() for p in ps]
+
+    floats, tensors = train(False), train(True)
+    assert all(torch.equal(a, b) for a, b in zip(floats, tensors, strict=True))

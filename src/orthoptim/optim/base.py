@@ -143,9 +143,9 @@ class _Pending:
     grads: list[Tensor]
     momentum: float
     update: Tensor  # (matrices, m, n): O, or O·(−lr·‖M‖_*) in the nuclear mode
-    alpha: float  # the update is added with this factor (−lr·scale; 1 in the nuclear mode)
+    alpha: float | Tensor  # the update is added with this factor (−lr·scale; 1 in the nuclear mode)
     counts: tuple[int, ...]
-    decay: float
+    decay: float | Tensor  # 1 − lr·wd; the float 1.0 when there is no weight decay
     out_sum: Tensor | None  # 0-d: the sum of O, finite iff every orthogonalized matrix of the megabatch is
     second: list[Tensor] | None = None
     old_second: Tensor | None = None
@@ -238,10 +238,21 @@ def _commit_momentum(bufs: list[Tensor], grads: list[Tensor], mu: float, ok: Ten
         torch.where(ok, torch.lerp(b, g, 1.0 - mu, out=scratch.like("momentum", b)), b, out=b)
 
 
-def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float, scratch: Workspace) -> None:
+def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float | Tensor, scratch: Workspace) -> None:
     """``θ ← θ + alpha·U`` for every parameter. A CPU update in another dtype (bfloat16 into float32) is converted
     into the scratch buffer first: torch's CPU kernels would convert it into a fresh tensor per parameter (the
-    GPU ones cast on the fly). Same values either way: the conversion to the wider dtype is exact."""
+    GPU ones cast on the fly). Same values either way: the conversion to the wider dtype is exact.
+
+    A tensor ``alpha`` (a tensor learning rate) is read on the device: on the CPU it is read on the host (free
+    there); elsewhere each parameter gets ``addcmul_(U, alpha)`` — one launch per parameter, which a captured
+    CUDA graph makes free, and no host read (torch's foreach add takes its alpha only as a host number)."""
+    if isinstance(alpha, Tensor):
+        if not parts or parts[0].device.type in CPU_PATH_DEVICES:
+            alpha = float(alpha)
+        else:
+            for t, u in zip(params, parts, strict=True):
+                t.addcmul_(u, alpha)
+            return
     if parts and parts[0].device.type == "cpu" and parts[0].dtype != params[0].dtype:
         for t, u in zip(params, parts, strict=True):
             t.add_(scratch.like("update", u, t.dtype).copy_(u), alpha=alpha)
@@ -331,9 +342,15 @@ def _orthogonalizer(group: dict[str, Any], *, compute_dtype_out: bool = False) -
     return orth
 
 
-def _alpha(group: dict[str, Any], m: int, n: int) -> float:
-    """Factor of the final foreach add: −lr·scale, or 1 in the nuclear mode (where the update carries it)."""
+def _alpha(group: dict[str, Any], m: int, n: int) -> float | Tensor:
+    """Factor of the final add: −lr·scale (a 0-d tensor for a tensor lr), or 1 in the nuclear mode (where the
+    update carries it)."""
     return 1.0 if group["scale_mode"] == "nuclear" else -group["lr"] * lr_scale(group["scale_mode"], m, n)
+
+
+def _decay(group: dict[str, Any]) -> float | Tensor:
+    """``1 − lr·wd`` (a 0-d tensor for a tensor lr), or exactly 1.0 without weight decay (nothing to apply)."""
+    return 1.0 if group["weight_decay"] == 0 else 1.0 - group["lr"] * group["weight_decay"]
 
 
 def _finish(
@@ -450,7 +467,7 @@ def _megabatch_pending(
 ) -> _Pending:
     m, n = mb.matrix_shape
     idx = mb.indices
-    decay = 1.0 - group["lr"] * group["weight_decay"]
+    decay = _decay(group)
     p = _Pending(
         [params[i] for i in idx],
         [bufs[i] for i in idx],
@@ -510,7 +527,7 @@ def sharded_prepare(
     state is flat (1-D) over this rank's shards; ``rows[i][r]`` is how many stacked matrix rows rank r holds.
     ``selects``: as in ``orthogonalized_prepare``.
     """
-    mu, decay = group["momentum"], 1.0 - group["lr"] * group["weight_decay"]
+    mu, decay = group["momentum"], _decay(group)
     row_norm = group["row_norm"]
     pieces: list[Tensor] = []
     item_owner: list[int] = []
@@ -585,14 +602,17 @@ def sharded_prepare(
     return pending
 
 
-def decay_factor(decay: float, like: Tensor, ok: Tensor | None = None) -> Tensor:
+def decay_factor(decay: float | Tensor, like: Tensor, ok: Tensor | None = None) -> Tensor:
     """The weight-decay factor for ``torch._foreach_mul_`` over parameters like ``like`` (1 where ``ok`` is false):
     a 0-d tensor in the parameters' dtype, or float32 for 16-bit ones — what ``param.mul_(decay)`` computes in
     (torch.optim.Muon's decay). Why not the Python float: torch's CPU ``_foreach_mul_`` rounds a scalar to a
     bfloat16 tensor's dtype first (0.998 → 0.99609: 2.8× the decay), and ``torch.where`` on Python floats builds
     float32 (0.999 → 0.99900001 for float64 parameters). Measured, torch 2.13."""
     dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-    factor = torch.full((), decay, dtype=dtype, device=like.device)
+    if isinstance(decay, Tensor):  # a tensor lr's decay: computed on the device, from the live value
+        factor = decay.reshape(()).to(dtype=dtype, device=like.device)
+    else:
+        factor = torch.full((), decay, dtype=dtype, device=like.device)
     return factor if ok is None else torch.where(ok, factor, 1.0)
 
 
@@ -603,11 +623,12 @@ class _StepFlag:
     def __init__(self, ok: Tensor | None) -> None:
         self.ok = ok
         self.skipped = None if ok is None else ~ok
-        self._decay: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+        self._decay: dict[tuple[float | int, torch.dtype, torch.device], Tensor] = {}
 
-    def decay_factor(self, decay: float, like: Tensor) -> Tensor:
-        """``decay_factor(decay, like, ok)``, shared by the megabatches with the same decay and dtype."""
-        key = (decay, like.dtype, like.device)
+    def decay_factor(self, decay: float | Tensor, like: Tensor) -> Tensor:
+        """``decay_factor(decay, like, ok)``, shared by the megabatches with the same decay and dtype (a tensor
+        decay by identity: comparing tensors would read them on the host)."""
+        key = (id(decay) if isinstance(decay, Tensor) else decay, like.dtype, like.device)
         if key not in self._decay:
             self._decay[key] = decay_factor(decay, like, self.ok)
         return self._decay[key]
@@ -630,7 +651,7 @@ def _commit(p: _Pending, flag: _StepFlag, scratch: Workspace) -> None:
         new_second = p.new_second if ok is None else torch.where(ok, p.new_second, p.old_second)
         counts = p.counts if p.second_counts is None else p.second_counts
         torch._foreach_copy_(p.second, [s.view_as(t) for s, t in zip(new_second.split(counts), p.second, strict=True)])
-    if p.decay != 1.0:
+    if isinstance(p.decay, Tensor) or p.decay != 1.0:
         torch._foreach_mul_(p.params, flag.decay_factor(p.decay, p.params[0]))
     parts = [u.view_as(t) for u, t in zip(update.split(p.counts), p.params, strict=True)]
     _add_update(p.params, parts, p.alpha, scratch)
