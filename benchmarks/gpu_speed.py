@@ -308,6 +308,10 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> list[Result]:
     ]
     if device.type == "cuda":
         configs.append(("orthoptim.Muon(lr=0.02, warn_nonfinite=False), CUDA graph replay", no_sync, True))
+        live_lr: Maker = lambda ps: orthoptim.Muon(  # noqa: E731
+            ps, lr=torch.tensor(0.02, device=device), warn_nonfinite=False
+        )
+        configs.append(("orthoptim.Muon(lr=cuda tensor, warn_nonfinite=False), CUDA graph replay", live_lr, True))
         if kernels.triton_available():  # the same step with cuBLAS for the symmetric products (launch cost check)
             configs.append(
                 ("orthoptim.Muon(lr=0.02) defaults, ORTHOPTIM_TRITON=0", lambda ps: orthoptim.Muon(ps, lr=0.02), False)
