@@ -694,7 +694,7 @@ def test_hybrid_adamw_half_takes_a_tensor_lr() -> None:
     for lr in (1e-2, torch.tensor(1e-2)):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 12), nn.LayerNorm(12))
-        opt = orthoptim.Hybrid(model, adamw_lr=lr)  # type: ignore[arg-type]
+        opt = orthoptim.Hybrid(model, adamw_lr=lr)
         start = model[0].weight.detach().clone()
         for _ in range(2):
             opt.zero_grad()

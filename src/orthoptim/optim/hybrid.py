@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from .muon import Muon
@@ -64,9 +65,9 @@ class Hybrid(Muon):
         self,
         params: nn.Module | tuple[Iterable[Any], Iterable[Any]] | list[dict[str, Any]],
         *,
-        lr: float = 0.02,
+        lr: float | torch.Tensor = 0.02,
         weight_decay: float = 0.0,
-        adamw_lr: float = 3e-4,
+        adamw_lr: float | torch.Tensor = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,

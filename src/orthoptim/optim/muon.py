@@ -45,6 +45,8 @@ class Muon(OrthogonalizedOptimizer):
         params: matrices (2-D; conv weights are flattened, 3-D weights are batches of matrices — see
             ``shape_policy``), or param groups. 0-D/1-D parameters raise and point to ``orthoptim.Hybrid``.
         lr, weight_decay, momentum, nesterov: as torch.optim.Muon (decoupled weight decay with the unadjusted lr).
+            ``lr`` may be a 0-d tensor: on the parameters' device it is used there, never read back (schedulers
+            ``fill_`` it in place, so a captured CUDA graph follows them; README, "Tensor learning rates").
         ns_coefficients: one (a, b, c) triple applied every step (torch.optim.Muon style).
         eps: accepted for compatibility; unused.
         ns_steps: Newton–Schulz steps (default: the schedule's, 5 for a bare triple).
@@ -69,7 +71,7 @@ class Muon(OrthogonalizedOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         weight_decay: float = 0.1,
         momentum: float = 0.95,
         nesterov: bool = True,
