@@ -306,22 +306,24 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> list[Result]:
             False,
         ),
     ]
-    if device.type == "cuda":
+    if device.type == "cuda" and kernels.triton_available():  # cuBLAS for the symmetric products: launch cost check
+        configs.append(
+            ("orthoptim.Muon(lr=0.02) defaults, ORTHOPTIM_TRITON=0", lambda ps: orthoptim.Muon(ps, lr=0.02), False)
+        )
+    DionMuon, dion_status = dion_muon(args.dion_path)
+    dion_triton: Maker | None = None
+    if DionMuon is not None:
+        configs.append(("dion.Muon(lr=0.02)", lambda ps: DionMuon(ps, lr=0.02), False))
+        if device.type == "cuda":
+            dion_triton = lambda ps: DionMuon(ps, lr=0.02, use_triton=True)  # noqa: E731
+            configs.append(("dion.Muon(lr=0.02, use_triton=True)", dion_triton, False))
+    if device.type == "cuda":  # captures last: a failed capture can leave the stream unusable for later rows
         configs.append(("orthoptim.Muon(lr=0.02, warn_nonfinite=False), CUDA graph replay", no_sync, True))
         live_lr: Maker = lambda ps: orthoptim.Muon(  # noqa: E731
             ps, lr=torch.tensor(0.02, device=device), warn_nonfinite=False
         )
         configs.append(("orthoptim.Muon(lr=cuda tensor, warn_nonfinite=False), CUDA graph replay", live_lr, True))
-        if kernels.triton_available():  # the same step with cuBLAS for the symmetric products (launch cost check)
-            configs.append(
-                ("orthoptim.Muon(lr=0.02) defaults, ORTHOPTIM_TRITON=0", lambda ps: orthoptim.Muon(ps, lr=0.02), False)
-            )
-    DionMuon, dion_status = dion_muon(args.dion_path)
-    if DionMuon is not None:
-        configs.append(("dion.Muon(lr=0.02)", lambda ps: DionMuon(ps, lr=0.02), False))
-        if device.type == "cuda":
-            dion_triton: Maker = lambda ps: DionMuon(ps, lr=0.02, use_triton=True)  # noqa: E731
-            configs.append(("dion.Muon(lr=0.02, use_triton=True)", dion_triton, False))
+        if dion_triton is not None:
             # dion's own answer to launch overhead is a CUDA-graph wrapper (dion/cuda_graph.py); the same capture here.
             configs.append(("dion.Muon(lr=0.02, use_triton=True), CUDA graph replay", dion_triton, True))
     label = f"{4 * args.layers} matrices ({args.layers} × GPT-2 small layer), {str(args.dtype).replace('torch.', '')}"
