@@ -85,6 +85,7 @@ def _sym_product_kernel(  # type: ignore[no-untyped-def]
     DOT_PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,
+    K_BOUND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -121,7 +122,9 @@ def _sym_product_kernel(  # type: ignore[no-untyped-def]
     a_ptrs = x_base + rows_i[:, None] * stride_xm + ks[None, :] * stride_xk
     b_ptrs = x_base + rows_j[:, None] * stride_xm + ks[None, :] * stride_xk
     acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # K_BOUND is 0 (the runtime K bounds the loop) except under the interpreter, where it is K as a Python int:
+    # Triton 3.6's interpreter cannot take a runtime scalar as a loop bound (it holds it as a 1-element array).
+    for k0 in range(0, K if K_BOUND == 0 else K_BOUND, BLOCK_K):
         in_k = ks[None, :] < K - k0  # ragged last k slice: masked to 0, adds nothing
         a = tl.load(a_ptrs, mask=in_i[:, None] & in_k, other=0.0)
         b = tl.load(b_ptrs, mask=in_j[:, None] & in_k, other=0.0)
@@ -201,6 +204,7 @@ def _launch(x: torch.Tensor, beta: float, alpha: float, poly: bool) -> torch.Ten
             DOT_PRECISION=precision,
             WIDE_OFFSETS=wide,
             INTERPRET_BF16=upcast,
+            K_BOUND=k if INTERPRETED else 0,
         )
     return out
 
