@@ -64,7 +64,8 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\",
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\"); \
 import importlib.util as u; print(\"triton\", u.find_spec(\"triton\") is not None)'; git log -1 --oneline || true"
         ;;
-    tests)  # the whole suite where torch sees the GPU (kernels compiled for it, CUDA-only checks not skipped)
+    tests)  # tests/test_cuda.py alone first (compiled kernels, no-sync, CUDA-graph capture), then the whole suite
+        run tests-cuda "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
         run tests "$PY" -m pytest -q -x -p no:cacheprovider $(pick "" "tests/test_kernels.py tests/test_launches.py")
         ;;
     speed)
