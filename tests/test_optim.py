@@ -165,14 +165,15 @@ def test_polargrad_nuclear_norm_within_one_percent(cond: float) -> None:
     assert abs(s_est - truth) / truth < 0.01, (s_est, truth)
 
 
-def test_normuon_matches_published_formula(step_paths: str) -> None:
+@pytest.mark.parametrize("compute", ["float32", "float64"])
+def test_normuon_matches_published_formula(step_paths: str, compute: str) -> None:
     """One step from zero state, against the formula applied to the float64-SVD polar factor (both step paths: the
-    CPU's float32 copies and the GPUs' row sums)."""
+    CPU's float32 copies and the GPUs' row sums; a float64 update takes the float32-copy way on both)."""
     (p,) = make_params([(16, 40)])
     w0 = p.detach().clone()
     g = torch.randn(16, 40, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     opt = orthoptim.NorMuon(
-        [p], lr=0.01, momentum=0.0, weight_decay=0.0, ns_steps=10, beta2=0.95, row_eps=1e-8, compute_dtype="float32"
+        [p], lr=0.01, momentum=0.0, weight_decay=0.0, ns_steps=10, beta2=0.95, row_eps=1e-8, compute_dtype=compute
     )
     p.grad = g.float()
     opt.step()

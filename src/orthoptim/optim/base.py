@@ -267,12 +267,13 @@ def _row_normalize(O: Tensor, v: Tensor, beta2: float, eps: float, work: Workspa
     Written back into ``O`` (the step's own output); the float32 temporaries live in ``work`` if given. The same
     operations, in the same order, as computing ``normed = Of / d`` and ``(normed · ratio).to(O.dtype)`` afresh.
 
-    Off ``devices.FLOAT32_COPY_DEVICES`` (GPUs) without the float32 copy: one pass for the rows' sums of squares
+    Off ``devices.FLOAT32_COPY_DEVICES`` (GPUs), for updates narrower than float64 (``devices.float64_factors``),
+    without the float32 copy: one pass for the rows' sums of squares
     (accumulated in float32), from which the second moment, both Frobenius norms (‖O‖² = Σᵢ rowᵢ, ‖O/d‖² =
     Σᵢ rowᵢ/dᵢ²) and a per-row factor follow on m numbers per matrix, and one pass applying it in place —
     6 bytes per bfloat16 entry instead of ~48 (``benchmarks/step_launches.py``). Equal to the above up to the
     rounding of the row sums."""
-    if not devices.float32_copies(O.device):
+    if devices.float64_factors(O):
         rows = torch.linalg.vector_norm(O, dim=-1, dtype=torch.float32).square_()  # (B, m): Σⱼ Oᵢⱼ²
         v_new = torch.lerp(v, rows / O.shape[-1], 1.0 - beta2)
         d2 = v_new + eps

@@ -20,3 +20,10 @@ FLOAT32_COPY_DEVICES: tuple[str, ...] = ("cpu",)
 def float32_copies(device: torch.device) -> bool:
     """Whether ``device`` takes the float32-copy way (read at call time, so tests can switch it)."""
     return device.type in FLOAT32_COPY_DEVICES
+
+
+def float64_factors(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elementwise work takes the float64-factor way: off ``FLOAT32_COPY_DEVICES`` and narrower
+    than float64 (a float64 tensor keeps the copy way everywhere: its per-matrix factors are already float64, and
+    the float32 reductions of the other way would narrow it)."""
+    return t.dtype != torch.float64 and not float32_copies(t.device)
