@@ -19,9 +19,8 @@ ranks) the commit selects on the flag: no host sync, capturable. ``"raise"`` che
 raises :class:`NonFiniteError` naming the parameter (host syncs). ``"propagate"`` checks nothing. Every policy
 computes all updates before writing any state (two phases), so the updates (in the compute dtype) are held until
 the commit. The new momentum is held too where the commit selects (stacked); elsewhere it is recomputed in place
-at the commit, so nothing but the updates outlives phase 1. Hybrid's AdamW
-half is taken entirely by the commit, in place, with torch's fused AdamW kernel, which reads the flag on the
-device (``optim/adamw.py``).
+at the commit, so nothing but the updates outlives phase 1. Hybrid's AdamW half is taken entirely by the commit,
+in place, with torch's fused AdamW kernel, which reads the flag on the device (``optim/adamw.py``).
 
 Distributed (``process_group``; ``orthoptim.distributed`` moves the tensors): plain parameters are taken to be
 replicated (DDP): every rank computes the momentum of every matrix, but orthogonalizes only the matrices it owns
@@ -65,7 +64,7 @@ from ..distributed import (
     zeros_row_state,
 )
 from ..polar import NonFiniteError, as_schedule, devices, orthogonalize
-from ..polar.normalize import NORMALIZATIONS
+from ..polar.normalize import NORMALIZATIONS, scales_input_in_place
 from ..polar.orthogonalize import ITERATIONS, resolve_compute_dtype
 from ..polar.schedules import check_precision
 from ..polar.workspace import Workspace, scratch, scratch_like
@@ -152,8 +151,8 @@ class _Pending:
     new_second: Tensor | None = None
     steps: list[Tensor] | None = None
     second_counts: tuple[int, ...] | None = None  # splits of the second moments, when not ``counts`` (sharded)
-    old_bufs: Tensor | None = None  # stacked old and new momentum, held on devices outside
-    new_bufs: Tensor | None = None  # CPU_PATH_DEVICES (``_momentum_stacks``)
+    old_bufs: Tensor | None = None  # stacked old and new momentum, held for a commit that selects
+    new_bufs: Tensor | None = None  # on a device-side flag (``_momentum_stacks``)
 
 
 def _momentum_stacks(
@@ -317,15 +316,15 @@ def _orthogonalizer(group: dict[str, Any], *, compute_dtype_out: bool = False) -
     foreach add takes mixed dtypes, so the conversion pass over every update is saved (one-process path).
     ``M`` is the step's own temporary: it is normalized in place (no float32 copy), except in the nuclear scale
     mode, which needs it afterwards for ``⟨O, M⟩`` — there only where the normalization reads ``M`` without
-    writing it (``normalize_by_float64_norm``: off ``devices.FLOAT32_COPY_DEVICES``, inputs narrower than
-    float64), which saves its five-pass copy path. ``orth(M, out, workspace)``: O is written into ``out``, the
-    temporaries live in ``workspace`` (see ``orthogonalize``).
+    writing it (``normalize.scales_input_in_place``), which saves its five-pass copy path.
+    ``orth(M, out, workspace)``: O is written into ``out``, the temporaries live in ``workspace`` (see
+    ``orthogonalize``).
     """
     nuclear = group["scale_mode"] == "nuclear"
 
     def orth(M: Tensor, out: Tensor | None = None, workspace: Workspace | None = None) -> Tensor:
         out_dtype = resolve_compute_dtype(group["compute_dtype"], M.device) if compute_dtype_out else None
-        scratch = not nuclear or (not devices.float32_copies(M.device) and M.dtype != torch.float64)
+        scratch = not nuclear or not scales_input_in_place(M)
         return orthogonalize(
             M,
             schedule=group["schedule"],
@@ -993,8 +992,12 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             # Distributed, every gradient: a rank updates the momentum of matrices another rank orthogonalizes.
             checked = all_grads if self._distributed else [g for g, a in zip(all_grads, adamw, strict=True) if a]
             ok = _each_finite(checked).all() if checked else torch.ones((), dtype=torch.bool, device=device)
-        # The commit selects on the device flag unless the flag is read first (or there is none to honour).
-        selects = policy == "skip" and device.type not in CPU_PATH_DEVICES and not self._reads_skip_flag
+        # Under "skip" the flag is read on the host before the commit where that read is free (the CPU) or done
+        # anyway (the skip warning's, rank 0): a kept step then commits without selects (on a GPU ~16 fewer bytes
+        # per matrix entry, and the commit's kernels overlap what follows), a skipped one writes nothing. Elsewhere
+        # the commit selects on the device flag (no host sync, capturable). Same state either way (tested).
+        reads_flag = policy == "skip" and (device.type in CPU_PATH_DEVICES or self._reads_skip_flag)
+        selects = policy == "skip" and not reads_flag
         if self._distributed:
             pending = self._prepare_distributed(gathered, need_flags=policy != "propagate", selects=selects)
         else:
@@ -1012,15 +1015,10 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             if policy == "raise" and not bool(ok):
                 raise NonFiniteError(f"{self._nonfinite_cause(all_params, grads_finite)}; no state was changed")
         commit_ok = ok if policy == "skip" else None
-        keep, read = True, None
-        if commit_ok is not None and (commit_ok.device.type in CPU_PATH_DEVICES or self._reads_skip_flag):
-            # The flag is read before the commit where reading it costs nothing (the CPU: its ops run synchronously,
-            # there is no graph to capture) or is done anyway (the skip warning's one read per step, on rank 0):
-            # a kept step then commits without the selects (on a GPU ~16 fewer bytes per matrix entry, and the
-            # commit's kernels overlap the next forward instead of being waited for), a skipped one writes nothing.
-            # Same state either way (tested: both ways on the CPU).
-            keep = read = bool(commit_ok)
-            commit_ok = None
+        keep = True
+        if reads_flag:
+            assert commit_ok is not None
+            keep, commit_ok = bool(commit_ok), None
         scratch = self._held  # the commit's per-parameter temporaries (roles "momentum", "update"), kept too
         flag, steps = _StepFlag(commit_ok), []
         for p in pending if keep else ():
@@ -1037,7 +1035,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             skips = [s for _, _, _, lists in gathered for s in lists.get("nonfinite_skips", [])]
             torch._foreach_add_(skips, (~ok).to(torch.float32))
             # The one read of the flag, once per step; with many ranks only rank 0 reads and warns.
-            if self._reads_skip_flag and not (read if read is not None else bool(ok)):
+            if self._reads_skip_flag and not (keep if reads_flag else bool(ok)):
                 what = self._nonfinite_cause(all_params, _each_finite(all_grads) if all_grads else None)
                 warnings.warn(
                     f"orthoptim: step skipped for every parameter because of {what}; state is unchanged. "

@@ -107,7 +107,7 @@ def _plus_identity(
     matrix) is computed first at float32 precision, then the whole factor scaled in one mixed-precision pass into
     ``out`` (else a fresh tensor: ``Z`` is read again by the Gram form) and the diagonal written back — 4 bytes
     per bfloat16 entry instead of ~21, every entry still rounded once."""
-    if not devices.float32_copies(Z.device) and Z.dtype != torch.float64:
+    if devices.float64_factors(Z):
         target = torch.empty_like(Z) if out is None else out
         # A float32 copy of the diagonal (``copy=True``: never a view of Z), the scalar added in float32 (an in-place
         # add on a 16-bit tensor may round the scalar to that dtype first).

@@ -164,7 +164,7 @@ def normalize(
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
     work = work_dtype(X.dtype)
-    if overwrite_input and work == torch.float32 and not devices.float32_copies(X.device):
+    if overwrite_input and not scales_input_in_place(X):
         return normalize_by_float64_norm(
             X, margin=margin, nonfinite=nonfinite, who=who, shape=shape, out_dtype=out_dtype, workspace=workspace
         )
@@ -199,6 +199,12 @@ def normalize(
             else scratch(workspace, "normalized", X.shape, work, X.device).copy_(scaled)
         )
     return scratch(workspace, "normalized", X.shape, out_dtype, X.device).copy_(scaled)
+
+
+def scales_input_in_place(X: torch.Tensor) -> bool:
+    """Whether ``normalize(X, overwrite_input=True)`` writes ``X`` (the prescaled way scales it in place); where
+    ``devices.float64_factors(X)`` it takes :func:`normalize_by_float64_norm`, which only reads it."""
+    return not devices.float64_factors(X)
 
 
 def normalize_by_float64_norm(
@@ -267,12 +273,7 @@ def gram_scale(
     float32 copy, two passes instead of five (6 bytes per bfloat16 entry instead of 32); the result can differ
     from the float32 path's in the last bit.
     """
-    if (
-        normalization == "schatten4"
-        and overwrite_input
-        and A.dtype != torch.float64
-        and not devices.float32_copies(A.device)
-    ):
+    if normalization == "schatten4" and overwrite_input and devices.float64_factors(A):
         return _schatten4_scale_in_place(A, margin)
     Af = scratch(workspace, "gram_work", A.shape, work_dtype(A.dtype), A.device).copy_(A)
     if normalization == "schatten4":
