@@ -32,8 +32,12 @@ fused mode refuses meta tensors; it is the kernel Hybrid's AdamW half calls, cou
 
 torch.optim.Muon is counted the same way (a Python loop of per-matrix ops). One substitution: the meta device
 decomposes ``_foreach_add_(tensors, 0-d tensor)`` into a host read, where CUDA has a kernel that reads the scalar
-on the device; that call is counted as the one launch it is on CUDA (``CountOps``). Not a test; counts only (no
-timing).
+on the device; that call is counted as the one launch it is on CUDA (``CountOps``).
+
+The step's fused Triton kernels (``orthoptim/optim/fused.py``: the momentum input and the commit, one launch
+each per megabatch) run on CUDA when triton is installed; on meta they are counted instead of run — one launch
+each, and the bytes they read and write (B and G in, M out; θ, B, G and the update in, θ and B out). Rows marked
+``ORTHOPTIM_TRITON=0`` count the torch ops that replace them. Not a test; counts only (no timing).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import orthoptim
+from orthoptim.optim import fused
 
 SHAPES = ((768, 2304), (768, 768), (3072, 768), (768, 3072))  # GPT-2 small, per layer
 JORDAN = (3.4445, -4.7750, 2.0315)  # KellerJordan/Muon muon.py, torch.optim._muon DEFAULT_A/B/C
@@ -71,6 +76,7 @@ Maker = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 CONFIGS: list[tuple[str, Maker]] = [
     ("torch.optim.Muon", lambda ps: torch.optim.Muon(ps, lr=0.02)),
     ("orthoptim.Muon defaults", lambda ps: orthoptim.Muon(ps, lr=0.02)),
+    ("orthoptim.Muon defaults, ORTHOPTIM_TRITON=0", lambda ps: orthoptim.Muon(ps, lr=0.02)),
     ("orthoptim.Muon, warn_nonfinite=False", lambda ps: orthoptim.Muon(ps, lr=0.02, warn_nonfinite=False)),
     ("orthoptim.Muon, nonfinite='propagate'", lambda ps: orthoptim.Muon(ps, lr=0.02, nonfinite="propagate")),
     (
@@ -108,11 +114,13 @@ class CountOps(TorchDispatchMode):
     nothing: the meta device would decompose it into a host read and a scalar add before any mode sees it, where
     CUDA runs one kernel reading the scalar on the device (torch's ForeachBinaryOpScalarTensor.cu)."""
 
-    def __init__(self, sites: bool) -> None:
+    def __init__(self, sites: bool, kernels: bool = True) -> None:
         super().__init__()
         self.counts = Counts()
         self.sites = sites
+        self.kernels = kernels  # count the fused Triton kernels where CUDA would run them
         self._foreach_add_ = torch._foreach_add_
+        self._fused = (fused.FUSED_DEVICES, fused._launch)
 
     def __enter__(self) -> CountOps:
         def foreach_add_(tensors: Any, other: Any, **kwargs: Any) -> None:
@@ -122,11 +130,29 @@ class CountOps(TorchDispatchMode):
             self._foreach_add_(tensors, other, **kwargs)
 
         torch._foreach_add_ = foreach_add_
+        if self.kernels:
+            fused.FUSED_DEVICES = (*fused.FUSED_DEVICES, "meta")
+            fused._launch = self._fused_launch
+        else:
+            fused.FUSED_DEVICES = ()
         return super().__enter__()  # type: ignore[no-any-return]
 
     def __exit__(self, *exc: object) -> None:
         torch._foreach_add_ = self._foreach_add_
+        fused.FUSED_DEVICES, fused._launch = self._fused
         super().__exit__(*exc)
+
+    def _fused_launch(self, kernel: Any, grid: Any, *args: Any, **meta: Any) -> None:
+        """A fused kernel, counted instead of run: one launch; its bytes from the stacked tensor it is given
+        (``M`` written for the input, the update read for the commit) and the state's dtype."""
+        name = kernel.__name__
+        stacked = args[1]
+        state = stacked.numel() * meta["STATE_DTYPE"].primitive_bitwidth // 8
+        moved = 2 * state + stacked.nbytes if name == "momentum_input_kernel" else 5 * state + stacked.nbytes
+        self._count(name)
+        self.counts.other_bytes += moved
+        if self.sites:
+            self.counts.site_bytes[(name, _site())] += moved
 
     def _count(self, name: str) -> None:
         if name == "_local_scalar_dense":
@@ -194,6 +220,7 @@ def _torch_pair(model: nn.Module) -> list[torch.optim.Optimizer]:
 MODEL_CONFIGS: list[tuple[str, ModelMaker]] = [
     ("torch.optim.Muon + torch.optim.AdamW (foreach)", _torch_pair),
     ("orthoptim.Hybrid defaults", lambda m: [orthoptim.Hybrid(m, adamw_weight_decay=0.01)]),
+    ("orthoptim.Hybrid defaults, ORTHOPTIM_TRITON=0", lambda m: [orthoptim.Hybrid(m, adamw_weight_decay=0.01)]),
     ("orthoptim.Hybrid, warn_nonfinite=False", lambda m: [orthoptim.Hybrid(m, warn_nonfinite=False)]),
     ("orthoptim.Hybrid, nonfinite='propagate'", lambda m: [orthoptim.Hybrid(m, nonfinite="propagate")]),
 ]
@@ -207,9 +234,10 @@ def gpt2_small(layers: int) -> nn.Module:
         return GPT2Small(layers)
 
 
-def count_step(make: Any, layers: int, sites: bool = False, model: bool = False) -> Counts:
+def count_step(make: Any, layers: int, sites: bool = False, model: bool = False, kernels: bool = True) -> Counts:
     """Counts for one steady-state step (after two untimed steps: state initialized, buffers kept). ``make``: a
-    ``Maker``, or with ``model`` a ``ModelMaker`` given GPT-2 small's whole parameter set."""
+    ``Maker``, or with ``model`` a ``ModelMaker`` given GPT-2 small's whole parameter set; ``kernels``: count
+    the fused Triton kernels where CUDA with triton runs them (else the torch ops that replace them)."""
     if model:
         module = gpt2_small(layers)
         params = list(module.parameters())
@@ -219,7 +247,7 @@ def count_step(make: Any, layers: int, sites: bool = False, model: bool = False)
         opts = [make(params)]
     for p in params:
         p.grad = torch.empty_like(p)
-    with CountOps(sites) as mode:
+    with CountOps(sites, kernels) as mode:
         for _ in range(2):
             for opt in opts:
                 opt.step()
@@ -247,8 +275,9 @@ def main() -> None:
     print("-" * (len(header) + 9))
     base: int | None = None
     for name, make in configs:
-        counts = count_step(make, args.layers, model=args.model)
-        double = count_step(make, 2 * args.layers, model=args.model)
+        kernels = "ORTHOPTIM_TRITON=0" not in name
+        counts = count_step(make, args.layers, model=args.model, kernels=kernels)
+        double = count_step(make, 2 * args.layers, model=args.model, kernels=kernels)
         base = counts.launches if base is None else base
         growth = (double.launches - counts.launches) / matrices
         gb = counts.other_bytes / 1e9
@@ -260,7 +289,8 @@ def main() -> None:
         for name, make in configs:
             if args.where in name:
                 print(f"\n{name}: launches and host reads by call site")
-                counts = count_step(make, args.layers, sites=True, model=args.model)
+                kernels = "ORTHOPTIM_TRITON=0" not in name
+                counts = count_step(make, args.layers, sites=True, model=args.model, kernels=kernels)
                 print(f"{'count':>6}  {'MB moved':>9}  {'op':28} call site")
                 for (op, where), n in counts.sites.most_common():
                     print(f"{n:6d}  {counts.site_bytes[(op, where)] / 1e6:9.0f}  {op:28} {where}")

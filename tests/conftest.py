@@ -2,7 +2,46 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
+import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run under Triton's interpreter on a machine without a GPU; it is read when a kernel is
+    # decorated, i.e. when its module is first imported, which no test module does at import time before this.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def require_interpreted_fused_kernels() -> None:
+    """Skip unless the step's fused kernels (``orthoptim.optim.fused_kernels``) run under Triton's interpreter,
+    the only way they run on CPU tensors, and that interpreter evaluates ``tl.fma`` with one rounding as a GPU
+    does (Triton 3.9's does; 3.6's multiplies and adds, rounding twice: bit-for-bit tests would fail there for
+    the interpreter's sake, not the kernels')."""
+    pytest.importorskip("triton")
+    from orthoptim.optim import fused_kernels
+
+    if not fused_kernels.INTERPRETED:
+        pytest.skip("the fused kernels were compiled for a GPU (TRITON_INTERPRET was not set at their import)")
+    if not _interpreter_fma_rounds_once():
+        pytest.skip("this Triton's interpreter rounds tl.fma twice (before 3.9); the GPU tests cover the kernels")
+
+
+@functools.cache
+def _interpreter_fma_rounds_once() -> bool:
+    """fma(1 + 2⁻¹², 1 + 2⁻¹², −1) = 2⁻¹¹ + 2⁻²⁴ exactly; rounding the product first loses the 2⁻²⁴ (a tie)."""
+    import triton  # type: ignore[import-untyped]
+    import triton.language as tl  # type: ignore[import-untyped]
+
+    @triton.jit
+    def fma_kernel(x_ptr, out_ptr):  # type: ignore[no-untyped-def]
+        x = tl.load(x_ptr)
+        tl.store(out_ptr, tl.fma(x, x, -1.0))
+
+    out = torch.zeros(1)
+    fma_kernel[(1,)](torch.tensor([1.0 + 2.0**-12]), out)
+    return float(out) == 2.0**-11 + 2.0**-24
 
 
 def orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:

@@ -6,16 +6,18 @@ import copy
 import math
 import sys
 import warnings
+from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import orthoptim
-from orthoptim.optim import lr_scale
+from orthoptim.optim import fused, lr_scale
 from orthoptim.polar import devices as polar_devices
 
-from .conftest import with_spectrum
+from .conftest import require_interpreted_fused_kernels, with_spectrum
 
 JORDAN = (3.4445, -4.7750, 2.0315)
 
@@ -224,16 +226,32 @@ def assert_same_state(a: dict, b: dict, ignore: tuple[str, ...] = ("nonfinite_sk
                 assert torch.equal(val, b["state"][k][key]), key
 
 
-@pytest.fixture(params=["cpu paths", "cuda paths"])
-def step_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test through both ways the step is taken: the CPU's (momentum input per parameter, recomputed at the
+def _step_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run a test through every way the step is taken: the CPU's (momentum input per parameter, recomputed at the
     commit; the skip flag read on the host; float32 copies in the normalization, the Gram scalings and NorMuon's
-    rows) and CUDA's (foreach or stacked momentum; device-side selects unless the warning reads the flag; float64
-    factors and row sums instead of float32 copies, ``polar/devices.py``), forced here on the CPU."""
-    if request.param == "cuda paths":
+    rows), CUDA's without Triton (foreach or stacked momentum; device-side selects unless the warning reads the
+    flag; float64 factors and row sums instead of float32 copies, ``polar/devices.py``) and CUDA's with Triton
+    (the same, the momentum input and the commit by the fused kernels, ``optim/fused.py``, run by Triton's
+    interpreter), forced here on the CPU."""
+    if request.param != "cpu paths":
         monkeypatch.setattr("orthoptim.optim.base.CPU_PATH_DEVICES", ())
         monkeypatch.setattr(polar_devices, "FLOAT32_COPY_DEVICES", ())
-    return str(request.param)
+    if request.param != "fused paths":
+        yield str(request.param)
+        return
+    require_interpreted_fused_kernels()
+    monkeypatch.setattr(fused, "FUSED_DEVICES", ("cuda", "cpu"))
+    # The interpreter computes with numpy, which warns where a GPU silently makes Inf − Inf = NaN; the tests
+    # that turn warnings into errors mean the optimizer's warning, not those.
+    with np.errstate(all="ignore"):
+        yield str(request.param)
+
+
+step_paths = pytest.fixture(params=["cpu paths", "cuda paths", "fused paths"], name="step_paths")(_step_paths)
+# Tests on matrices of ~10⁵–10⁶ entries take the first two only: Triton's interpreter runs ~3 ms per program
+# (2048 entries), ~20 s per such test; tests/test_fused.py covers the kernels on small matrices (tiles, the
+# non-finite gradient reaching the checked update).
+unfused_step_paths = pytest.fixture(params=["cpu paths", "cuda paths"], name="unfused_step_paths")(_step_paths)
 
 
 def test_hybrid_skip_covers_the_adamw_half(step_paths: str) -> None:
@@ -476,7 +494,7 @@ def test_large_shapes_take_the_cpu_paths() -> None:
     assert max(min(s) for s in LARGE) >= SYMMETRIC_MIN_ROWS
 
 
-def test_large_cpu_matrices_match_torch_optim_muon(step_paths: str) -> None:
+def test_large_cpu_matrices_match_torch_optim_muon(unfused_step_paths: str) -> None:
     ours, theirs = make_params(LARGE), make_params(LARGE)
     start = [p.detach().clone() for p in ours]
     run(torch.optim.Muon(theirs, lr=0.02), theirs, 3)
@@ -498,7 +516,8 @@ def test_large_cpu_matrices_float32_match_float64_definition() -> None:
 def test_momentum_buffer_is_torch_lerp_bit_for_bit(nonfinite: str, nesterov: bool, step_paths: str) -> None:
     """The commit recomputes the momentum in place (it is not held across the step): it must be exactly
     ``lerp(B, G, 1−μ)``, as torch.optim.Muon writes it, for stacked, tall, conv and 3-D parameters."""
-    params = make_params([*LARGE, (16, 8, 3, 3), (3, 40, 24)])
+    large = LARGE if step_paths != "fused paths" else [(60, 110), (110, 60), (60, 110), (53, 53)]  # interpreter
+    params = make_params([*large, (16, 8, 3, 3), (3, 40, 24)])
     opt = orthoptim.Muon(params, lr=0.02, momentum=0.9, nesterov=nesterov, nonfinite=nonfinite)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
@@ -532,7 +551,7 @@ def test_cpu_step_reuses_its_buffers_in_steady_state() -> None:
     assert min(faults) < 500, faults  # 2 MB; one fresh update buffer here is 4.7 MB
 
 
-def test_normuon_and_polargrad_on_large_cpu_matrices_match_their_formulas(step_paths: str) -> None:
+def test_normuon_and_polargrad_on_large_cpu_matrices_match_their_formulas(unfused_step_paths: str) -> None:
     """The in-place row normalization and nuclear scaling (the CPU's float32 temporaries kept by the optimizer, the
     GPUs' row sums; tall updates as transposed views) against the formulas on the float64-SVD polar factor, wide
     and tall."""
@@ -710,7 +729,7 @@ def test_hybrid_adamw_half_takes_a_tensor_lr() -> None:
 @pytest.mark.parametrize("iteration", ["standard", "gram"])
 @pytest.mark.parametrize("normalization", ["frobenius", "schatten4", "aol"])
 def test_a_non_finite_gradient_always_reaches_the_checked_update(
-    bad: float, iteration: str, normalization: str, step_paths: str
+    bad: float, iteration: str, normalization: str, unfused_step_paths: str
 ) -> None:
     """Under ``"skip"`` in one process the orthogonalized matrices' gradients are not checked on their own: their
     NaN/Inf must make the update non-finite, whatever the form, the normalization and the optimizer, or the step

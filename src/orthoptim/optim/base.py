@@ -68,7 +68,9 @@ from ..polar.normalize import NORMALIZATIONS, scales_input_in_place
 from ..polar.orthogonalize import ITERATIONS, resolve_compute_dtype
 from ..polar.schedules import check_precision
 from ..polar.workspace import Workspace, scratch, scratch_like
+from . import fused
 from .adamw import adamw_prepare
+from .fused import PointerTables
 from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
 from .shapes import SCALE_MODES, SHAPE_POLICIES, lr_scale, matrix_layout
 
@@ -163,6 +165,7 @@ def _momentum_stacks(
     shape: tuple[int, ...],
     held: Workspace | None = None,
     selects: bool = True,
+    fused_with: tuple[PointerTables, list[Tensor], tuple[int, ...]] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(M, old, new)`` for parameters stacked to ``shape`` (matrices, m, n) or flat (numel,): the optimizer's
     input ``M`` — a temporary the normalization may overwrite — and the stacked old and new momentum for a commit
@@ -170,12 +173,20 @@ def _momentum_stacks(
     place, ``_commit_momentum``). ``held``: ``M`` is written into its role ``"input"`` (one megabatch at a time
     uses it: the one-process CPU path).
 
-    Three ways, one value: on ``CPU_PATH_DEVICES`` per parameter into the stack (``_momentum_input``); elsewhere,
-    when the commit does not select, three foreach ops into the stack (``_momentum_foreach``); for a selecting
-    commit, stacked copies of the gradients and buffers, the new momentum held."""
+    Four ways, one value: on ``CPU_PATH_DEVICES`` per parameter into the stack (``_momentum_input``); elsewhere,
+    given ``fused_with`` (the optimizer's address tables, the parameters and their matrix counts), one Triton
+    launch where it applies (``fused.momentum_input``: 12 bytes per float32 entry, and the fused commit needs
+    nothing held, select or not); else, when the commit does not select, three foreach ops into the stack
+    (``_momentum_foreach``); for a selecting commit, stacked copies of the gradients and buffers, the new momentum
+    held."""
     if grads[0].device.type in CPU_PATH_DEVICES:
         M = scratch(held, "input", shape, bufs[0].dtype, bufs[0].device)
         return _momentum_input(bufs, grads, mu, nesterov, M), None, None
+    if fused_with is not None:
+        tables, params, counts = fused_with
+        M = torch.empty(shape, dtype=bufs[0].dtype, device=bufs[0].device)
+        if fused.momentum_input(tables, params, bufs, grads, counts, mu, nesterov, M):
+            return M, None, None
     if not selects and (mu > 0.5 or not nesterov):
         M = torch.empty(shape, dtype=bufs[0].dtype, device=bufs[0].device)
         return _momentum_foreach(bufs, grads, mu, nesterov, M), None, None
@@ -401,6 +412,7 @@ def orthogonalized_prepare(
     held: Workspace | None = None,
     role: str = "",
     selects: bool = True,
+    tables: PointerTables | None = None,
 ) -> list[_Pending]:
     """Phase 1 of the functional update: compute every megabatch's new state and update, commit nothing.
 
@@ -410,7 +422,8 @@ def orthogonalized_prepare(
     while earlier results travel — and the updates are finished once all have started.
     ``held`` (the CPU, one process): the optimizer's buffers kept between steps; megabatch k's O is written into
     its role ``f"{role}{k}"`` (``_held_update``) instead of a fresh tensor. ``selects``: the commit will select
-    on a device-side flag, so the new momentum is held (``_momentum_stacks``).
+    on a device-side flag, so the new momentum is held (``_momentum_stacks``). ``tables``: the optimizer's address
+    tables for the fused kernels (``optim/fused.py``; None: the torch ops).
     """
     mu = group["momentum"]
     orth = _orthogonalizer(group, compute_dtype_out=start is None)
@@ -420,7 +433,10 @@ def orthogonalized_prepare(
         m, n = mb.matrix_shape
         idx = mb.indices
         b_mb, g_mb = [bufs[i] for i in idx], [grads[i] for i in idx]
-        M, old, new = _momentum_stacks(b_mb, g_mb, mu, group["nesterov"], (mb.matrices, m, n), held, selects)
+        fused_with = None if tables is None else (tables, [params[i] for i in idx], mb.counts)
+        M, old, new = _momentum_stacks(
+            b_mb, g_mb, mu, group["nesterov"], (mb.matrices, m, n), held, selects, fused_with
+        )
         if start is None:
             out = None if held is None else _held_update(held, f"{role}{k}", M, group)
             O = orth(M, out, held)
@@ -634,10 +650,21 @@ class _StepFlag:
         return self._decay[key]
 
 
-def _commit(p: _Pending, flag: _StepFlag, scratch: Workspace) -> None:
+def _commit(p: _Pending, flag: _StepFlag, scratch: Workspace, tables: PointerTables | None = None) -> None:
     """Phase 2: write the megabatch's new state (or, where ``flag.ok`` is false, keep the old one bit for bit).
-    The step counters are advanced by the step, all at once."""
+    The step counters are advanced by the step, all at once. Given ``tables``, the momentum, weight decay and
+    update go through one fused launch where it applies (``fused.commit``; the same bits)."""
     ok, update = flag.ok, p.update
+    fused_done = False
+    if tables is not None and p.new_bufs is None and update.dim() == 3 and p.second_counts is None:
+        decay = None if not isinstance(p.decay, Tensor) and p.decay == 1.0 else flag.decay_factor(p.decay, p.params[0])
+        fused_done = fused.commit(tables, p.params, p.bufs, p.grads, p.counts, p.momentum, update, p.alpha, decay, ok)
+    if p.second is not None and p.new_second is not None and p.old_second is not None:
+        new_second = p.new_second if ok is None else torch.where(ok, p.new_second, p.old_second)
+        counts = p.counts if p.second_counts is None else p.second_counts
+        torch._foreach_copy_(p.second, [s.view_as(t) for s, t in zip(new_second.split(counts), p.second, strict=True)])
+    if fused_done:
+        return
     if flag.skipped is not None:
         # In place into the step's own temporary: no fresh allocation (on the CPU: no pass of page faults).
         update = update.masked_fill_(flag.skipped, 0.0)
@@ -647,10 +674,6 @@ def _commit(p: _Pending, flag: _StepFlag, scratch: Workspace) -> None:
         assert p.old_bufs is not None
         new = p.new_bufs if ok is None else torch.where(ok, p.new_bufs, p.old_bufs, out=p.new_bufs)
         torch._foreach_copy_(p.bufs, [b.view_as(t) for b, t in zip(new.split(p.counts), p.bufs, strict=True)])
-    if p.second is not None and p.new_second is not None and p.old_second is not None:
-        new_second = p.new_second if ok is None else torch.where(ok, p.new_second, p.old_second)
-        counts = p.counts if p.second_counts is None else p.second_counts
-        torch._foreach_copy_(p.second, [s.view_as(t) for s, t in zip(new_second.split(counts), p.second, strict=True)])
     if isinstance(p.decay, Tensor) or p.decay != 1.0:
         torch._foreach_mul_(p.params, flag.decay_factor(p.decay, p.params[0]))
     parts = [u.view_as(t) for u, t in zip(update.split(p.counts), p.params, strict=True)]
@@ -696,6 +719,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self._plans: dict[tuple[int, ...], list[Megabatch]] = {}
         # The CPU's phase-1 update buffers, kept between steps (``_held_update``); not optimizer state.
         self._held = Workspace()
+        # Address tables of the fused elementwise kernels (``optim/fused.py``), kept between steps; not state.
+        self._tables = PointerTables()
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._validate_group(group)
@@ -823,6 +848,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                         held=self._held if on_cpu else None,
                         role=f"update{g}.",
                         selects=selects,
+                        tables=None if on_cpu else self._tables,
                     )
                 )
         return pending
@@ -849,7 +875,15 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 start = None if local else _split_starter(split.counts, rank, pg)
                 pending.extend(
                     orthogonalized_prepare(
-                        params, grads, *state, split.plain, group, need_flags=need_flags, start=start, selects=selects
+                        params,
+                        grads,
+                        *state,
+                        split.plain,
+                        group,
+                        need_flags=need_flags,
+                        start=start,
+                        selects=selects,
+                        tables=self._tables,
                     )
                 )
             if split.sharded:
@@ -1023,7 +1057,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         flag, steps = _StepFlag(commit_ok), []
         for p in pending if keep else ():
             if isinstance(p, _Pending):
-                _commit(p, flag, scratch)
+                _commit(p, flag, scratch, self._tables)
                 assert p.steps is not None
                 steps += p.steps
             else:  # Hybrid's AdamW half (optim/adamw.py)

@@ -1,0 +1,212 @@
+"""The step's fused elementwise passes (``fused_kernels.py``): when they apply, address tables, launches.
+
+``momentum_input`` and ``commit`` return False (or None) when their kernels do not apply, and the caller takes
+the torch path (``base._momentum_foreach``/``base._commit``), which computes the same bits. They apply to a
+megabatch on a device in ``FUSED_DEVICES`` (CUDA; tests add the CPU under Triton's interpreter) with triton
+importable, ``ORTHOPTIM_TRITON`` not ``"0"``, float32/bfloat16/float16 state (one dtype for θ, B and G),
+contiguous plain tensors, and matrices below 2³¹ entries.
+
+Address tables: a megabatch's parameters, buffers and gradients are separate tensors; the kernels read each
+matrix's address from an int64 table (3 × matrices) on the device. Tables are built on the host, copied without a
+sync (pinned memory, non-blocking) and kept by ``PointerTables``, keyed by the addresses themselves, so a step
+whose tensors did not move (the usual case: parameters and buffers never move, and gradients reuse their
+storage) launches no copy — which also makes a warmed-up step capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..polar.kernels import triton_available
+
+#: Devices whose steps take the fused kernels. Tests add "cpu" to run them under TRITON_INTERPRET=1.
+FUSED_DEVICES: tuple[str, ...] = ("cuda",)
+
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT32_LIMIT = 2**31 - 1
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    from . import fused_kernels
+
+    return fused_kernels
+
+
+def _triton_dtype(dtype: torch.dtype) -> Any:
+    import triton.language as tl  # type: ignore[import-untyped]
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def applies(params: list[Tensor], bufs: list[Tensor], grads: list[Tensor], matrix_numel: int) -> bool:
+    """Whether the fused kernels take this megabatch (see the module docstring)."""
+    t = params[0]
+    if t.device.type not in FUSED_DEVICES or os.environ.get("ORTHOPTIM_TRITON", "1") == "0":
+        return False
+    if t.dtype not in _STATE_DTYPES or matrix_numel > _INT32_LIMIT or not triton_available():
+        return False
+    return all(
+        type(x) in (Tensor, torch.nn.Parameter) and x.dtype == t.dtype and x.device == t.device and x.is_contiguous()
+        for x in (*params, *bufs, *grads)
+    )
+
+
+class PointerTables:
+    """Address tables for the kernels, one per set of (θ, B, G) addresses, kept across steps.
+
+    A table is rebuilt only when some tensor moved. Tables looked up while a CUDA graph is being captured are
+    kept for good (the graph reads them on every replay); the others are dropped when more than ``limit`` piled
+    up (gradients reallocated at new addresses every step).
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self._tables: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        self._captured: list[tuple[Tensor, Tensor]] = []
+        self._limit = limit
+
+    def get(self, params: list[Tensor], bufs: list[Tensor], grads: list[Tensor], counts: tuple[int, ...]) -> Tensor:
+        """(3, matrices) int64 on the tensors' device: row 0 θ, row 1 B, row 2 G; a parameter with ``count``
+        matrices contributes ``count`` consecutive columns (its matrices are consecutive in memory)."""
+        key = (*(x.data_ptr() for x in (*params, *bufs, *grads)), *counts, params[0].numel(), params[0].element_size())
+        entry = self._tables.get(key)
+        if entry is None:
+            if len(self._tables) >= self._limit:
+                self._tables.clear()
+            entry = self._tables[key] = self._build(params, bufs, grads, counts)
+        if params[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            self._captured.append(entry)
+        return entry[0]
+
+    @staticmethod
+    def _build(
+        params: list[Tensor], bufs: list[Tensor], grads: list[Tensor], counts: tuple[int, ...]
+    ) -> tuple[Tensor, Tensor]:
+        rows = []
+        for role in (params, bufs, grads):
+            row = []
+            for x, count in zip(role, counts, strict=True):
+                step = x.numel() // count * x.element_size()
+                row += [x.data_ptr() + q * step for q in range(count)]
+            rows.append(row)
+        device = params[0].device
+        host = torch.tensor(rows, dtype=torch.int64)
+        if device.type != "cuda":  # the CPU under the interpreter; meta (benchmarks/step_launches.py)
+            return host.to(device), host
+        host = host.pin_memory()  # the copy is then asynchronous: no host sync
+        return host.to(device, non_blocking=True), host  # the pinned source is kept alive with the table
+
+
+def _launch(kernel: Any, grid: tuple[int, int], *args: Any, **meta: Any) -> None:
+    """Every fused launch goes through here (``benchmarks/step_launches.py`` replaces it to count them)."""
+    kernel[grid](*args, **meta)
+
+
+def momentum_input(
+    tables: PointerTables,
+    params: list[Tensor],
+    bufs: list[Tensor],
+    grads: list[Tensor],
+    counts: tuple[int, ...],
+    mu: float,
+    nesterov: bool,
+    out: Tensor,
+) -> bool:
+    """Write the optimizer's input ``M`` into ``out`` (matrices, m, n), as ``base._momentum_input`` does, in one
+    launch; the buffers are not changed. False (nothing written) when the kernels do not apply."""
+    _, m, n = out.shape
+    if out.dtype != bufs[0].dtype or not applies(params, bufs, grads, m * n):
+        return False
+    k = _kernels()
+    table = tables.get(params, bufs, grads, counts)
+    grid = (triton_cdiv(m * n, k.INPUT_BLOCK), out.shape[0])
+    _launch(
+        k.momentum_input_kernel,
+        grid,
+        table,
+        out,
+        *out.stride(),
+        out.shape[0],
+        n,
+        m * n,
+        *_weight(1.0 - mu),
+        *_weight(mu),
+        NESTEROV=nesterov,
+        STATE_DTYPE=_triton_dtype(out.dtype),
+        BLOCK=k.INPUT_BLOCK,
+        num_warps=k.NUM_WARPS,
+    )
+    return True
+
+
+def commit(
+    tables: PointerTables,
+    params: list[Tensor],
+    bufs: list[Tensor],
+    grads: list[Tensor],
+    counts: tuple[int, ...],
+    mu: float,
+    update: Tensor,
+    alpha: float | Tensor,
+    decay: Tensor | None,
+    ok: Tensor | None,
+) -> bool:
+    """``B ← lerp(B, G, 1−μ)``, ``θ ← round(θ·decay) + alpha·U`` for every matrix of the megabatch, where ``ok``
+    (always when None), in one launch — ``base._commit``'s momentum, weight decay and update. ``update``:
+    (matrices, m, n), any strides, float32/bfloat16/float16; ``decay``: the 0-d float32 factor or None (no weight
+    decay); a tensor ``alpha`` is read on the device. False (nothing written) when the kernels do not apply."""
+    _, m, n = update.shape
+    if update.dtype not in _STATE_DTYPES or not applies(params, bufs, grads, m * n):
+        return False
+    if isinstance(alpha, Tensor) and (alpha.device != update.device or alpha.numel() != 1):
+        return False
+    if decay is not None and decay.dtype != torch.float32:
+        return False
+    k = _kernels()
+    table = tables.get(params, bufs, grads, counts)
+    tiles = triton_cdiv(m, k.COMMIT_ROWS) * triton_cdiv(n, k.COMMIT_COLS)
+    alpha_tensor = isinstance(alpha, Tensor)
+    _launch(
+        k.commit_kernel,
+        (tiles, update.shape[0]),
+        table,
+        update,
+        *update.stride(),
+        ok.view(torch.uint8) if ok is not None else table,  # unread placeholders: the kernel's flags say so
+        decay if decay is not None else table,
+        alpha if isinstance(alpha, Tensor) else table,
+        0.0 if alpha_tensor else _float32(float(alpha)),
+        update.shape[0],
+        m,
+        n,
+        *_weight(1.0 - mu),
+        HAS_FLAG=ok is not None,
+        HAS_DECAY=decay is not None,
+        ALPHA_TENSOR=alpha_tensor,
+        STATE_DTYPE=_triton_dtype(params[0].dtype),
+        BLOCK_R=k.COMMIT_ROWS,
+        BLOCK_C=k.COMMIT_COLS,
+        num_warps=k.NUM_WARPS,
+    )
+    return True
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to float32 (as a float argument is on a GPU; Triton's interpreter would keep the double)."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _weight(w: float) -> tuple[float, float]:
+    """A lerp weight as torch's kernels use it: ``w`` in float32 and ``1 − w`` formed in float32."""
+    w32 = _float32(w)
+    return w32, _float32(1.0 - w32)  # 1 − w32 is exact in double; one rounding to float32, as in float32
