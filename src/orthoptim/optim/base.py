@@ -22,6 +22,11 @@ the commit. The new momentum is held too where the commit selects (stacked); els
 at the commit, so nothing but the updates outlives phase 1. Hybrid's AdamW half is taken entirely by the commit,
 in place, with torch's fused AdamW kernel, which reads the flag on the device (``optim/adamw.py``).
 
+On CUDA with triton installed (``ORTHOPTIM_TRITON=0`` turns it off) the elementwise work around the
+orthogonalization is two Triton launches per megabatch (``optim/fused.py``): the momentum input from B and G in
+one pass, and the commit — momentum, weight decay, update — in one pass masked by the device flag (so it never
+selects and holds nothing); the same bits as the torch ops it replaces.
+
 Distributed (``process_group``; ``orthoptim.distributed`` moves the tensors): plain parameters are taken to be
 replicated (DDP): every rank computes the momentum of every matrix, but orthogonalizes only the matrices it owns
 (owners balance FLOPs over all megabatches of all groups; the plan is cached) and the results are all-gathered.
