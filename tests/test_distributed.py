@@ -30,9 +30,11 @@ from orthoptim.distributed import (
 )
 
 from ._dist_worker import SCENARIOS, run_rank
+from .conftest import require_interpreted_fused_kernels
 
-#: (ranks, which step paths): the CPU's own, and CUDA's forced on the CPU (see ``_dist_worker.run_rank``).
-LAUNCHES = ((2, "cpu"), (4, "cpu"), (2, "cuda"))
+#: (ranks, which step paths): the CPU's own, CUDA's forced on the CPU, and CUDA's with the fused elementwise
+#: kernels under Triton's interpreter (see ``_dist_worker.run_rank``).
+LAUNCHES = ((2, "cpu"), (4, "cpu"), (2, "cuda"), (2, "fused"))
 LAUNCH_TIMEOUT = 300.0  # seconds for all scenarios at one world size (about 10-20 s on an idle 2-core machine)
 
 _cache: dict[tuple[int, str], dict[str, list[str]] | str] = {}
@@ -88,6 +90,8 @@ def test_scenario(world: int, paths: str, scenario: str) -> None:
     """One scenario of ``_dist_worker`` (see its docstring) on every rank of a ``world``-rank gloo group."""
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
+    if paths == "fused":
+        require_interpreted_fused_kernels()  # and TRITON_INTERPRET=1 in this process's environment, which ranks inherit
     results = _results(world, paths)
     assert not isinstance(results, str), results
     failed = {r: out for r, out in enumerate(results[scenario]) if out != "ok"}

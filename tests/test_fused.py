@@ -147,12 +147,15 @@ def test_commit_writes_nothing_where_the_flag_is_false(ok: bool) -> None:
 
 
 def test_what_the_kernels_do_not_take_goes_to_torch() -> None:
-    """float64 state, a non-contiguous parameter, mixed dtypes, a GPU-only device list, ORTHOPTIM_TRITON=0 and a
-    float64 decay factor are refused (False, nothing written): the caller takes torch's ops."""
+    """float64 state, empty matrices, a non-contiguous parameter, mixed dtypes, a GPU-only device list,
+    ORTHOPTIM_TRITON=0 and a float64 decay factor are refused (False, nothing written): the caller takes torch's
+    ops."""
     tables = fused.PointerTables()
     p64, b64, g64, c = megabatch([(20, 30)], torch.float64)
     out = torch.empty(1, 20, 30, dtype=torch.float64)
     assert not fused.momentum_input(tables, p64, b64, g64, c, 0.9, True, out)
+    empty = [torch.empty(0, 4)]  # no programs to launch (the optimizers refuse empty parameters before this)
+    assert not fused.momentum_input(tables, empty, empty, empty, (1,), 0.9, True, torch.empty(1, 0, 4))
     p, b, g, c = megabatch([(30, 20)], torch.float32)
     pt = [p[0].mT]  # (20, 30), not contiguous
     assert not fused.commit(tables, pt, [b[0].mT], [g[0].mT], c, 0.9, randn(1, 20, 30), 0.1, None, None)

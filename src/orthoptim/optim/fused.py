@@ -4,7 +4,7 @@
 the torch path (``base._momentum_foreach``/``base._commit``), which computes the same bits. They apply to a
 megabatch on a device in ``FUSED_DEVICES`` (CUDA; tests add the CPU under Triton's interpreter) with triton
 importable, ``ORTHOPTIM_TRITON`` not ``"0"``, float32/bfloat16/float16 state (one dtype for θ, B and G),
-contiguous plain tensors, and matrices below 2³¹ entries.
+contiguous plain tensors, and non-empty matrices below 2³¹ entries.
 
 Address tables: a megabatch's parameters, buffers and gradients are separate tensors; the kernels read each
 matrix's address from an int64 table (3 × matrices) on the device. Tables are built on the host, copied without a
@@ -50,7 +50,7 @@ def applies(params: list[Tensor], bufs: list[Tensor], grads: list[Tensor], matri
     t = params[0]
     if t.device.type not in FUSED_DEVICES or os.environ.get("ORTHOPTIM_TRITON", "1") == "0":
         return False
-    if t.dtype not in _STATE_DTYPES or matrix_numel > _INT32_LIMIT or not triton_available():
+    if t.dtype not in _STATE_DTYPES or not 0 < matrix_numel <= _INT32_LIMIT or not triton_available():
         return False
     return all(
         type(x) in (Tensor, torch.nn.Parameter) and x.dtype == t.dtype and x.device == t.device and x.is_contiguous()
