@@ -104,8 +104,12 @@ class PointerTables:
 
 
 def _launch(kernel: Any, grid: tuple[int, int], *args: Any, **meta: Any) -> None:
-    """Every fused launch goes through here (``benchmarks/step_launches.py`` replaces it to count them)."""
-    kernel[grid](*args, **meta)
+    """Every fused launch goes through here (``benchmarks/step_launches.py`` replaces it to count them).
+
+    ``enable_fp_fusion=False``: the kernels spell out every fused multiply-add they mean (``tl.fma``, as torch's
+    kernels evaluate ``lerp`` and the add); nothing else may be contracted, whatever Triton's default (which
+    changes in 3.10)."""
+    kernel[grid](*args, **meta, enable_fp_fusion=False)
 
 
 def momentum_input(
