@@ -5,12 +5,13 @@
 #   bash benchmarks/gpu_session.sh [STAGE ...]            # in the repository root on the GPU machine
 #   DEVICE=cpu bash benchmarks/gpu_session.sh quick all   # smoke test of the script itself, anywhere (small sizes)
 #
-# Stages, in this order by default (`all`): env tests speed doctor accuracy train examples. A device command runs at
-# most 10 minutes: split them over calls, e.g. `env tests speed doctor` then `accuracy train examples`.
+# Stages, in this order by default (`all`): env tests speed profile doctor accuracy train examples. A device command
+# runs at most 10 minutes: split them over calls, e.g. `env tests speed profile doctor` then `accuracy train examples`.
 # `quick` (a first argument) shrinks every stage to smoke size.
 #
 # Environment: OUT (default ./gpu-session): where the files go — session.log (every stage's output, appended),
-# gpu_speed.json, accuracy.png, train_gpt.png, train_gpt.json: five files, inside what the device tool brings back.
+# gpu_speed.json, step_profile.json, accuracy.png, train_gpt.png, train_gpt.json: inside what the device tool brings
+# back.
 # PYTHON (default python3: on the lent machines the interpreter that holds torch with CUDA, triton, tqdm,
 # matplotlib and pytest). DION: a microsoft/dion checkout to time beside orthoptim (benchmarks/gpu_speed.py
 # --dion-path; never committed). DEVICE (default cuda). orthoptim runs from src/ (PYTHONPATH): nothing is installed.
@@ -31,7 +32,7 @@ if [ "${1:-}" = quick ]; then
 fi
 STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ] || [ "${STAGES[0]}" = all ]; then
-    STAGES=(env tests speed doctor accuracy train examples)
+    STAGES=(env tests speed profile doctor accuracy train examples)
 fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -75,6 +76,11 @@ import importlib.util as u; print(\"triton\", u.find_spec(\"triton\") is not Non
         run speed "$PY" benchmarks/gpu_speed.py --device "$DEVICE" --json "$OUT/gpu_speed.json" "${dion[@]}" \
             $(pick "" "--quick --repeats 1 --warmup 0")
         ;;
+    profile)  # where the step's time goes: kernels by kind, device-busy vs wall (benchmarks/step_profile.py)
+        # shellcheck disable=SC2046
+        run profile "$PY" benchmarks/step_profile.py --device "$DEVICE" --json "$OUT/step_profile.json" \
+            $(pick "" "--layers 1 --steps 1 --top 3")
+        ;;
     doctor)
         # shellcheck disable=SC2046
         run doctor "$PY" -m orthoptim doctor --device "$DEVICE" --no-progress $(pick "" "--shapes 64x64 --repeats 1")
@@ -100,7 +106,7 @@ import importlib.util as u; print(\"triton\", u.find_spec(\"triton\") is not Non
             --steps "$steps" --resume "$WORK/ckpt"
         ;;
     *)
-        echo "unknown stage '$stage'; stages: env tests speed doctor accuracy train examples (or all)" >&2
+        echo "unknown stage '$stage'; stages: env tests speed profile doctor accuracy train examples (or all)" >&2
         exit 2
         ;;
     esac
