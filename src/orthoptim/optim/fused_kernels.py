@@ -68,7 +68,10 @@ def _round(x, DTYPE: tl.constexpr):  # type: ignore[no-untyped-def]
         return x.to(DTYPE)
 
 
-@triton.jit
+# ``matrices`` only offsets the address table (scalar loads): not specialized, so a model with another number of
+# matrices of a shape reuses the compiled kernel. Sizes and strides stay specialized (their divisibility by 16 lets
+# the loads and stores vectorize).
+@triton.jit(do_not_specialize=["matrices"])
 def momentum_input_kernel(  # type: ignore[no-untyped-def]
     table,  # int64 (3, matrices): addresses of each matrix of θ (unused here), B, G
     out_ptr,  # M, (matrices, rows, cols) in the buffers' dtype
@@ -102,7 +105,7 @@ def momentum_input_kernel(  # type: ignore[no-untyped-def]
     tl.store(dst, new, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["matrices"])
 def commit_kernel(  # type: ignore[no-untyped-def]
     table,  # int64 (3, matrices): addresses of each matrix of θ, B, G
     upd_ptr,  # U, (matrices, rows, cols), any strides
