@@ -112,6 +112,23 @@ def test_commit_matches_torch_ops(dtype: torch.dtype, tall: bool) -> None:
     assert all(torch.equal(a, b) for a, b in zip(params, want_p, strict=True))
 
 
+@pytest.mark.parametrize("update_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("tall", [False, True])
+def test_commit_applies_normuons_row_factor_as_torchs_in_place_mul(update_dtype: torch.dtype, tall: bool) -> None:
+    """NorMuon's row factor, deferred to the commit: U·factor in float32 rounded to U's dtype (torch's
+    ``U.mul_(factor)``), then the update's fused multiply-add — the same bits as the two torch steps."""
+    m, n = (70, 37) if tall else (37, 70)
+    params, bufs, grads, counts = megabatch([(2, m, n), (m, n)], torch.float32, seed=6)
+    U = randn(3, n, m, dtype=update_dtype, seed=7).mT if tall else randn(3, m, n, dtype=update_dtype, seed=7)
+    factor = randn(3, m, 1, seed=8).abs() * 3.0 + 0.1
+    scaled = U.clone().mul_(factor)
+    parts = [u.reshape(p.shape) for u, p in zip(scaled.split(counts), params, strict=True)]
+    want_p = [fma_reference(p, u, -0.01) for p, u in zip(params, parts, strict=True)]
+    assert fused.commit(fused.PointerTables(), params, bufs, grads, counts, 0.9, U, -0.01, None, None, factor)
+    assert all(torch.equal(a, b) for a, b in zip(params, want_p, strict=True))
+    assert not fused.commit(fused.PointerTables(), params, bufs, grads, counts, 0.9, U, -0.01, None, None, factor[0])
+
+
 def test_commit_rounds_overflow_to_inf_and_a_tensor_alpha_gives_the_float_bits() -> None:
     """A sum beyond bfloat16's range rounds to ±inf (as torch's conversion does); α read from a 0-d tensor on
     the device gives the same bits as the number; no weight decay (decay None) leaves θ's factor out."""

@@ -160,6 +160,7 @@ class _Pending:
     second_counts: tuple[int, ...] | None = None  # splits of the second moments, when not ``counts`` (sharded)
     old_bufs: Tensor | None = None  # stacked old and new momentum, held for a commit that selects
     new_bufs: Tensor | None = None  # on a device-side flag (``_momentum_stacks``)
+    row_factor: Tensor | None = None  # NorMuon's (matrices, m, 1) float32 row factor, left for the commit
 
 
 def _momentum_stacks(
@@ -275,12 +276,17 @@ def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float | Tensor
     torch._foreach_add_(params, parts, alpha=alpha)
 
 
-def _row_normalize(O: Tensor, v: Tensor, beta2: float, eps: float, work: Workspace | None) -> tuple[Tensor, Tensor]:
+def _row_normalize(
+    O: Tensor, v: Tensor, beta2: float, eps: float, work: Workspace | None, defer: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """NorMuon (arXiv 2510.05491; microsoft/dion normuon.py; modded-nanogpt): per-row second moment of the
     orthogonalized update, divide each row by its root, restore the Frobenius norm of each matrix.
 
-    Written back into ``O`` (the step's own output); the float32 temporaries live in ``work`` if given. The same
-    operations, in the same order, as computing ``normed = Of / d`` and ``(normed · ratio).to(O.dtype)`` afresh.
+    Returns ``(update, new second moment, row factor)``. Written back into ``O`` (the step's own output); the float32
+    temporaries live in ``work`` if given. The same operations, in the same order, as computing ``normed = Of / d``
+    and ``(normed · ratio).to(O.dtype)`` afresh. The row factor is None, except where ``defer`` asks for it and the
+    row-sum way below is taken: then ``O`` is returned unscaled with the (matrices, m, 1) float32 factor, and the
+    commit applies it (``O.mul_(factor)``, the same bits; the fused commit in its one pass).
 
     Off ``devices.FLOAT32_COPY_DEVICES`` (GPUs), for updates narrower than float64 (``devices.float64_factors``),
     without the float32 copy: one pass for the rows' sums of squares
@@ -294,8 +300,10 @@ def _row_normalize(O: Tensor, v: Tensor, beta2: float, eps: float, work: Workspa
         d2 = v_new + eps
         before = rows.sum(dim=-1, keepdim=True).sqrt_()
         after = (rows / d2).sum(dim=-1, keepdim=True).sqrt_().clamp_min_(torch.finfo(torch.float32).tiny)
-        factor = (before / after) / d2.sqrt()  # (B, m): ratio / dᵢ
-        return O.mul_(factor.unsqueeze(-1)), v_new  # float32 product, rounded once into O
+        factor = ((before / after) / d2.sqrt()).unsqueeze(-1)  # (B, m, 1): ratio / dᵢ
+        if defer:
+            return O, v_new, factor
+        return O.mul_(factor), v_new, None  # float32 product, rounded once into O
     Of = scratch_like(work, "row_norm", O, torch.float32).copy_(O)
     v_new = torch.lerp(
         v, torch.square(Of, out=scratch_like(work, "row_square", O, torch.float32)).mean(dim=-1), 1.0 - beta2
@@ -303,7 +311,7 @@ def _row_normalize(O: Tensor, v: Tensor, beta2: float, eps: float, work: Workspa
     before = torch.linalg.matrix_norm(Of)
     normed = Of.div_((v_new + eps).sqrt().unsqueeze(-1))
     ratio = before / torch.linalg.matrix_norm(normed).clamp_min(torch.finfo(torch.float32).tiny)
-    return O.copy_(normed.mul_(ratio.view(-1, 1, 1))), v_new
+    return O.copy_(normed.mul_(ratio.view(-1, 1, 1))), v_new, None
 
 
 def _each_finite(tensors: list[Tensor]) -> Tensor:
@@ -376,15 +384,18 @@ def _finish(
     group: dict[str, Any],
     need_flags: bool,
     work: Workspace | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """From a megabatch's orthogonalized O (B, m, n) and its input M: ``(update, new second moment, O's sum)``
-    — the sum (if ``need_flags``) is finite iff every entry of O is; the step checks all megabatches' sums at
-    once. ``O`` is the step's own tensor and becomes the update in place; float32 temporaries
-    live in ``work`` if given."""
-    new_second = None
+    defer: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """From a megabatch's orthogonalized O (B, m, n) and its input M: ``(update, new second moment, check, row
+    factor)`` — the check (if ``need_flags``) is finite iff every entry of the update is; the step checks all
+    megabatches' at once. ``O`` is the step's own tensor and becomes the update in place; float32 temporaries
+    live in ``work`` if given. ``defer``: NorMuon's row factor may be left for the commit to apply (returned, not
+    None, where ``_row_normalize`` deferred it; never with the nuclear scale, which needs the scaled update)."""
+    new_second, factor = None, None
     if group["row_norm"]:
         assert old_second is not None
-        O, new_second = _row_normalize(O, old_second, group["beta2"], group["row_eps"], work)
+        defer = defer and group["scale_mode"] != "nuclear"
+        O, new_second, factor = _row_normalize(O, old_second, group["beta2"], group["row_eps"], work, defer)
     if group["scale_mode"] == "nuclear":
         # ⟨O, M⟩ = Σ gᵢσᵢ ≈ ‖M‖_* when the gains gᵢ ≈ 1 (PolarGrad runs enough steps for that).
         if devices.float32_copies(O.device):  # CPU: a kept float32 copy (mixed-dtype products are slow loops there)
@@ -395,8 +406,12 @@ def _finish(
         update = O.mul_((nuc * -group["lr"]).to(O.dtype))
     else:
         update = O  # −lr·scale is fused into the final foreach add (``_alpha``)
-    # |O| ≲ 1.3 entrywise, so the sum cannot overflow: it is non-finite iff some entry is.
-    return update, new_second, O.sum() if need_flags else None
+    if not need_flags:
+        return update, new_second, None, factor
+    # |O| ≲ 1.3 entrywise, so the sum cannot overflow: it is non-finite iff some entry is. With a deferred row
+    # factor, O·factor is finite iff O and the factor are: its rows have the norms the factor gives them, which
+    # sum (squared) to ‖O‖²_F — finite if O's row sums of squares are, and a non-finite one makes the factor so.
+    return update, new_second, O.sum() if factor is None else O.sum() + factor.sum(), factor
 
 
 #: ``start(k, M, orthogonalize)`` begins orthogonalizing megabatch k's ``M`` and returns a thunk yielding O.
@@ -504,7 +519,7 @@ def _megabatch_pending(
         assert second is not None
         p.second = [second[i] for i in idx]
         p.old_second = torch.cat([second[i].reshape(c, m) for i, c in zip(idx, mb.counts, strict=True)])
-    p.update, p.new_second, p.out_sum = _finish(O, M, p.old_second, group, need_flags, work)
+    p.update, p.new_second, p.out_sum, p.row_factor = _finish(O, M, p.old_second, group, need_flags, work, defer=True)
     p.steps = [steps[i] for i in idx]
     return p
 
@@ -598,7 +613,7 @@ def sharded_prepare(
         v_full = None
         if row_norm:
             v_full = torch.cat([full[base + k + j].view(c, m) for j, c in zip(mine, counts, strict=True)])  # type: ignore[union-attr]
-        update, new_v, out_sum = _finish(orth(M_full), M_full, v_full, group, need_flags)
+        update, new_v, out_sum, _ = _finish(orth(M_full), M_full, v_full, group, need_flags)  # not deferred
         flags.append(out_sum)
         for j, u in zip(mine, update.split(counts), strict=True):
             results[base + j] = u.reshape(-1, n)
@@ -658,12 +673,17 @@ class _StepFlag:
 def _commit(p: _Pending, flag: _StepFlag, scratch: Workspace, tables: PointerTables | None = None) -> None:
     """Phase 2: write the megabatch's new state (or, where ``flag.ok`` is false, keep the old one bit for bit).
     The step counters are advanced by the step, all at once. Given ``tables``, the momentum, weight decay and
-    update go through one fused launch where it applies (``fused.commit``; the same bits)."""
+    update (with NorMuon's deferred row factor) go through one fused launch where it applies (``fused.commit``;
+    the same bits)."""
     ok, update = flag.ok, p.update
     fused_done = False
     if tables is not None and p.new_bufs is None and update.dim() == 3 and p.second_counts is None:
         decay = None if not isinstance(p.decay, Tensor) and p.decay == 1.0 else flag.decay_factor(p.decay, p.params[0])
-        fused_done = fused.commit(tables, p.params, p.bufs, p.grads, p.counts, p.momentum, update, p.alpha, decay, ok)
+        fused_done = fused.commit(
+            tables, p.params, p.bufs, p.grads, p.counts, p.momentum, update, p.alpha, decay, ok, p.row_factor
+        )
+    if not fused_done and p.row_factor is not None:
+        update = update.mul_(p.row_factor)  # what _row_normalize would have done: float32 product, rounded once
     if p.second is not None and p.new_second is not None and p.old_second is not None:
         new_second = p.new_second if ok is None else torch.where(ok, p.new_second, p.old_second)
         counts = p.counts if p.second_counts is None else p.second_counts
