@@ -114,9 +114,10 @@ def test_commit_matches_torch_ops(dtype: torch.dtype, tall: bool) -> None:
 
 @pytest.mark.parametrize("update_dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("tall", [False, True])
-def test_commit_applies_normuons_row_factor_as_torchs_in_place_mul(update_dtype: torch.dtype, tall: bool) -> None:
-    """NorMuon's row factor, deferred to the commit: U·factor in float32 rounded to U's dtype (torch's
-    ``U.mul_(factor)``), then the update's fused multiply-add — the same bits as the two torch steps."""
+def test_commit_applies_a_deferred_factor_as_torchs_in_place_mul(update_dtype: torch.dtype, tall: bool) -> None:
+    """NorMuon's row factor and PolarGrad's per-matrix one, deferred to the commit: U·factor in float32 rounded
+    to U's dtype (torch's ``U.mul_(factor)``), then the update's fused multiply-add — the same bits as the two
+    torch steps."""
     m, n = (70, 37) if tall else (37, 70)
     params, bufs, grads, counts = megabatch([(2, m, n), (m, n)], torch.float32, seed=6)
     U = randn(3, n, m, dtype=update_dtype, seed=7).mT if tall else randn(3, m, n, dtype=update_dtype, seed=7)
@@ -124,9 +125,17 @@ def test_commit_applies_normuons_row_factor_as_torchs_in_place_mul(update_dtype:
     scaled = U.clone().mul_(factor)
     parts = [u.reshape(p.shape) for u, p in zip(scaled.split(counts), params, strict=True)]
     want_p = [fma_reference(p, u, -0.01) for p, u in zip(params, parts, strict=True)]
+    twin = [p.clone() for p in params]
     assert fused.commit(fused.PointerTables(), params, bufs, grads, counts, 0.9, U, -0.01, None, None, factor)
     assert all(torch.equal(a, b) for a, b in zip(params, want_p, strict=True))
     assert not fused.commit(fused.PointerTables(), params, bufs, grads, counts, 0.9, U, -0.01, None, None, factor[0])
+    # PolarGrad's: one factor per matrix, in the update's dtype (−lr·⟨O, M⟩ rounded), broadcast over the rows
+    per_matrix = (randn(3, 1, 1, seed=9) * 40.0).to(update_dtype)
+    scaled = U.clone().mul_(per_matrix)
+    parts = [u.reshape(p.shape) for u, p in zip(scaled.split(counts), twin, strict=True)]
+    want_p = [fma_reference(p, u, 1.0) for p, u in zip(twin, parts, strict=True)]
+    assert fused.commit(fused.PointerTables(), twin, bufs, grads, counts, 0.9, U, 1.0, None, None, per_matrix)
+    assert all(torch.equal(a, b) for a, b in zip(twin, want_p, strict=True))
 
 
 def test_commit_rounds_overflow_to_inf_and_a_tensor_alpha_gives_the_float_bits() -> None:

@@ -160,7 +160,9 @@ class _Pending:
     second_counts: tuple[int, ...] | None = None  # splits of the second moments, when not ``counts`` (sharded)
     old_bufs: Tensor | None = None  # stacked old and new momentum, held for a commit that selects
     new_bufs: Tensor | None = None  # on a device-side flag (``_momentum_stacks``)
-    row_factor: Tensor | None = None  # NorMuon's (matrices, m, 1) float32 row factor, left for the commit
+    # Left for the commit to multiply the update by (``_finish``'s ``defer``): NorMuon's (matrices, m, 1) float32
+    # row factor, or PolarGrad's (matrices, 1, 1) −lr·⟨O, M⟩ in the update's dtype.
+    update_factor: Tensor | None = None
 
 
 def _momentum_stacks(
@@ -386,11 +388,13 @@ def _finish(
     work: Workspace | None = None,
     defer: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """From a megabatch's orthogonalized O (B, m, n) and its input M: ``(update, new second moment, check, row
+    """From a megabatch's orthogonalized O (B, m, n) and its input M: ``(update, new second moment, check,
     factor)`` — the check (if ``need_flags``) is finite iff every entry of the update is; the step checks all
     megabatches' at once. ``O`` is the step's own tensor and becomes the update in place; float32 temporaries
-    live in ``work`` if given. ``defer``: NorMuon's row factor may be left for the commit to apply (returned, not
-    None, where ``_row_normalize`` deferred it; never with the nuclear scale, which needs the scaled update)."""
+    live in ``work`` if given. ``defer``: the last multiply of the update — NorMuon's row factor (where
+    ``_row_normalize`` defers it: off the CPU; not before the nuclear scale, which needs the scaled update) or
+    the nuclear scale's −lr·⟨O, M⟩ — is left for the commit: returned as ``factor`` (else None), ``O`` unscaled.
+    The commit multiplies by it exactly as here (``_commit``), or the fused commit does in its pass."""
     new_second, factor = None, None
     if group["row_norm"]:
         assert old_second is not None
@@ -403,15 +407,20 @@ def _finish(
             nuc = Of.mul_(M.to(torch.float32)).sum(dim=(-2, -1), keepdim=True)
         else:  # the same float32 products, O widened on the fly: 14 bytes per entry instead of 22
             nuc = torch.mul(O, M.to(torch.float32)).sum(dim=(-2, -1), keepdim=True)
-        update = O.mul_((nuc * -group["lr"]).to(O.dtype))
+        scale = (nuc * -group["lr"]).to(O.dtype)
+        update, factor = (O, scale) if defer else (O.mul_(scale), None)
     else:
         update = O  # −lr·scale is fused into the final foreach add (``_alpha``)
     if not need_flags:
         return update, new_second, None, factor
-    # |O| ≲ 1.3 entrywise, so the sum cannot overflow: it is non-finite iff some entry is. With a deferred row
-    # factor, O·factor is finite iff O and the factor are: its rows have the norms the factor gives them, which
-    # sum (squared) to ‖O‖²_F — finite if O's row sums of squares are, and a non-finite one makes the factor so.
-    return update, new_second, O.sum() if factor is None else O.sum() + factor.sum(), factor
+    # |O| ≲ 1.3 entrywise (a Newton–Schulz output), so the sum cannot overflow: it is non-finite iff some entry
+    # is. With a deferred factor f the update is O·f: with |O| ≤ 2 an entry can overflow only where |f| exceeds
+    # half the largest float, so O's sum plus 2‖f‖₁ is finite iff every entry of O·f is (a factor beyond 2⁻¹ of
+    # the range skips the step even if O·f would just fit: never met at real learning rates).
+    if factor is None:
+        return update, new_second, O.sum(), None
+    size = torch.linalg.vector_norm(factor, ord=1, dtype=torch.float32)
+    return update, new_second, torch.add(O.sum(), size, alpha=2.0), factor
 
 
 #: ``start(k, M, orthogonalize)`` begins orthogonalizing megabatch k's ``M`` and returns a thunk yielding O.
@@ -519,7 +528,7 @@ def _megabatch_pending(
         assert second is not None
         p.second = [second[i] for i in idx]
         p.old_second = torch.cat([second[i].reshape(c, m) for i, c in zip(idx, mb.counts, strict=True)])
-    p.update, p.new_second, p.out_sum, p.row_factor = _finish(O, M, p.old_second, group, need_flags, work, defer=True)
+    p.update, p.new_second, p.out_sum, p.update_factor = _finish(O, M, p.old_second, group, need_flags, work, True)
     p.steps = [steps[i] for i in idx]
     return p
 
@@ -673,17 +682,17 @@ class _StepFlag:
 def _commit(p: _Pending, flag: _StepFlag, scratch: Workspace, tables: PointerTables | None = None) -> None:
     """Phase 2: write the megabatch's new state (or, where ``flag.ok`` is false, keep the old one bit for bit).
     The step counters are advanced by the step, all at once. Given ``tables``, the momentum, weight decay and
-    update (with NorMuon's deferred row factor) go through one fused launch where it applies (``fused.commit``;
-    the same bits)."""
+    update (with a deferred factor: NorMuon's rows', PolarGrad's) go through one fused launch where it applies
+    (``fused.commit``; the same bits)."""
     ok, update = flag.ok, p.update
     fused_done = False
     if tables is not None and p.new_bufs is None and update.dim() == 3 and p.second_counts is None:
         decay = None if not isinstance(p.decay, Tensor) and p.decay == 1.0 else flag.decay_factor(p.decay, p.params[0])
         fused_done = fused.commit(
-            tables, p.params, p.bufs, p.grads, p.counts, p.momentum, update, p.alpha, decay, ok, p.row_factor
+            tables, p.params, p.bufs, p.grads, p.counts, p.momentum, update, p.alpha, decay, ok, p.update_factor
         )
-    if not fused_done and p.row_factor is not None:
-        update = update.mul_(p.row_factor)  # what _row_normalize would have done: float32 product, rounded once
+    if not fused_done and p.update_factor is not None:
+        update = update.mul_(p.update_factor)  # what _finish would have done: the float32 product, rounded once
     if p.second is not None and p.new_second is not None and p.old_second is not None:
         new_second = p.new_second if ok is None else torch.where(ok, p.new_second, p.old_second)
         counts = p.counts if p.second_counts is None else p.second_counts

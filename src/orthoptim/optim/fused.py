@@ -160,19 +160,21 @@ def commit(
     alpha: float | Tensor,
     decay: Tensor | None,
     ok: Tensor | None,
-    row_factor: Tensor | None = None,
+    factor: Tensor | None = None,
 ) -> bool:
     """``B ← lerp(B, G, 1−μ)``, ``θ ← round(θ·decay) + alpha·U`` for every matrix of the megabatch, where ``ok``
     (always when None), in one launch — ``base._commit``'s momentum, weight decay and update. ``update``:
     (matrices, m, n), any strides, float32/bfloat16/float16; ``decay``: the 0-d float32 factor or None (no weight
-    decay); a tensor ``alpha`` is read on the device; ``row_factor``: NorMuon's (matrices, m, 1) float32 factor,
-    applied to U first and rounded to U's dtype (as ``U.mul_(row_factor)``). False (nothing written) when the
-    kernels do not apply."""
+    decay); a tensor ``alpha`` is read on the device; ``factor``: (matrices, m, 1) or (matrices, 1, 1), float32
+    or U's dtype (NorMuon's rows', PolarGrad's −lr·⟨O, M⟩), applied to U first in float32 and rounded to U's
+    dtype, as ``U.mul_(factor)`` does. False (nothing written) when the kernels do not apply."""
     _, m, n = update.shape
     if update.dtype not in _STATE_DTYPES or not applies(params, bufs, grads, m * n):
         return False
-    if row_factor is not None and (row_factor.dtype != torch.float32 or row_factor.shape != (update.shape[0], m, 1)):
-        return False
+    if factor is not None:
+        per = ((update.shape[0], m, 1), (update.shape[0], 1, 1))  # per row, per matrix
+        if factor.dtype not in (torch.float32, update.dtype) or tuple(factor.shape) not in per:
+            return False
     if isinstance(alpha, Tensor) and (alpha.device != update.device or alpha.numel() != 1):
         return False
     if decay is not None and decay.dtype != torch.float32:
@@ -189,8 +191,9 @@ def commit(
         *update.stride(),
         ok.view(torch.uint8) if ok is not None else table,  # unread placeholders: the kernel's flags say so
         decay if decay is not None else table,
-        row_factor if row_factor is not None else table,
-        *(row_factor.stride()[:2] if row_factor is not None else (0, 0)),
+        factor if factor is not None else table,
+        factor.stride(0) if factor is not None else 0,
+        factor.stride(1) if factor is not None and factor.shape[1] > 1 else 0,  # one per matrix: broadcast
         alpha if isinstance(alpha, Tensor) else table,
         0.0 if alpha_tensor else _float32(float(alpha)),
         update.shape[0],
@@ -199,7 +202,7 @@ def commit(
         *_weight(1.0 - mu),
         HAS_FLAG=ok is not None,
         HAS_DECAY=decay is not None,
-        HAS_ROW_FACTOR=row_factor is not None,
+        HAS_FACTOR=factor is not None,
         ALPHA_TENSOR=alpha_tensor,
         STATE_DTYPE=_triton_dtype(params[0].dtype),
         BLOCK_R=k.COMMIT_ROWS,

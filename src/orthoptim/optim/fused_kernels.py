@@ -8,8 +8,9 @@ weight decay and adds the update in three more (30 bytes) — ``benchmarks/step_
   ``new = lerp(B, G, 1−μ)`` rounded to the buffer's dtype, then ``M = lerp(G, new, μ)`` (Nesterov) or ``new``.
   Nothing of the optimizer's state is written (12 bytes per float32 entry).
 - ``commit_kernel`` reads ``B``, ``G``, the parameter ``θ`` and the update ``U`` once and writes ``B`` and ``θ``:
-  ``B ← lerp(B, G, 1−μ)``, ``θ ← round(θ·decay) + α·U`` (NorMuon: ``U`` first scaled by its rows' factor, which
-  saves that in-place pass over ``U``) — only where the step's device-side flag is true: a
+  ``B ← lerp(B, G, 1−μ)``, ``θ ← round(θ·decay) + α·U`` (NorMuon, PolarGrad: ``U`` first scaled by its rows' or
+  its matrix's factor, which saves that in-place pass over ``U``) — only where the step's device-side flag is
+  true: a
   skipped step loads and stores nothing (masked), so no select pass and no NaN can leak (22 bytes per entry with
   a bfloat16 update).
 
@@ -115,7 +116,7 @@ def commit_kernel(  # type: ignore[no-untyped-def]
     stride_uc,
     ok_ptr,  # 0-d bool: commit where true (read only if HAS_FLAG)
     decay_ptr,  # 0-d float32: θ's factor 1 − lr·wd (read only if HAS_DECAY)
-    row_ptr,  # float32 (matrices, rows, 1): NorMuon's row factor (read only if HAS_ROW_FACTOR)
+    factor_ptr,  # U's factor per row or per matrix (stride_fr 0) (read only if HAS_FACTOR)
     stride_fb,
     stride_fr,
     alpha_ptr,  # 0-d: the update's factor −lr·scale (read only if ALPHA_TENSOR)
@@ -127,7 +128,7 @@ def commit_kernel(  # type: ignore[no-untyped-def]
     keep_c,
     HAS_FLAG: tl.constexpr,
     HAS_DECAY: tl.constexpr,
-    HAS_ROW_FACTOR: tl.constexpr,
+    HAS_FACTOR: tl.constexpr,
     ALPHA_TENSOR: tl.constexpr,
     STATE_DTYPE: tl.constexpr,  # θ's, B's and G's dtype
     BLOCK_R: tl.constexpr,
@@ -151,9 +152,9 @@ def commit_kernel(  # type: ignore[no-untyped-def]
     tl.store(b_ptr + at, _round(_lerp(b, g, keep, keep_c), STATE_DTYPE), mask=mask)
     u_at = j.to(tl.int64) * stride_ub + r.to(tl.int64) * stride_ur + c.to(tl.int64) * stride_uc
     u = tl.load(upd_ptr + u_at, mask=mask).to(tl.float32)
-    if HAS_ROW_FACTOR:  # U·factor in float32, rounded to U's dtype: torch's U.mul_(factor)
-        f = tl.load(row_ptr + j.to(tl.int64) * stride_fb + r.to(tl.int64) * stride_fr, mask=r < rows)
-        u = _round(u * f, upd_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_FACTOR:  # U·factor in float32, rounded to U's dtype: torch's U.mul_(factor)
+        f = tl.load(factor_ptr + j.to(tl.int64) * stride_fb + r.to(tl.int64) * stride_fr, mask=r < rows)
+        u = _round(u * f.to(tl.float32), upd_ptr.dtype.element_ty).to(tl.float32)
     p = tl.load(p_ptr + at, mask=mask).to(tl.float32)
     if HAS_DECAY:
         p = _round(p * tl.load(decay_ptr), STATE_DTYPE).to(tl.float32)  # torch's mul_ rounds before the add
