@@ -142,7 +142,7 @@ class CountOps(TorchDispatchMode):
         fused.FUSED_DEVICES, fused._launch = self._fused
         super().__exit__(*exc)
 
-    def _fused_launch(self, kernel: Any, grid: Any, *args: Any, **meta: Any) -> None:
+    def _fused_launch(self, kernel: Any, grid: Any, device: Any, *args: Any, **meta: Any) -> None:
         """A fused kernel, counted instead of run: one launch; its bytes from the stacked tensor it is given
         (``M`` written for the input, the update read for the commit) and the state's dtype."""
         name = kernel.__name__

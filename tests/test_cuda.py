@@ -179,6 +179,33 @@ def test_the_fused_kernels_give_the_bits_of_torchs_cuda_ops(
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True)), f"largest difference {worst:.3g}"
 
 
+def test_fused_tables_built_on_one_stream_serve_another() -> None:
+    """The fused kernels' address tables are copied to the GPU without a sync on the stream of the first step; a
+    step on another stream waits for that copy (``fused.PointerTables``): the same bits as steps on one stream."""
+    compiled_kernels()
+    shapes = SHAPES[:4]
+    one, two = _params(shapes, CUDA), _params(shapes, CUDA)
+    opts = [orthoptim.Muon(ps, lr=0.02, warn_nonfinite=False) for ps in (one, two)]
+    side = torch.cuda.Stream()
+    for k in range(3):
+        for ps in (one, two):
+            for p, g in zip(ps, _grads(shapes, k), strict=True):
+                if k == 0:
+                    p.grad = g.to(CUDA)
+                else:
+                    p.grad.copy_(g)  # type: ignore[union-attr]  # the same tensors: the same tables
+        opts[0].step()
+        if k == 0:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                opts[1].step()  # the tables are built here
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            opts[1].step()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
 def test_muon_on_cuda_matches_torch_optim_muon() -> None:
     """torch's math on CUDA (the Triton kernels where installed) against torch.optim.Muon on CUDA: the distance
     between the two relative to how far the parameters moved, as the CPU suite measures it (< 0.03)."""

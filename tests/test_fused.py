@@ -205,13 +205,17 @@ def test_address_tables_follow_moved_tensors() -> None:
     first = tables.get(p, b, g, c)
     assert tables.get(p, b, g, c) is first
     want = [[t.data_ptr() + q * 20 * 4 for t, k in zip(role, c, strict=True) for q in range(k)] for role in (p, b, g)]
-    assert first.tolist() == want
+    assert first.addresses.tolist() == want
+    assert first.aligned  # fresh tensors, 20 × 4 bytes per matrix: every address a multiple of 16
     g2 = [x.clone() for x in g]
     moved = tables.get(p, b, g2, c)
     assert moved is not first
-    assert moved[2].tolist() == [x.data_ptr() + q * 80 for x, k in zip(g2, c, strict=True) for q in range(k)]
+    assert moved.addresses[2].tolist() == [x.data_ptr() + q * 80 for x, k in zip(g2, c, strict=True) for q in range(k)]
     tables.get(p, g, b, c)  # a third set: over the limit, the cache starts over
     assert tables.get(p, b, g, c) is not first
+    flat = torch.zeros(1 + 2 * 20 + 20)  # a parameter 4 bytes into a flat buffer: no vectorized loads
+    views = [flat[1:41].view(2, 4, 5), flat[41:61].view(4, 5)]
+    assert not fused.PointerTables().get(views, b, g, c).aligned
 
 
 SHAPES = [(32, 48), (64, 16), (3, 16, 40), (2, 16, 40), (8, 2, 2, 3), (40, 40)]  # wide, tall, 3-D, conv, square

@@ -15,8 +15,10 @@ storage) launches no copy — which also makes a warmed-up step capturable in a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -58,36 +60,59 @@ def applies(params: list[Tensor], bufs: list[Tensor], grads: list[Tensor], matri
     )
 
 
+@dataclass
+class Table:
+    """A megabatch's address table: (3, matrices) int64 on the device (row 0 θ, row 1 B, row 2 G), whether every
+    address is a multiple of 16 bytes (the kernels then vectorize their loads), and, on CUDA, the stream its copy
+    was queued on with an event after it (another stream waits for that before reading it)."""
+
+    addresses: Tensor
+    aligned: bool
+    host: Tensor  # the pinned source of the non-blocking copy (torch's host allocator also guards it)
+    stream: Any = None
+    copied: Any = None
+
+
 class PointerTables:
     """Address tables for the kernels, one per set of (θ, B, G) addresses, kept across steps.
 
     A table is rebuilt only when some tensor moved. Tables looked up while a CUDA graph is being captured are
     kept for good (the graph reads them on every replay); the others are dropped when more than ``limit`` piled
-    up (gradients reallocated at new addresses every step).
+    up (gradients reallocated at new addresses every step). Building one is a host-to-device copy, which a graph
+    capture cannot contain: a capture needs the step run eagerly first (as torch's CUDA-graph notes ask anyway).
     """
 
     def __init__(self, limit: int = 256) -> None:
-        self._tables: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
-        self._captured: list[tuple[Tensor, Tensor]] = []
+        self._tables: dict[tuple[int, ...], Table] = {}
+        self._captured: dict[int, Table] = {}
         self._limit = limit
 
-    def get(self, params: list[Tensor], bufs: list[Tensor], grads: list[Tensor], counts: tuple[int, ...]) -> Tensor:
-        """(3, matrices) int64 on the tensors' device: row 0 θ, row 1 B, row 2 G; a parameter with ``count``
-        matrices contributes ``count`` consecutive columns (its matrices are consecutive in memory)."""
+    def get(self, params: list[Tensor], bufs: list[Tensor], grads: list[Tensor], counts: tuple[int, ...]) -> Table:
+        """The table of these tensors' matrices: a parameter with ``count`` matrices contributes ``count``
+        consecutive columns (its matrices are consecutive in memory)."""
         key = (*(x.data_ptr() for x in (*params, *bufs, *grads)), *counts, params[0].numel(), params[0].element_size())
         entry = self._tables.get(key)
+        capturing = params[0].is_cuda and torch.cuda.is_current_stream_capturing()
         if entry is None:
+            if capturing:
+                raise RuntimeError(
+                    "orthoptim: the fused step kernels need their address tables built before a CUDA graph capture: "
+                    "run the step eagerly first (with the same parameters and .grad tensors), then capture"
+                )
             if len(self._tables) >= self._limit:
                 self._tables.clear()
             entry = self._tables[key] = self._build(params, bufs, grads, counts)
-        if params[0].is_cuda and torch.cuda.is_current_stream_capturing():
-            self._captured.append(entry)
-        return entry[0]
+        if capturing:
+            self._captured[id(entry)] = entry
+        elif entry.stream is not None:
+            stream = torch.cuda.current_stream(params[0].device)
+            if stream != entry.stream:  # built on another stream: wait for its copy, keep it alive for this one
+                stream.wait_event(entry.copied)
+                entry.addresses.record_stream(stream)
+        return entry
 
     @staticmethod
-    def _build(
-        params: list[Tensor], bufs: list[Tensor], grads: list[Tensor], counts: tuple[int, ...]
-    ) -> tuple[Tensor, Tensor]:
+    def _build(params: list[Tensor], bufs: list[Tensor], grads: list[Tensor], counts: tuple[int, ...]) -> Table:
         rows = []
         for role in (params, bufs, grads):
             row = []
@@ -95,21 +120,27 @@ class PointerTables:
                 step = x.numel() // count * x.element_size()
                 row += [x.data_ptr() + q * step for q in range(count)]
             rows.append(row)
+        aligned = all(a % 16 == 0 for row in rows for a in row)
         device = params[0].device
         host = torch.tensor(rows, dtype=torch.int64)
         if device.type != "cuda":  # the CPU under the interpreter; meta (benchmarks/step_launches.py)
-            return host.to(device), host
+            return Table(host.to(device), aligned, host)
         host = host.pin_memory()  # the copy is then asynchronous: no host sync
-        return host.to(device, non_blocking=True), host  # the pinned source is kept alive with the table
+        addresses = host.to(device, non_blocking=True)
+        stream = torch.cuda.current_stream(device)
+        copied = torch.cuda.Event()
+        copied.record(stream)
+        return Table(addresses, aligned, host, stream, copied)
 
 
-def _launch(kernel: Any, grid: tuple[int, int], *args: Any, **meta: Any) -> None:
+def _launch(kernel: Any, grid: tuple[int], device: torch.device, *args: Any, **meta: Any) -> None:
     """Every fused launch goes through here (``benchmarks/step_launches.py`` replaces it to count them).
 
-    ``enable_fp_fusion=False``: the kernels spell out every fused multiply-add they mean (``tl.fma``, as torch's
-    kernels evaluate ``lerp`` and the add); nothing else may be contracted, whatever Triton's default (which
-    changes in 3.10)."""
-    kernel[grid](*args, **meta, enable_fp_fusion=False)
+    On the tensors' device: Triton launches on the current one. ``enable_fp_fusion=False``: the kernels spell out
+    every fused multiply-add they mean (``tl.fma``, as torch's kernels evaluate ``lerp`` and the add); nothing
+    else may be contracted, whatever Triton's default (which changes in 3.10)."""
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **meta, enable_fp_fusion=False)
 
 
 def momentum_input(
@@ -122,27 +153,26 @@ def momentum_input(
     nesterov: bool,
     out: Tensor,
 ) -> bool:
-    """Write the optimizer's input ``M`` into ``out`` (matrices, m, n), as ``base._momentum_input`` does, in one
-    launch; the buffers are not changed. False (nothing written) when the kernels do not apply."""
+    """Write the optimizer's input ``M`` into ``out`` (matrices, m, n; contiguous), as ``base._momentum_input``
+    does, in one launch; the buffers are not changed. False (nothing written) when the kernels do not apply."""
     _, m, n = out.shape
-    if out.dtype != bufs[0].dtype or not applies(params, bufs, grads, m * n):
+    if out.dtype != bufs[0].dtype or not out.is_contiguous() or not applies(params, bufs, grads, m * n):
         return False
     k = _kernels()
     table = tables.get(params, bufs, grads, counts)
-    grid = (triton_cdiv(m * n, k.INPUT_BLOCK), out.shape[0])
     _launch(
         k.momentum_input_kernel,
-        grid,
-        table,
+        (out.shape[0] * triton_cdiv(m * n, k.INPUT_BLOCK),),
+        out.device,
+        table.addresses,
         out,
-        *out.stride(),
         out.shape[0],
-        n,
         m * n,
         *_weight(1.0 - mu),
         *_weight(mu),
         NESTEROV=nesterov,
         STATE_DTYPE=_triton_dtype(out.dtype),
+        ALIGNED=table.aligned,
         BLOCK=k.INPUT_BLOCK,
         num_warps=k.NUM_WARPS,
     )
@@ -167,44 +197,52 @@ def commit(
     (matrices, m, n), any strides, float32/bfloat16/float16; ``decay``: the 0-d float32 factor or None (no weight
     decay); a tensor ``alpha`` is read on the device; ``factor``: (matrices, m, 1) or (matrices, 1, 1), float32
     or U's dtype (NorMuon's rows', PolarGrad's −lr·⟨O, M⟩), applied to U first in float32 and rounded to U's
-    dtype, as ``U.mul_(factor)`` does. False (nothing written) when the kernels do not apply."""
+    dtype, as ``U.mul_(factor)`` does. Every tensor on the parameters' device. False (nothing written) when the
+    kernels do not apply."""
     _, m, n = update.shape
     if update.dtype not in _STATE_DTYPES or not applies(params, bufs, grads, m * n):
+        return False
+    device = update.device
+    alpha_tensor = alpha if isinstance(alpha, Tensor) else None
+    if any(t is not None and t.device != device for t in (alpha_tensor, decay, ok, factor)):
+        return False
+    if (alpha_tensor is not None and alpha_tensor.numel() != 1) or (decay is not None and decay.dtype != torch.float32):
         return False
     if factor is not None:
         per = ((update.shape[0], m, 1), (update.shape[0], 1, 1))  # per row, per matrix
         if factor.dtype not in (torch.float32, update.dtype) or tuple(factor.shape) not in per:
             return False
-    if isinstance(alpha, Tensor) and (alpha.device != update.device or alpha.numel() != 1):
-        return False
-    if decay is not None and decay.dtype != torch.float32:
-        return False
     k = _kernels()
     table = tables.get(params, bufs, grads, counts)
-    tiles = triton_cdiv(m, k.COMMIT_ROWS) * triton_cdiv(n, k.COMMIT_COLS)
-    alpha_tensor = isinstance(alpha, Tensor)
+    tiles_c = triton_cdiv(n, k.COMMIT_COLS)
+    tiles = triton_cdiv(m, k.COMMIT_ROWS) * tiles_c
+    placeholder = table.addresses  # for the pointers a kernel's flags say it does not read
     _launch(
         k.commit_kernel,
-        (tiles, update.shape[0]),
-        table,
+        (update.shape[0] * tiles,),
+        device,
+        table.addresses,
         update,
         *update.stride(),
-        ok.view(torch.uint8) if ok is not None else table,  # unread placeholders: the kernel's flags say so
-        decay if decay is not None else table,
-        factor if factor is not None else table,
+        ok.view(torch.uint8) if ok is not None else placeholder,
+        decay if decay is not None else placeholder,
+        factor if factor is not None else placeholder,
         factor.stride(0) if factor is not None else 0,
         factor.stride(1) if factor is not None and factor.shape[1] > 1 else 0,  # one per matrix: broadcast
-        alpha if isinstance(alpha, Tensor) else table,
-        0.0 if alpha_tensor else _float32(float(alpha)),
+        alpha_tensor if alpha_tensor is not None else placeholder,
+        0.0 if alpha_tensor is not None else _float32(float(alpha)),
         update.shape[0],
         m,
         n,
         *_weight(1.0 - mu),
+        tiles_c,
+        tiles,
         HAS_FLAG=ok is not None,
         HAS_DECAY=decay is not None,
         HAS_FACTOR=factor is not None,
-        ALPHA_TENSOR=alpha_tensor,
+        ALPHA_TENSOR=alpha_tensor is not None,
         STATE_DTYPE=_triton_dtype(params[0].dtype),
+        ALIGNED=table.aligned,
         BLOCK_R=k.COMMIT_ROWS,
         BLOCK_C=k.COMMIT_COLS,
         num_warps=k.NUM_WARPS,

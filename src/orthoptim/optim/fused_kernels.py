@@ -60,7 +60,8 @@ def _lerp(start, end, weight, complement):  # type: ignore[no-untyped-def]
 def _round(x, DTYPE: tl.constexpr):  # type: ignore[no-untyped-def]
     """float32 ``x`` rounded to nearest-even in ``DTYPE``, as torch rounds. bfloat16 by its bits: Triton's
     interpreter truncates a float32 → bfloat16 cast (triton 3.9, ``interpreter._convert_float``), and the tests run
-    this very code there; on a GPU these few integer ops are free in a memory-bound pass."""
+    this very code there; on a GPU these few integer ops are free in a memory-bound pass. A NaN stays a NaN with
+    its sign and top payload bits (torch's conversions may give another NaN pattern: NaNs are equal only as NaNs)."""
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         up = bits + 0x7FFF + ((bits >> 16) & 1)  # carries into the exponent: overflow rounds to ±inf
@@ -70,18 +71,25 @@ def _round(x, DTYPE: tl.constexpr):  # type: ignore[no-untyped-def]
         return x.to(DTYPE)
 
 
-# ``matrices`` only offsets the address table (scalar loads): not specialized, so a model with another number of
-# matrices of a shape reuses the compiled kernel. Sizes and strides stay specialized (their divisibility by 16 lets
-# the loads and stores vectorize).
+@triton.jit
+def _matrix_address(table, role, matrices, j, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Matrix ``j``'s address in role ``role`` (0 θ, 1 B, 2 G) of the table, as a ``DTYPE`` pointer; ``ALIGNED``:
+    the host checked every address of the table to be a multiple of 16 bytes, which lets loads vectorize."""
+    ptr = tl.load(table + role * matrices + j).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+# Both kernels run on a 1-D grid, program p taking tile p % tiles of matrix p // tiles: CUDA's second and third
+# grid dimensions stop at 65535, the first at 2³¹ − 1. ``matrices`` only offsets the address table (scalar loads):
+# not specialized, so a model with another number of matrices of a shape reuses the compiled kernel. Sizes and
+# strides stay specialized (their divisibility by 16 lets the loads and stores vectorize).
 @triton.jit(do_not_specialize=["matrices"])
 def momentum_input_kernel(  # type: ignore[no-untyped-def]
     table,  # int64 (3, matrices): addresses of each matrix of θ (unused here), B, G
-    out_ptr,  # M, (matrices, rows, cols) in the buffers' dtype
-    stride_ob,
-    stride_or,
-    stride_oc,
+    out_ptr,  # M, (matrices, rows, cols) contiguous, in the buffers' dtype
     matrices,
-    cols,
     numel,  # rows · cols
     keep,  # 1 − μ, the weight of G in the new momentum (each weight as float32, with its complement)
     keep_c,
@@ -89,25 +97,24 @@ def momentum_input_kernel(  # type: ignore[no-untyped-def]
     mu_c,
     NESTEROV: tl.constexpr,
     STATE_DTYPE: tl.constexpr,  # B's, G's and M's dtype
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    j = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tiles = tl.cdiv(numel, BLOCK)
+    j = tl.program_id(0) // tiles
+    offs = (tl.program_id(0) - j * tiles) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    b_ptr = tl.load(table + matrices + j).to(tl.pointer_type(STATE_DTYPE))
-    g_ptr = tl.load(table + 2 * matrices + j).to(tl.pointer_type(STATE_DTYPE))
+    b_ptr = _matrix_address(table, 1, matrices, j, STATE_DTYPE, ALIGNED)
+    g_ptr = _matrix_address(table, 2, matrices, j, STATE_DTYPE, ALIGNED)
     b = tl.load(b_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     new = _round(_lerp(b, g, keep, keep_c), STATE_DTYPE)  # rounded as the buffer will hold it
     if NESTEROV:
         new = _round(_lerp(g, new.to(tl.float32), mu, mu_c), STATE_DTYPE)
-    row = offs // cols
-    col = offs - row * cols
-    dst = out_ptr + j.to(tl.int64) * stride_ob + row.to(tl.int64) * stride_or + col.to(tl.int64) * stride_oc
-    tl.store(dst, new, mask=mask)
+    tl.store(out_ptr + j.to(tl.int64) * numel + offs, new, mask=mask)
 
 
-@triton.jit(do_not_specialize=["matrices"])
+@triton.jit(do_not_specialize=["matrices", "tiles_c", "tiles"])
 def commit_kernel(  # type: ignore[no-untyped-def]
     table,  # int64 (3, matrices): addresses of each matrix of θ, B, G
     upd_ptr,  # U, (matrices, rows, cols), any strides
@@ -126,26 +133,29 @@ def commit_kernel(  # type: ignore[no-untyped-def]
     cols,
     keep,  # 1 − μ as float32, and its complement
     keep_c,
+    tiles_c,  # column tiles per matrix
+    tiles,  # tiles per matrix
     HAS_FLAG: tl.constexpr,
     HAS_DECAY: tl.constexpr,
     HAS_FACTOR: tl.constexpr,
     ALPHA_TENSOR: tl.constexpr,
     STATE_DTYPE: tl.constexpr,  # θ's, B's and G's dtype
+    ALIGNED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    j = tl.program_id(1)
-    tiles_c = tl.cdiv(cols, BLOCK_C)
-    tile_r = tl.program_id(0) // tiles_c
-    tile_c = tl.program_id(0) - tile_r * tiles_c
+    j = tl.program_id(0) // tiles
+    tile = tl.program_id(0) - j * tiles
+    tile_r = tile // tiles_c
+    tile_c = tile - tile_r * tiles_c
     if HAS_FLAG:  # a skipped step: no rows, so every load and store is masked off
         rows = tl.where(tl.load(ok_ptr) != 0, rows, 0)
     r = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     c = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     mask = (r < rows) & (c < cols)
-    p_ptr = tl.load(table + j).to(tl.pointer_type(STATE_DTYPE))
-    b_ptr = tl.load(table + matrices + j).to(tl.pointer_type(STATE_DTYPE))
-    g_ptr = tl.load(table + 2 * matrices + j).to(tl.pointer_type(STATE_DTYPE))
+    p_ptr = _matrix_address(table, 0, matrices, j, STATE_DTYPE, ALIGNED)
+    b_ptr = _matrix_address(table, 1, matrices, j, STATE_DTYPE, ALIGNED)
+    g_ptr = _matrix_address(table, 2, matrices, j, STATE_DTYPE, ALIGNED)
     at = r * cols + c
     b = tl.load(b_ptr + at, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + at, mask=mask).to(tl.float32)
