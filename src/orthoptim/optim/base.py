@@ -256,6 +256,30 @@ def _commit_momentum(bufs: list[Tensor], grads: list[Tensor], mu: float, ok: Ten
         torch.where(ok, torch.lerp(b, g, 1.0 - mu, out=scratch.like("momentum", b)), b, out=b)
 
 
+#: 16-bit parameter dtypes: on CUDA a 0-d float32 CUDA tensor operand is cast to theirs before the arithmetic.
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _decay_params(params: list[Tensor], decay: float | Tensor, flag: _StepFlag, scratch: Workspace) -> None:
+    """``θ ← θ·(1 − lr·wd)`` (a factor of 1 where ``flag.ok`` is false) for the torch commit, in float32.
+
+    ``_foreach_mul_`` by the 0-d float32 factor (``decay_factor``) does that on the CPU, which reads a 0-d CPU
+    tensor as a float32 scalar. On CUDA, TensorIterator casts a 0-d CUDA tensor to a 16-bit parameter's dtype
+    first (0.999 → 1.0 in bfloat16: no decay at all), so 16-bit parameters there take a host float where the
+    factor is one and no flag selects (CUDA's foreach kernels use it in float32), else a float32 copy per
+    parameter (three launches each: the fused commit, which reads the float32 factor, is the usual CUDA path)."""
+    like = params[0]
+    if like.is_cuda and like.dtype in _HALF_DTYPES:
+        if flag.ok is None and not isinstance(decay, Tensor):
+            torch._foreach_mul_(params, decay)
+            return
+        factor = flag.decay_factor(decay, like)
+        for t in params:
+            t.copy_(scratch.like("decay", t, torch.float32).copy_(t).mul_(factor))
+        return
+    torch._foreach_mul_(params, flag.decay_factor(decay, like))
+
+
 def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float | Tensor, scratch: Workspace) -> None:
     """``θ ← θ + alpha·U`` for every parameter. A CPU update in another dtype (bfloat16 into float32) is converted
     into the scratch buffer first: torch's CPU kernels would convert it into a fresh tensor per parameter (the
@@ -267,6 +291,10 @@ def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float | Tensor
     if isinstance(alpha, Tensor):
         if not parts or parts[0].device.type in CPU_PATH_DEVICES:
             alpha = float(alpha)
+        elif params[0].is_cuda and params[0].dtype in _HALF_DTYPES:  # α would be cast to 16 bits (_decay_params)
+            for t, u in zip(params, parts, strict=True):
+                t.copy_(scratch.like("decay", t, torch.float32).copy_(t).addcmul_(u, alpha))
+            return
         else:
             for t, u in zip(params, parts, strict=True):
                 t.addcmul_(u, alpha)
@@ -648,7 +676,8 @@ def sharded_prepare(
 
 
 def decay_factor(decay: float | Tensor, like: Tensor, ok: Tensor | None = None) -> Tensor:
-    """The weight-decay factor for ``torch._foreach_mul_`` over parameters like ``like`` (1 where ``ok`` is false):
+    """The weight-decay factor for ``torch._foreach_mul_`` over parameters like ``like`` (1 where ``ok`` is false; on
+    CUDA 16-bit parameters take it through ``_decay_params``):
     a 0-d tensor in the parameters' dtype, or float32 for 16-bit ones — what ``param.mul_(decay)`` computes in
     (torch.optim.Muon's decay). Why not the Python float: torch's CPU ``_foreach_mul_`` rounds a scalar to a
     bfloat16 tensor's dtype first (0.998 → 0.99609: 2.8× the decay), and ``torch.where`` on Python floats builds
@@ -709,7 +738,7 @@ def _commit(p: _Pending, flag: _StepFlag, scratch: Workspace, tables: PointerTab
         new = p.new_bufs if ok is None else torch.where(ok, p.new_bufs, p.old_bufs, out=p.new_bufs)
         torch._foreach_copy_(p.bufs, [b.view_as(t) for b, t in zip(new.split(p.counts), p.bufs, strict=True)])
     if isinstance(p.decay, Tensor) or p.decay != 1.0:
-        torch._foreach_mul_(p.params, flag.decay_factor(p.decay, p.params[0]))
+        _decay_params(p.params, p.decay, flag, scratch)
     parts = [u.view_as(t) for u, t in zip(update.split(p.counts), p.params, strict=True)]
     _add_update(p.params, parts, p.alpha, scratch)
 
