@@ -29,10 +29,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import orthoptim
+from gpu_speed import NO_FUSED as FUSED_OFF  # the same row name; this directory is on sys.path when run
 from orthoptim.optim import fused
 
 Maker = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
-FUSED_OFF = "fused elementwise kernels off"
 CONFIGS: list[tuple[str, Maker]] = [
     ("torch.optim.Muon(lr=0.02)", lambda ps: torch.optim.Muon(ps, lr=0.02)),
     ("orthoptim.Muon(lr=0.02) defaults", lambda ps: orthoptim.Muon(ps, lr=0.02)),

@@ -48,6 +48,16 @@ def megabatch(
     return params, bufs, grads, counts
 
 
+def table_of(
+    params: list[torch.Tensor], bufs: list[torch.Tensor], grads: list[torch.Tensor], counts: tuple[int, ...]
+) -> fused.Table:
+    """The megabatch's address table; the kernels must apply to it."""
+    m, n = params[0].shape[-2:]
+    table = fused.table(fused.PointerTables(), params, bufs, grads, counts, m * n)
+    assert table is not None
+    return table
+
+
 def stacked(tensors: list[torch.Tensor], m: int, n: int) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors]).view(-1, m, n)
 
@@ -70,7 +80,7 @@ def test_momentum_input_is_torch_lerp_bit_for_bit(dtype: torch.dtype, nesterov: 
     params, bufs, grads, counts = megabatch(shapes, dtype)
     before = [b.clone() for b in bufs]
     out = torch.empty(sum(counts), 37, 70, dtype=dtype)
-    assert fused.momentum_input(fused.PointerTables(), params, bufs, grads, counts, mu, nesterov, out)
+    assert fused.momentum_input(table_of(params, bufs, grads, counts), mu, nesterov, out)
     want = base._momentum_input(bufs, grads, mu, nesterov, torch.empty_like(out))
     assert torch.equal(out, want)
     assert all(torch.equal(a, b) for a, b in zip(bufs, before, strict=True))
@@ -87,7 +97,7 @@ def test_bfloat16_rounding_is_to_nearest_even() -> None:
     g = torch.tensor(ends, dtype=torch.bfloat16).view(1, -1).repeat(4, 1).contiguous()
     for mu in (0.5, 0.25, 0.75, 0.6):  # weight 1 − μ: ties at 0.5, quarter steps, inexact
         out = torch.empty(1, *b.shape, dtype=torch.bfloat16)
-        assert fused.momentum_input(fused.PointerTables(), [b.clone()], [b], [g], (1,), mu, False, out)
+        assert fused.momentum_input(table_of([b.clone()], [b], [g], (1,)), mu, False, out)
         assert torch.equal(out[0], torch.lerp(b, g, 1.0 - mu)), mu
 
 
@@ -107,7 +117,7 @@ def test_commit_matches_torch_ops(dtype: torch.dtype, tall: bool) -> None:
     decayed = [p * decay if dtype == torch.float32 else (p.float() * decay).to(dtype) for p in params]
     parts = [u.reshape(p.shape) for u, p in zip(U.split(counts), params, strict=True)]
     want_p = [fma_reference(d, u, alpha) for d, u in zip(decayed, parts, strict=True)]
-    assert fused.commit(fused.PointerTables(), params, bufs, grads, counts, 0.9, U, alpha, decay, None)
+    assert fused.commit(table_of(params, bufs, grads, counts), 0.9, U, alpha, decay, None)
     assert all(torch.equal(a, b) for a, b in zip(bufs, want_b, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(params, want_p, strict=True))
 
@@ -126,15 +136,15 @@ def test_commit_applies_a_deferred_factor_as_torchs_in_place_mul(update_dtype: t
     parts = [u.reshape(p.shape) for u, p in zip(scaled.split(counts), params, strict=True)]
     want_p = [fma_reference(p, u, -0.01) for p, u in zip(params, parts, strict=True)]
     twin = [p.clone() for p in params]
-    assert fused.commit(fused.PointerTables(), params, bufs, grads, counts, 0.9, U, -0.01, None, None, factor)
+    assert fused.commit(table_of(params, bufs, grads, counts), 0.9, U, -0.01, None, None, factor)
     assert all(torch.equal(a, b) for a, b in zip(params, want_p, strict=True))
-    assert not fused.commit(fused.PointerTables(), params, bufs, grads, counts, 0.9, U, -0.01, None, None, factor[0])
+    assert not fused.commit(table_of(params, bufs, grads, counts), 0.9, U, -0.01, None, None, factor[0])
     # PolarGrad's: one factor per matrix, in the update's dtype (−lr·⟨O, M⟩ rounded), broadcast over the rows
     per_matrix = (randn(3, 1, 1, seed=9) * 40.0).to(update_dtype)
     scaled = U.clone().mul_(per_matrix)
     parts = [u.reshape(p.shape) for u, p in zip(scaled.split(counts), twin, strict=True)]
     want_p = [fma_reference(p, u, 1.0) for p, u in zip(twin, parts, strict=True)]
-    assert fused.commit(fused.PointerTables(), twin, bufs, grads, counts, 0.9, U, 1.0, None, None, per_matrix)
+    assert fused.commit(table_of(twin, bufs, grads, counts), 0.9, U, 1.0, None, None, per_matrix)
     assert all(torch.equal(a, b) for a, b in zip(twin, want_p, strict=True))
 
 
@@ -148,11 +158,11 @@ def test_commit_rounds_overflow_to_inf_and_a_tensor_alpha_gives_the_float_bits()
     U[0, 0, :4] = torch.tensor([big, -big, -big, 2.0], dtype=torch.bfloat16)
     twin = [t.clone() for t in (*params, *bufs)]
     want = fma_reference(params[0], U[0], 0.75)
-    assert fused.commit(fused.PointerTables(), params, bufs, grads, counts, 0.9, U, 0.75, None, None)
+    assert fused.commit(table_of(params, bufs, grads, counts), 0.9, U, 0.75, None, None)
     assert torch.equal(params[0], want) and params[0][0, 0] == float("inf") and params[0][0, 1] == -float("inf")
     assert bool(torch.isfinite(params[0][0, 2]))  # big − 0.75·big: finite
     alpha = torch.tensor(0.75, dtype=torch.float64)  # a float64 lr tensor: read and used in float32
-    assert fused.commit(fused.PointerTables(), [twin[0]], [twin[1]], grads, counts, 0.9, U, alpha, None, None)
+    assert fused.commit(table_of([twin[0]], [twin[1]], grads, counts), 0.9, U, alpha, None, None)
     assert torch.equal(twin[0], params[0]) and torch.equal(twin[1], bufs[0])
 
 
@@ -167,7 +177,7 @@ def test_commit_writes_nothing_where_the_flag_is_false(ok: bool) -> None:
     before = [params[0].clone(), bufs[0].clone()]
     flag = torch.tensor(ok)
     decay = torch.tensor(0.99, dtype=torch.float32)
-    assert fused.commit(fused.PointerTables(), params, bufs, grads, counts, 0.95, U, -0.1, decay, flag)
+    assert fused.commit(table_of(params, bufs, grads, counts), 0.95, U, -0.1, decay, flag)
     unchanged = torch.equal(params[0], before[0]) and torch.equal(bufs[0], before[1])
     assert unchanged is not ok
 
@@ -178,22 +188,22 @@ def test_what_the_kernels_do_not_take_goes_to_torch() -> None:
     ops."""
     tables = fused.PointerTables()
     p64, b64, g64, c = megabatch([(20, 30)], torch.float64)
-    out = torch.empty(1, 20, 30, dtype=torch.float64)
-    assert not fused.momentum_input(tables, p64, b64, g64, c, 0.9, True, out)
+    assert fused.table(tables, p64, b64, g64, c, 600) is None
     empty = [torch.empty(0, 4)]  # no programs to launch (the optimizers refuse empty parameters before this)
-    assert not fused.momentum_input(tables, empty, empty, empty, (1,), 0.9, True, torch.empty(1, 0, 4))
+    assert fused.table(tables, empty, empty, empty, (1,), 0) is None
     p, b, g, c = megabatch([(30, 20)], torch.float32)
     pt = [p[0].mT]  # (20, 30), not contiguous
-    assert not fused.commit(tables, pt, [b[0].mT], [g[0].mT], c, 0.9, randn(1, 20, 30), 0.1, None, None)
-    assert not fused.commit(tables, p, b, [g[0].bfloat16()], c, 0.9, randn(1, 30, 20), 0.1, None, None)
+    assert fused.table(tables, pt, [b[0].mT], [g[0].mT], c, 600) is None
+    assert fused.table(tables, p, b, [g[0].bfloat16()], c, 600) is None
     decay64 = torch.tensor(1.0, dtype=torch.float64)
-    assert not fused.commit(tables, p, b, g, c, 0.9, randn(1, 30, 20), 0.1, decay64, None)
+    assert not fused.commit(table_of(p, b, g, c), 0.9, randn(1, 30, 20), 0.1, decay64, None)
+    assert not fused.commit(table_of(p, b, g, c), 0.9, randn(2, 30, 20), 0.1, None, None)  # not its matrices
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ORTHOPTIM_TRITON", "0")
-        assert not fused.commit(tables, p, b, g, c, 0.9, randn(1, 30, 20), 0.1, None, None)
+        assert fused.table(tables, p, b, g, c, 600) is None
         mp.setattr(fused, "FUSED_DEVICES", ("cuda",))
         mp.delenv("ORTHOPTIM_TRITON")
-        assert not fused.commit(tables, p, b, g, c, 0.9, randn(1, 30, 20), 0.1, None, None)
+        assert fused.table(tables, p, b, g, c, 600) is None
     assert torch.equal(p[0], megabatch([(30, 20)], torch.float32)[0][0])  # nothing written by the refusals
 
 

@@ -43,7 +43,6 @@ it is not part of ``state_dict()``.
 from __future__ import annotations
 
 import math
-import struct
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -75,7 +74,6 @@ from ..polar.schedules import check_precision
 from ..polar.workspace import Workspace, scratch, scratch_like
 from . import fused
 from .adamw import adamw_prepare
-from .fused import PointerTables
 from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
 from .shapes import SCALE_MODES, SHAPE_POLICIES, lr_scale, matrix_layout
 
@@ -163,6 +161,7 @@ class _Pending:
     # Left for the commit to multiply the update by (``_finish``'s ``defer``): NorMuon's (matrices, m, 1) float32
     # row factor, or PolarGrad's (matrices, 1, 1) −lr·⟨O, M⟩ in the update's dtype.
     update_factor: Tensor | None = None
+    table: fused.Table | None = None  # the megabatch's address table where the fused kernels apply (``fused.table``)
 
 
 def _momentum_stacks(
@@ -173,7 +172,7 @@ def _momentum_stacks(
     shape: tuple[int, ...],
     held: Workspace | None = None,
     selects: bool = True,
-    fused_with: tuple[PointerTables, list[Tensor], tuple[int, ...]] | None = None,
+    table: fused.Table | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(M, old, new)`` for parameters stacked to ``shape`` (matrices, m, n) or flat (numel,): the optimizer's
     input ``M`` — a temporary the normalization may overwrite — and the stacked old and new momentum for a commit
@@ -182,18 +181,17 @@ def _momentum_stacks(
     uses it: the one-process CPU path).
 
     Four ways, one value: on ``CPU_PATH_DEVICES`` per parameter into the stack (``_momentum_input``); elsewhere,
-    given ``fused_with`` (the optimizer's address tables, the parameters and their matrix counts), one Triton
-    launch where it applies (``fused.momentum_input``: 12 bytes per float32 entry, and the fused commit needs
-    nothing held, select or not); else, when the commit does not select, three foreach ops into the stack
+    given the megabatch's address ``table`` (``fused.table``: the fused kernels apply), one Triton launch
+    (``fused.momentum_input``: 12 bytes per float32 entry, and the fused commit needs nothing held, select or
+    not); else, when the commit does not select, three foreach ops into the stack
     (``_momentum_foreach``); for a selecting commit, stacked copies of the gradients and buffers, the new momentum
     held."""
     if grads[0].device.type in CPU_PATH_DEVICES:
         M = scratch(held, "input", shape, bufs[0].dtype, bufs[0].device)
         return _momentum_input(bufs, grads, mu, nesterov, M), None, None
-    if fused_with is not None:
-        tables, params, counts = fused_with
+    if table is not None:
         M = torch.empty(shape, dtype=bufs[0].dtype, device=bufs[0].device)
-        if fused.momentum_input(tables, params, bufs, grads, counts, mu, nesterov, M):
+        if fused.momentum_input(table, mu, nesterov, M):
             return M, None, None
     if not selects and (mu > 0.5 or not nesterov):
         M = torch.empty(shape, dtype=bufs[0].dtype, device=bufs[0].device)
@@ -241,7 +239,7 @@ def _momentum_foreach(bufs: list[Tensor], grads: list[Tensor], mu: float, nester
     if nesterov:
         # 1 − μ as torch computes it in the op's math dtype: μ rounded to float32 (float64 stays), then 1 − μ,
         # exact for μ ∈ [0.5, 2] (Sterbenz) and so the same in Python's double.
-        w = 1.0 - (mu if out.dtype == torch.float64 else struct.unpack("f", struct.pack("f", mu))[0])
+        w = 1.0 - (mu if out.dtype == torch.float64 else fused.float32(mu))
         torch._foreach_lerp_(views, grads, w)
     return out
 
@@ -260,6 +258,11 @@ def _commit_momentum(bufs: list[Tensor], grads: list[Tensor], mu: float, ok: Ten
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _widened(t: Tensor, scratch: Workspace) -> Tensor:
+    """A float32 copy of ``t`` in ``scratch`` (role ``"widened"``), to compute in and copy back."""
+    return scratch.like("widened", t, torch.float32).copy_(t)
+
+
 def _decay_params(params: list[Tensor], decay: float | Tensor, flag: _StepFlag, scratch: Workspace) -> None:
     """``θ ← θ·(1 − lr·wd)`` (a factor of 1 where ``flag.ok`` is false) for the torch commit, in float32.
 
@@ -275,7 +278,7 @@ def _decay_params(params: list[Tensor], decay: float | Tensor, flag: _StepFlag, 
             return
         factor = flag.decay_factor(decay, like)
         for t in params:
-            t.copy_(scratch.like("decay", t, torch.float32).copy_(t).mul_(factor))
+            t.copy_(_widened(t, scratch).mul_(factor))
         return
     torch._foreach_mul_(params, flag.decay_factor(decay, like))
 
@@ -293,7 +296,7 @@ def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float | Tensor
             alpha = float(alpha)
         elif params[0].is_cuda and params[0].dtype in _HALF_DTYPES:  # α would be cast to 16 bits (_decay_params)
             for t, u in zip(params, parts, strict=True):
-                t.copy_(scratch.like("decay", t, torch.float32).copy_(t).addcmul_(u, alpha))
+                t.copy_(_widened(t, scratch).addcmul_(u, alpha))
             return
         else:
             for t, u in zip(params, parts, strict=True):
@@ -469,7 +472,7 @@ def orthogonalized_prepare(
     held: Workspace | None = None,
     role: str = "",
     selects: bool = True,
-    tables: PointerTables | None = None,
+    tables: fused.PointerTables | None = None,
 ) -> list[_Pending]:
     """Phase 1 of the functional update: compute every megabatch's new state and update, commit nothing.
 
@@ -490,21 +493,19 @@ def orthogonalized_prepare(
         m, n = mb.matrix_shape
         idx = mb.indices
         b_mb, g_mb = [bufs[i] for i in idx], [grads[i] for i in idx]
-        fused_with = None if tables is None else (tables, [params[i] for i in idx], mb.counts)
-        M, old, new = _momentum_stacks(
-            b_mb, g_mb, mu, group["nesterov"], (mb.matrices, m, n), held, selects, fused_with
-        )
+        table = None if tables is None else fused.table(tables, [params[i] for i in idx], b_mb, g_mb, mb.counts, m * n)
+        M, old, new = _momentum_stacks(b_mb, g_mb, mu, group["nesterov"], (mb.matrices, m, n), held, selects, table)
         if start is None:
             out = None if held is None else _held_update(held, f"{role}{k}", M, group)
             O = orth(M, out, held)
             p = _megabatch_pending(mb, params, grads, bufs, second, steps, M, O, group, need_flags, held)
-            p.old_bufs, p.new_bufs = old, new
+            p.old_bufs, p.new_bufs, p.table = old, new, table
             pending.append(p)
         else:
-            started.append((mb, M, old, new, start(k, M, orth)))
-    for mb, M, old, new, wait in started:
+            started.append((mb, M, old, new, table, start(k, M, orth)))
+    for mb, M, old, new, table, wait in started:
         p = _megabatch_pending(mb, params, grads, bufs, second, steps, M, wait(), group, need_flags)
-        p.old_bufs, p.new_bufs = old, new
+        p.old_bufs, p.new_bufs, p.table = old, new, table
         pending.append(p)
     return pending
 
@@ -708,18 +709,16 @@ class _StepFlag:
         return self._decay[key]
 
 
-def _commit(p: _Pending, flag: _StepFlag, scratch: Workspace, tables: PointerTables | None = None) -> None:
+def _commit(p: _Pending, flag: _StepFlag, scratch: Workspace) -> None:
     """Phase 2: write the megabatch's new state (or, where ``flag.ok`` is false, keep the old one bit for bit).
-    The step counters are advanced by the step, all at once. Given ``tables``, the momentum, weight decay and
-    update (with a deferred factor: NorMuon's rows', PolarGrad's) go through one fused launch where it applies
-    (``fused.commit``; the same bits)."""
+    The step counters are advanced by the step, all at once. Where the fused kernels apply (``p.table``) and the
+    new momentum is not held, the momentum, weight decay and update (with a deferred factor: NorMuon's rows',
+    PolarGrad's) go through one fused launch (``fused.commit``; the same bits)."""
     ok, update = flag.ok, p.update
     fused_done = False
-    if tables is not None and p.new_bufs is None and update.dim() == 3 and p.second_counts is None:
+    if p.table is not None and p.new_bufs is None:
         decay = None if not isinstance(p.decay, Tensor) and p.decay == 1.0 else flag.decay_factor(p.decay, p.params[0])
-        fused_done = fused.commit(
-            tables, p.params, p.bufs, p.grads, p.counts, p.momentum, update, p.alpha, decay, ok, p.update_factor
-        )
+        fused_done = fused.commit(p.table, p.momentum, update, p.alpha, decay, ok, p.update_factor)
     if not fused_done and p.update_factor is not None:
         update = update.mul_(p.update_factor)  # what _finish would have done: the float32 product, rounded once
     if p.second is not None and p.new_second is not None and p.old_second is not None:
@@ -783,7 +782,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         # The CPU's phase-1 update buffers, kept between steps (``_held_update``); not optimizer state.
         self._held = Workspace()
         # Address tables of the fused elementwise kernels (``optim/fused.py``), kept between steps; not state.
-        self._tables = PointerTables()
+        self._tables = fused.PointerTables()
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._validate_group(group)
@@ -1120,7 +1119,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         flag, steps = _StepFlag(commit_ok), []
         for p in pending if keep else ():
             if isinstance(p, _Pending):
-                _commit(p, flag, scratch, self._tables)
+                _commit(p, flag, scratch)
                 assert p.steps is not None
                 steps += p.steps
             else:  # Hybrid's AdamW half (optim/adamw.py)

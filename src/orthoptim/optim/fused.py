@@ -1,10 +1,11 @@
 """The step's fused elementwise passes (``fused_kernels.py``): when they apply, address tables, launches.
 
-``momentum_input`` and ``commit`` return False (or None) when their kernels do not apply, and the caller takes
-the torch path (``base._momentum_foreach``/``base._commit``), which computes the same bits. They apply to a
-megabatch on a device in ``FUSED_DEVICES`` (CUDA; tests add the CPU under Triton's interpreter) with triton
-importable, ``ORTHOPTIM_TRITON`` not ``"0"``, float32/bfloat16/float16 state (one dtype for θ, B and G),
-contiguous plain tensors, and non-empty matrices below 2³¹ entries.
+``table`` says whether the kernels apply to a megabatch — on a device in ``FUSED_DEVICES`` (CUDA; tests add the
+CPU under Triton's interpreter) with ``kernels.triton_enabled()``, float32/bfloat16/float16 state (one dtype for θ,
+B and G), contiguous plain tensors, non-empty matrices below 2³¹ entries — by returning its address table, or
+None. The step looks it up once per megabatch and hands it to ``momentum_input`` and ``commit``, which return
+False when the tensors they are given do not fit (the caller then takes the torch path, ``base._momentum_foreach``
+/ ``base._commit``, which computes the same bits).
 
 Address tables: a megabatch's parameters, buffers and gradients are separate tensors; the kernels read each
 matrix's address from an int64 table (3 × matrices) on the device. Tables are built on the host, copied without a
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
+import math
+import struct
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..polar.kernels import triton_available
+from ..polar.kernels import triton_enabled
 
 #: Devices whose steps take the fused kernels. Tests add "cpu" to run them under TRITON_INTERPRET=1.
 FUSED_DEVICES: tuple[str, ...] = ("cuda",)
@@ -50,9 +52,9 @@ def _triton_dtype(dtype: torch.dtype) -> Any:
 def applies(params: list[Tensor], bufs: list[Tensor], grads: list[Tensor], matrix_numel: int) -> bool:
     """Whether the fused kernels take this megabatch (see the module docstring)."""
     t = params[0]
-    if t.device.type not in FUSED_DEVICES or os.environ.get("ORTHOPTIM_TRITON", "1") == "0":
+    if t.device.type not in FUSED_DEVICES or t.dtype not in _STATE_DTYPES or not 0 < matrix_numel <= _INT32_LIMIT:
         return False
-    if t.dtype not in _STATE_DTYPES or not 0 < matrix_numel <= _INT32_LIMIT or not triton_available():
+    if not triton_enabled():
         return False
     return all(
         type(x) in (Tensor, torch.nn.Parameter) and x.dtype == t.dtype and x.device == t.device and x.is_contiguous()
@@ -68,6 +70,7 @@ class Table:
 
     addresses: Tensor
     aligned: bool
+    dtype: torch.dtype  # of θ, B and G
     host: Tensor  # the pinned source of the non-blocking copy (torch's host allocator also guards it)
     stream: Any = None
     copied: Any = None
@@ -124,13 +127,13 @@ class PointerTables:
         device = params[0].device
         host = torch.tensor(rows, dtype=torch.int64)
         if device.type != "cuda":  # the CPU under the interpreter; meta (benchmarks/step_launches.py)
-            return Table(host.to(device), aligned, host)
+            return Table(host.to(device), aligned, params[0].dtype, host)
         host = host.pin_memory()  # the copy is then asynchronous: no host sync
         addresses = host.to(device, non_blocking=True)
         stream = torch.cuda.current_stream(device)
         copied = torch.cuda.Event()
         copied.record(stream)
-        return Table(addresses, aligned, host, stream, copied)
+        return Table(addresses, aligned, params[0].dtype, host, stream, copied)
 
 
 def _launch(kernel: Any, grid: tuple[int], device: torch.device, *args: Any, **meta: Any) -> None:
@@ -143,26 +146,34 @@ def _launch(kernel: Any, grid: tuple[int], device: torch.device, *args: Any, **m
         kernel[grid](*args, **meta, enable_fp_fusion=False)
 
 
-def momentum_input(
+def table(
     tables: PointerTables,
     params: list[Tensor],
     bufs: list[Tensor],
     grads: list[Tensor],
     counts: tuple[int, ...],
-    mu: float,
-    nesterov: bool,
-    out: Tensor,
-) -> bool:
-    """Write the optimizer's input ``M`` into ``out`` (matrices, m, n; contiguous), as ``base._momentum_input``
-    does, in one launch; the buffers are not changed. False (nothing written) when the kernels do not apply."""
+    matrix_numel: int,
+) -> Table | None:
+    """The megabatch's address table (from ``tables``) if the kernels apply to it (``applies``), else None."""
+    return tables.get(params, bufs, grads, counts) if applies(params, bufs, grads, matrix_numel) else None
+
+
+def _fits(table: Table, stacked: Tensor) -> bool:
+    """Whether ``stacked`` (matrices, m, n) is a batch of the table's matrices, on its device."""
+    return stacked.device == table.addresses.device and stacked.shape[0] == table.addresses.shape[1]
+
+
+def momentum_input(table: Table, mu: float, nesterov: bool, out: Tensor) -> bool:
+    """Write the optimizer's input ``M`` into ``out`` (matrices, m, n; contiguous, the state's dtype), as
+    ``base._momentum_input`` does, in one launch; the buffers are not changed. False (nothing written) when
+    ``out`` does not fit."""
     _, m, n = out.shape
-    if out.dtype != bufs[0].dtype or not out.is_contiguous() or not applies(params, bufs, grads, m * n):
+    if out.dtype != table.dtype or not out.is_contiguous() or not _fits(table, out):
         return False
     k = _kernels()
-    table = tables.get(params, bufs, grads, counts)
     _launch(
         k.momentum_input_kernel,
-        (out.shape[0] * triton_cdiv(m * n, k.INPUT_BLOCK),),
+        (out.shape[0] * _cdiv(m * n, k.INPUT_BLOCK),),
         out.device,
         table.addresses,
         out,
@@ -180,11 +191,7 @@ def momentum_input(
 
 
 def commit(
-    tables: PointerTables,
-    params: list[Tensor],
-    bufs: list[Tensor],
-    grads: list[Tensor],
-    counts: tuple[int, ...],
+    table: Table,
     mu: float,
     update: Tensor,
     alpha: float | Tensor,
@@ -198,9 +205,9 @@ def commit(
     decay); a tensor ``alpha`` is read on the device; ``factor``: (matrices, m, 1) or (matrices, 1, 1), float32
     or U's dtype (NorMuon's rows', PolarGrad's −lr·⟨O, M⟩), applied to U first in float32 and rounded to U's
     dtype, as ``U.mul_(factor)`` does. Every tensor on the parameters' device. False (nothing written) when the
-    kernels do not apply."""
+    tensors given do not fit."""
     _, m, n = update.shape
-    if update.dtype not in _STATE_DTYPES or not applies(params, bufs, grads, m * n):
+    if update.dtype not in _STATE_DTYPES or not _fits(table, update):
         return False
     device = update.device
     alpha_tensor = alpha if isinstance(alpha, Tensor) else None
@@ -213,9 +220,8 @@ def commit(
         if factor.dtype not in (torch.float32, update.dtype) or tuple(factor.shape) not in per:
             return False
     k = _kernels()
-    table = tables.get(params, bufs, grads, counts)
-    tiles_c = triton_cdiv(n, k.COMMIT_COLS)
-    tiles = triton_cdiv(m, k.COMMIT_ROWS) * tiles_c
+    tiles_c = _cdiv(n, k.COMMIT_COLS)
+    tiles = _cdiv(m, k.COMMIT_ROWS) * tiles_c
     placeholder = table.addresses  # for the pointers a kernel's flags say it does not read
     _launch(
         k.commit_kernel,
@@ -230,7 +236,7 @@ def commit(
         factor.stride(0) if factor is not None else 0,
         factor.stride(1) if factor is not None and factor.shape[1] > 1 else 0,  # one per matrix: broadcast
         alpha_tensor if alpha_tensor is not None else placeholder,
-        0.0 if alpha_tensor is not None else _float32(float(alpha)),
+        0.0 if alpha_tensor is not None else float32(float(alpha)),
         update.shape[0],
         m,
         n,
@@ -241,7 +247,7 @@ def commit(
         HAS_DECAY=decay is not None,
         HAS_FACTOR=factor is not None,
         ALPHA_TENSOR=alpha_tensor is not None,
-        STATE_DTYPE=_triton_dtype(params[0].dtype),
+        STATE_DTYPE=_triton_dtype(table.dtype),
         ALIGNED=table.aligned,
         BLOCK_R=k.COMMIT_ROWS,
         BLOCK_C=k.COMMIT_COLS,
@@ -250,16 +256,20 @@ def commit(
     return True
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _float32(x: float) -> float:
-    """``x`` rounded to float32 (as a float argument is on a GPU; Triton's interpreter would keep the double)."""
-    return float(torch.tensor(x, dtype=torch.float32))
+def float32(x: float) -> float:
+    """``x`` rounded to the nearest float32, as a float scalar becomes in torch's float32 math (and a float argument
+    on a GPU; Triton's interpreter would keep the double); ±inf beyond float32's range."""
+    try:
+        return float(struct.unpack("f", struct.pack("f", x))[0])
+    except OverflowError:  # struct refuses what rounds to ±inf
+        return math.copysign(math.inf, x)
 
 
 def _weight(w: float) -> tuple[float, float]:
     """A lerp weight as torch's kernels use it: ``w`` in float32 and ``1 − w`` formed in float32."""
-    w32 = _float32(w)
-    return w32, _float32(1.0 - w32)  # 1 − w32 is exact in double; one rounding to float32, as in float32
+    w32 = float32(w)
+    return w32, float32(1.0 - w32)  # 1 − w32 is exact in double; one rounding to float32, as in float32

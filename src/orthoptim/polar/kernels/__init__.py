@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["sym_gram", "sym_poly", "triton_available", "use_triton"]
+__all__ = ["sym_gram", "sym_poly", "triton_available", "triton_enabled", "use_triton"]
 
 #: Dtypes the kernels compute in. float64 is accepted by sym_gram/sym_poly and computed by torch (no tensor-core
 #: path that a kernel would beat); other dtypes are refused.
@@ -36,10 +36,16 @@ def triton_available() -> bool:
     return True
 
 
+def triton_enabled() -> bool:
+    """Whether orthoptim's Triton kernels may run: triton importable and the environment variable
+    ``ORTHOPTIM_TRITON`` not set to ``"0"`` (read at every call). Also the switch of the optimizers' fused step
+    kernels (``orthoptim.optim.fused``)."""
+    return os.environ.get("ORTHOPTIM_TRITON", "1") != "0" and triton_available()
+
+
 def use_triton(X: torch.Tensor) -> bool:
-    """Whether ``X``'s products should go through the Triton kernels: a CUDA tensor, triton importable, and
-    the environment variable ``ORTHOPTIM_TRITON`` not set to ``"0"``."""
-    return X.is_cuda and triton_available() and os.environ.get("ORTHOPTIM_TRITON", "1") != "0"
+    """Whether ``X``'s products should go through the Triton kernels: a CUDA tensor and ``triton_enabled()``."""
+    return X.is_cuda and triton_enabled()
 
 
 def _as_batch(X: torch.Tensor, name: str, square: bool) -> tuple[torch.Tensor, bool]:
