@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import orthoptim
-import orthoptim.optim.base as base
+import orthoptim.optim.update as update
 from orthoptim.distributed import assign_owners, gather_bytes, matrix_flops, rank_counts, shard_sizes
 
 SHAPES = ((768, 2304), (768, 768), (3072, 768), (768, 3072))
@@ -118,13 +118,13 @@ def _time(rank: int, world: int, layers: int, steps: int, layout: str) -> dict[s
     for p, g in zip(params, grads, strict=True):
         p.grad = g
     counted = [0]
-    original = base.orthogonalize
+    original = update.orthogonalize
 
     def counting(M: torch.Tensor, **kw: Any) -> torch.Tensor:
         counted[0] += M.shape[0]
         return original(M, **kw)
 
-    base.orthogonalize = counting  # type: ignore[assignment]
+    update.orthogonalize = counting  # type: ignore[assignment]
     opt.step()  # warm-up: state, plan
     counted[0] = 0
     times = []
@@ -135,7 +135,7 @@ def _time(rank: int, world: int, layers: int, steps: int, layout: str) -> dict[s
         elapsed = torch.tensor([time.perf_counter() - t0])
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step takes as long as its slowest rank
         times.append(float(elapsed))
-    base.orthogonalize = original  # type: ignore[assignment]
+    update.orthogonalize = original  # type: ignore[assignment]
     per_rank = torch.tensor([counted[0] / steps])
     gathered = [torch.zeros(1) for _ in range(world)]
     dist.all_gather(gathered, per_rank)

@@ -392,9 +392,9 @@ def run_rank(rank: int, world: int, port: int, names: list[str], outdir: str, pa
     device-side skip selects), which the CPU would not otherwise take; ``paths="fused"`` those with the fused
     elementwise kernels (``optim/fused.py``) under Triton's interpreter (TRITON_INTERPRET=1 from the parent)."""
     if paths in ("cuda", "fused"):
-        import orthoptim.optim.base as base
+        import orthoptim.optim.paths as step_paths
 
-        base.CPU_PATH_DEVICES = ()
+        step_paths.CPU_PATH_DEVICES = ()
     if paths == "fused":
         import orthoptim.optim.fused as fused
 

@@ -211,21 +211,21 @@ def test_the_torch_commit_decays_16_bit_parameters_in_float32(dtype: torch.dtype
     """Without the fused kernels, 16-bit parameters on CUDA are decayed by the float32 factor (on CUDA a 0-d
     float32 CUDA tensor would be cast to 16 bits first: 0.99 → 0.98828125 in bfloat16), with a host float, a
     device flag and a tensor decay alike."""
-    from orthoptim.optim import base
+    from orthoptim.optim import commit
 
     gen = torch.Generator().manual_seed(0)
     ts = [torch.randn(64, 48, generator=gen).to(CUDA, dtype) for _ in range(3)]
     want = [(t.float() * torch.tensor(0.99, dtype=torch.float32, device=CUDA)).to(dtype) for t in ts]
     rounded = [t * torch.tensor(0.99, device=CUDA).to(dtype) for t in ts]  # the factor rounded to 16 bits first
     assert not all(torch.equal(a, b) for a, b in zip(want, rounded, strict=True))  # the test can tell them apart
-    scratch = base.Workspace()
-    flags = [base._StepFlag(None), base._StepFlag(torch.tensor(True, device=CUDA))]
+    scratch = commit.Workspace()
+    flags = [commit.StepFlag(None), commit.StepFlag(torch.tensor(True, device=CUDA))]
     for flag, decay in [(flags[0], 0.99), (flags[1], 0.99), (flags[0], torch.tensor(0.99, device=CUDA))]:
         got = [t.clone() for t in ts]
-        base._decay_params(got, decay, flag, scratch)
+        commit._decay_params(got, decay, flag, scratch)
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (flag.ok, decay)
     got = [t.clone() for t in ts]
-    base._decay_params(got, 0.99, base._StepFlag(torch.tensor(False, device=CUDA)), scratch)
+    commit._decay_params(got, 0.99, commit.StepFlag(torch.tensor(False, device=CUDA)), scratch)
     assert all(torch.equal(a, b) for a, b in zip(got, ts, strict=True))  # a skipped step: factor 1
 
 

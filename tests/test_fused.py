@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import orthoptim
-from orthoptim.optim import base, fused
+from orthoptim.optim import fused, momentum, paths
 from orthoptim.polar import devices as polar_devices
 
 from .conftest import require_interpreted_fused_kernels
@@ -75,13 +75,13 @@ def fma_reference(p: torch.Tensor, u: torch.Tensor, alpha: float) -> torch.Tenso
 @pytest.mark.parametrize("mu", [0.95, 0.3])
 def test_momentum_input_is_torch_lerp_bit_for_bit(dtype: torch.dtype, nesterov: bool, mu: float) -> None:
     """M = lerp(G, lerp(B, G, 1−μ), μ) (or the new momentum), each lerp rounded to the state's dtype: against
-    ``base._momentum_input`` (torch.lerp per parameter); 3-D parameters, ragged tiles; buffers untouched."""
+    ``momentum.momentum_input`` (torch.lerp per parameter); 3-D parameters, ragged tiles; buffers untouched."""
     shapes = [(2, 37, 70), (37, 70), (3, 37, 70)]
     params, bufs, grads, counts = megabatch(shapes, dtype)
     before = [b.clone() for b in bufs]
     out = torch.empty(sum(counts), 37, 70, dtype=dtype)
     assert fused.momentum_input(table_of(params, bufs, grads, counts), mu, nesterov, out)
-    want = base._momentum_input(bufs, grads, mu, nesterov, torch.empty_like(out))
+    want = momentum.momentum_input(bufs, grads, mu, nesterov, torch.empty_like(out))
     assert torch.equal(out, want)
     assert all(torch.equal(a, b) for a, b in zip(bufs, before, strict=True))
 
@@ -245,7 +245,7 @@ def test_the_step_with_the_kernels_gives_the_same_bits(
     the CPU: every parameter and state tensor bit for bit after four steps — one skipped by a NaN gradient
     (except under "propagate"), gradients reallocated every step (the address tables follow), weight decay on.
     lr 2⁻⁴ and √(m/n) ∈ {1, 2} keep α = −lr·√(m/n) exact in 16 bits, where torch's CPU add rounds it."""
-    monkeypatch.setattr(base, "CPU_PATH_DEVICES", ())
+    monkeypatch.setattr(paths, "CPU_PATH_DEVICES", ())
     monkeypatch.setattr(polar_devices, "FLOAT32_COPY_DEVICES", ())
     launches: list[str] = []
     real_launch = fused._launch
@@ -292,7 +292,7 @@ def test_a_non_finite_gradient_reaches_the_checked_update(bad: float, monkeypatc
     """In one process the matrices' gradients are not checked on their own under "skip": a NaN/±Inf entry must
     pass through the fused momentum input into the update, so the step is skipped with nothing changed — for
     each matrix of the step (a batch of two, a tall one, a ragged one), each optimizer."""
-    monkeypatch.setattr(base, "CPU_PATH_DEVICES", ())
+    monkeypatch.setattr(paths, "CPU_PATH_DEVICES", ())
     monkeypatch.setattr(polar_devices, "FLOAT32_COPY_DEVICES", ())
     shapes = [(24, 40), (24, 40), (40, 24), (33, 70)]
     for cls in (orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad):

@@ -234,7 +234,7 @@ def _step_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     (the same, the momentum input and the commit by the fused kernels, ``optim/fused.py``, run by Triton's
     interpreter), forced here on the CPU."""
     if request.param != "cpu paths":
-        monkeypatch.setattr("orthoptim.optim.base.CPU_PATH_DEVICES", ())
+        monkeypatch.setattr("orthoptim.optim.paths.CPU_PATH_DEVICES", ())
         monkeypatch.setattr(polar_devices, "FLOAT32_COPY_DEVICES", ())
     if request.param != "fused paths":
         yield str(request.param)
@@ -531,7 +531,7 @@ def test_momentum_buffer_is_torch_lerp_bit_for_bit(nonfinite: str, nesterov: boo
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts minor page faults with getrusage")
 def test_cpu_step_reuses_its_buffers_in_steady_state() -> None:
-    """After the first steps a CPU step allocates nothing large afresh (optim/base.py ``_held_update``): fresh
+    """After the first steps a CPU step allocates nothing large afresh (optim/prepare.py ``_held_update``): fresh
     large allocations are page-faulted in on every step. Before the optimizer kept its buffers, this
     configuration faulted 7k–10k pages per step (measured 2026-11-23); now it faults none."""
     import resource
@@ -651,7 +651,7 @@ def test_cpu_and_cuda_step_paths_give_the_same_bits(
 
     def train(cuda_paths: bool) -> list[torch.Tensor]:
         if cuda_paths:
-            monkeypatch.setattr("orthoptim.optim.base.CPU_PATH_DEVICES", ())
+            monkeypatch.setattr("orthoptim.optim.paths.CPU_PATH_DEVICES", ())
         else:
             monkeypatch.undo()
         gen = torch.Generator().manual_seed(0)
@@ -681,7 +681,7 @@ def test_each_finite_flags_exactly_the_non_finite_tensors(paths: str, monkeypatc
     from orthoptim.optim.base import _each_finite
 
     if paths == "device":
-        monkeypatch.setattr("orthoptim.optim.base.CPU_PATH_DEVICES", ())
+        monkeypatch.setattr("orthoptim.optim.paths.CPU_PATH_DEVICES", ())
     gen = torch.Generator().manual_seed(3)
     tensors = [
         torch.randn(5, 7, generator=gen, dtype=torch.float64).to(dt)

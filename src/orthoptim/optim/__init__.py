@@ -1,6 +1,7 @@
-"""Thin torch.optim.Optimizer shells over one functional update (``base.py``)."""
+"""Thin torch.optim.Optimizer shells over one functional update (``base.py``: the shell; ``prepare.py`` and
+``commit.py``: its two phases)."""
 
-from .base import NONFINITE_MODES, OrthogonalizedOptimizer
+from .base import OrthogonalizedOptimizer
 from .clip import clip_grad_norm_
 from .hybrid import Hybrid, split_params
 from .muon import Muon
@@ -8,6 +9,7 @@ from .normuon import NorMuon
 from .polargrad import PolarGrad
 from .registry import available, create
 from .shapes import SCALE_MODES, lr_scale, matrix_layout
+from .validation import NONFINITE_MODES
 
 __all__ = [
     "NONFINITE_MODES",

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .validation import check_number
+
 
 def validate_adamw_group(group: dict[str, Any]) -> None:
-    from .base import check_number
-
     check_number("lr", group["lr"], 0.0)
     check_number("weight_decay", group["weight_decay"], 0.0)
     betas = group["betas"]

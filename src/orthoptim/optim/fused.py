@@ -4,8 +4,8 @@
 CPU under Triton's interpreter) with ``kernels.triton_enabled()``, float32/bfloat16/float16 state (one dtype for θ,
 B and G), contiguous plain tensors, non-empty matrices below 2³¹ entries — by returning its address table, or
 None. The step looks it up once per megabatch and hands it to ``momentum_input`` and ``commit``, which return
-False when the tensors they are given do not fit (the caller then takes the torch path, ``base._momentum_foreach``
-/ ``base._commit``, which computes the same bits).
+False when the tensors they are given do not fit (the caller then takes the torch path, ``momentum.momentum_foreach``
+/ ``commit.commit_megabatch``, which computes the same bits).
 
 Address tables: a megabatch's parameters, buffers and gradients are separate tensors; the kernels read each
 matrix's address from an int64 table (3 × matrices) on the device. Tables are built on the host, copied without a
@@ -165,7 +165,7 @@ def _fits(table: Table, stacked: Tensor) -> bool:
 
 def momentum_input(table: Table, mu: float, nesterov: bool, out: Tensor) -> bool:
     """Write the optimizer's input ``M`` into ``out`` (matrices, m, n; contiguous, the state's dtype), as
-    ``base._momentum_input`` does, in one launch; the buffers are not changed. False (nothing written) when
+    ``momentum.momentum_input`` does, in one launch; the buffers are not changed. False (nothing written) when
     ``out`` does not fit."""
     _, m, n = out.shape
     if out.dtype != table.dtype or not out.is_contiguous() or not _fits(table, out):
@@ -200,7 +200,7 @@ def commit(
     factor: Tensor | None = None,
 ) -> bool:
     """``B ← lerp(B, G, 1−μ)``, ``θ ← round(θ·decay) + alpha·U`` for every matrix of the megabatch, where ``ok``
-    (always when None), in one launch — ``base._commit``'s momentum, weight decay and update. ``update``:
+    (always when None), in one launch — ``commit.commit_megabatch``'s momentum, weight decay and update. ``update``:
     (matrices, m, n), any strides, float32/bfloat16/float16; ``decay``: the 0-d float32 factor or None (no weight
     decay); a tensor ``alpha`` is read on the device; ``factor``: (matrices, m, 1) or (matrices, 1, 1), float32
     or U's dtype (NorMuon's rows', PolarGrad's −lr·⟨O, M⟩), applied to U first in float32 and rounded to U's

@@ -14,10 +14,10 @@ weight decay and adds the update in three more (30 bytes) — ``benchmarks/step_
   skipped step loads and stores nothing (masked), so no select pass and no NaN can leak (22 bytes per entry with
   a bfloat16 update).
 
-Each is bit for bit what the torch ops they replace compute (``base._momentum_input``, ``base._commit``): the
-same roundings in the same order, and ``lerp`` and the update's add written as the single fused multiply-adds
-that torch's CPU kernels (``vec::fmadd``) and CUDA kernels (contracted by nvcc) evaluate — tested on the CPU
-under Triton's interpreter, which evaluates ``tl.fma`` with one rounding.
+Each is bit for bit what the torch ops they replace compute (``momentum.momentum_input``,
+``commit.commit_megabatch``): the same roundings in the same order, and ``lerp`` and the update's add written as
+the single fused multiply-adds that torch's CPU kernels (``vec::fmadd``) and CUDA kernels (contracted by nvcc)
+evaluate — tested on the CPU under Triton's interpreter, which evaluates ``tl.fma`` with one rounding.
 
 The parameters, buffers and gradients of a megabatch are separate tensors: each kernel takes a table of their
 matrices' addresses (int64, one row per role, one column per stacked matrix) built by ``optim/fused.py``, and a

@@ -11,8 +11,9 @@ from ..distributed import DEFAULT_PROCESS_GROUP
 from ..polar import DEFAULT_NORMALIZATION, DEFAULT_SCHEDULE
 from ..polar.orthogonalize import Iteration
 from ..polar.schedules import ScheduleSpec
-from .base import NonFiniteMode, OrthogonalizedOptimizer, check_number
+from .base import OrthogonalizedOptimizer
 from .shapes import ScaleMode, ShapePolicy
+from .validation import NonFiniteMode, check_number
 
 _TORCH_ADJUST = (None, "original", "match_rms_adamw")
 _TORCH_DEFAULT_STEPS = 5  # torch/optim/_muon.py DEFAULT_NS_STEPS
@@ -60,7 +61,7 @@ class Muon(OrthogonalizedOptimizer):
             "auto" runs the Gram form for rectangular matrices in float32, where it needs fewer operations).
         scale_mode: ``"original"`` | ``"match_rms_adamw"`` | ``"unit_rms"`` | ``"nuclear"`` (see README table).
         shape_policy: ``"auto"`` | ``"flatten"`` | ``"batch"`` (``orthoptim.optim.shapes.matrix_layout``).
-        nonfinite: ``"skip"`` (default) | ``"raise"`` | ``"propagate"`` (``orthoptim.optim.base``).
+        nonfinite: ``"skip"`` (default) | ``"raise"`` | ``"propagate"`` (``orthoptim.optim.base``'s docstring).
         warn_nonfinite: warn when a step is skipped (reads the device flag once per step; rank 0 only).
         process_group: a ``torch.distributed`` group to split the orthogonalization over and agree on skips
             with (README, "Distributed"). Default: the world group when torch.distributed is initialized with
