@@ -113,7 +113,7 @@ def finish_update(
     live in ``work`` if given. ``defer``: the last multiply of the update — NorMuon's row factor (where
     ``_row_normalize`` defers it: off the CPU; not before the nuclear scale, which needs the scaled update) or
     the nuclear scale's −lr·⟨O, M⟩ — is left for the commit: returned as ``factor`` (else None), ``O`` unscaled.
-    The commit multiplies by it exactly as here (``commit_megabatch``), or the fused commit does in its pass."""
+    The commit multiplies by it exactly as here (``commit.commit_megabatch``), or the fused commit does in its pass."""
     new_second, factor = None, None
     if group["row_norm"]:
         assert old_second is not None
