@@ -5,13 +5,13 @@
 #   bash benchmarks/gpu_session.sh [STAGE ...]            # in the repository root on the GPU machine
 #   DEVICE=cpu bash benchmarks/gpu_session.sh quick all   # smoke test of the script itself, anywhere (small sizes)
 #
-# Stages, in this order by default (`all`): env tests speed profile doctor accuracy train examples. A device command
-# runs at most 10 minutes: split them over calls, e.g. `env tests speed profile doctor` then `accuracy train examples`.
-# `quick` (a first argument) shrinks every stage to smoke size.
+# Stages, in this order by default (`all`): env tests speed profile doctor bench accuracy train examples. A device
+# command runs at most 10 minutes: split them over calls, e.g. `env tests speed profile doctor bench` then
+# `accuracy train examples`. `quick` (a first argument) shrinks every stage to smoke size.
 #
 # Environment: OUT (default ./gpu-session): where the files go — session.log (every stage's output, appended),
-# gpu_speed.json, step_profile.json, accuracy.png, train_gpt.png, train_gpt.json: inside what the device tool brings
-# back.
+# gpu_speed.json, step_profile.json, bench.json, accuracy.png, train_gpt.png, train_gpt.json: inside what the device
+# tool brings back.
 # PYTHON (default python3: on the lent machines the interpreter that holds torch with CUDA, triton, tqdm,
 # matplotlib and pytest). DION: a microsoft/dion checkout to time beside orthoptim (benchmarks/gpu_speed.py
 # --dion-path; never committed). DEVICE (default cuda). orthoptim runs from src/ (PYTHONPATH): nothing is installed.
@@ -32,7 +32,7 @@ if [ "${1:-}" = quick ]; then
 fi
 STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ] || [ "${STAGES[0]}" = all ]; then
-    STAGES=(env tests speed profile doctor accuracy train examples)
+    STAGES=(env tests speed profile doctor bench accuracy train examples)
 fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -85,6 +85,11 @@ import importlib.util as u; print(\"triton\", u.find_spec(\"triton\") is not Non
         # shellcheck disable=SC2046
         run doctor "$PY" -m orthoptim doctor --device "$DEVICE" --no-progress $(pick "" "--shapes 64x64 --repeats 1")
         ;;
+    bench)  # the installed command users run: `orthoptim bench` (GPT-2 small's step vs torch.optim.Muon)
+        # shellcheck disable=SC2046
+        run bench "$PY" -m orthoptim bench --device "$DEVICE" --no-progress --json "$OUT/bench.json" \
+            $(pick "--repeats 20" "--shapes 64x64 --repeats 1 --warmup 0")
+        ;;
     accuracy)
         # shellcheck disable=SC2046
         run accuracy "$PY" benchmarks/accuracy.py --device "$DEVICE" --out "$OUT/accuracy.png" \
@@ -106,7 +111,7 @@ import importlib.util as u; print(\"triton\", u.find_spec(\"triton\") is not Non
             --steps "$steps" --resume "$WORK/ckpt"
         ;;
     *)
-        echo "unknown stage '$stage'; stages: env tests speed profile doctor accuracy train examples (or all)" >&2
+        echo "unknown stage '$stage'; stages: env tests speed profile doctor bench accuracy train examples (or all)" >&2
         exit 2
         ;;
     esac

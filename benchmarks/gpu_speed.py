@@ -52,9 +52,10 @@ import torch
 from torch import nn
 
 import orthoptim
-from orthoptim.doctor import median_ms
+from orthoptim.bench import captured, gpt2_small_shapes, matrix_params
 from orthoptim.optim import fused
 from orthoptim.polar import kernels
+from orthoptim.timing import median_ms
 
 # KellerJordan/Muon muon.py (and torch.optim._muon DEFAULT_A/B/C): the quintic torch.optim.Muon runs 5 times.
 JORDAN = (3.4445, -4.7750, 2.0315)
@@ -75,7 +76,6 @@ SHAPES: tuple[Shape, ...] = (
 )
 # --quick: the two small single shapes and a small batch (a stand-in for the batched rows) — for smoke tests.
 QUICK_SHAPES: tuple[Shape, ...] = ((1, 1024, 1024), (1, 768, 3072), (4, 256, 512))
-GPT2_SMALL = ((768, 2304), (768, 768), (3072, 768), (768, 3072))  # per layer, 12 layers
 
 Maker = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -272,14 +272,8 @@ def bench_kernels(args: argparse.Namespace, device: torch.device, peak: float, s
 
 
 def gpt2_params(layers: int, device: torch.device, dtype: torch.dtype) -> list[nn.Parameter]:
-    gen = torch.Generator(device=device).manual_seed(3)
-    params = []
-    for _ in range(layers):
-        for shape in GPT2_SMALL:
-            p = nn.Parameter(0.02 * torch.randn(shape, device=device, dtype=dtype, generator=gen))
-            p.grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
-            params.append(p)
-    return params
+    """GPT-2 small's hidden matrices for ``layers`` layers, with random gradients (``orthoptim bench``'s)."""
+    return matrix_params(gpt2_small_shapes(layers), device, dtype, seed=3)
 
 
 def dion_muon(path: str | None) -> tuple[Callable[..., torch.optim.Optimizer] | None, str]:
@@ -363,22 +357,6 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> list[Result]:
         results.append(Result("step", label, name, ms, vs_torch_muon=ms / base))
         del opt, params
     return results
-
-
-def captured(step: Callable[[], Any]) -> Callable[[], Any]:
-    """``step`` captured in a CUDA graph (after three warm-up calls on a side stream, as torch's CUDA-graph notes
-    ask); returns the graph's replay. The step re-runs on the same gradients (static tensors) each replay. A step
-    that reads a device value on the host, or allocates differently per call, fails here: the error is the row."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def _opt(v: float | None) -> str:

@@ -15,9 +15,9 @@ import argparse
 import torch
 
 import orthoptim
-from orthoptim.doctor import median_ms
 from orthoptim.polar import get_schedule
 from orthoptim.polar.newton_schulz import gram_restarts, iteration_cost
+from orthoptim.timing import median_ms
 
 SHAPES = ((768, 768), (768, 1536), (768, 2304), (768, 3072), (3072, 768), (512, 4096))
 

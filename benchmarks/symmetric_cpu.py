@@ -17,8 +17,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from orthoptim.doctor import median_ms
 from orthoptim.polar import newton_schulz as ns
+from orthoptim.timing import median_ms
 
 CPU = torch.device("cpu")
 B, C = -4.775, 2.0315  # torch.optim.Muon's quintic (b, c)

@@ -1,8 +1,10 @@
-"""Command line: ``orthoptim demo | doctor | coeffs`` (also ``python -m orthoptim``). Uses the public API only."""
+"""Command line: ``orthoptim demo | doctor | bench | coeffs`` (also ``python -m orthoptim``). Uses the public API
+only."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -47,6 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doc.add_argument("--repeats", type=int, default=5, help="timed calls per routine (median reported)")
     doc.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    be = sub.add_parser(
+        "bench", help="ms per optimizer step vs torch.optim.Muon on GPT-2 small's matrices (or yours), same process"
+    )
+    be.add_argument("--shapes", type=_parse_shapes, default=None, help="comma-separated MxN (default: GPT-2 small's 4)")
+    be.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="copies of the shape list (default: 12 on CUDA, 2 elsewhere; 1 with --shapes)",
+    )
+    be.add_argument("--optimizers", type=_parse_names, default=None, help="comma-separated (default: see --list)")
+    be.add_argument("--list", action="store_true", help="list the optimizers the bench can time, and exit")
+    be.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    be.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameter dtype")
+    be.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer after the first")
+    be.add_argument("--repeats", type=int, default=10, help="timed steps per optimizer, taken in turns")
+    be.add_argument("--json", default=None, help="also write the report (every time) as JSON here")
+    be.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     co = sub.add_parser("coeffs", help="design a Newton–Schulz schedule, print it as Python, optionally plot it")
     co.add_argument("--steps", type=int, required=True, help="number of steps")
     co.add_argument("--lower", type=float, default=1e-3, help="smallest σ (after normalization) to bring to ~1")
@@ -82,6 +102,43 @@ def _coeffs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import CANDIDATES, DEFAULT_CANDIDATES, format_bench, gpt2_small_shapes, run_bench
+
+    if args.list:
+        for name, candidate in CANDIDATES.items():
+            print(f"{name:16} {candidate.label}{' (default)' if name in DEFAULT_CANDIDATES else ''}")
+        return 0
+    device = torch.device(args.device if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))
+    layers = args.layers if args.layers is not None else (1 if args.shapes else 12 if device.type == "cuda" else 2)
+    if layers < 1:
+        print(f"orthoptim bench: --layers must be ≥ 1, got {layers}", file=sys.stderr)
+        return 2
+    shapes = args.shapes * layers if args.shapes else gpt2_small_shapes(layers)
+    names = args.optimizers or [*DEFAULT_CANDIDATES, *(["muon_graph"] if device.type == "cuda" else [])]
+    try:
+        report = run_bench(
+            shapes,
+            names,
+            device=device,
+            dtype=getattr(torch, args.dtype),
+            warmup=args.warmup,
+            repeats=args.repeats,
+            progress=not args.no_progress,
+        )
+    except (ValueError, TypeError, RuntimeError) as exc:
+        print(f"orthoptim bench: {exc}", file=sys.stderr)
+        return 2
+    print(format_bench(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_json(), f, indent=1)
+        print(f"# report: {args.json}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
@@ -94,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, TypeError, RuntimeError) as exc:
             print(f"orthoptim coeffs: {exc}", file=sys.stderr)
             return 2
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "doctor":
         from .doctor import DEFAULT_SHAPES, format_report, run_doctor
 

@@ -13,8 +13,6 @@ Uses only the public API (plus torch's own Muon routine, which is private to tor
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +20,7 @@ import torch
 
 from . import __version__, get_schedule, list_schedules, orthogonalize, resolve_compute_dtype
 from .polar import DEFAULT_SCHEDULE
+from .timing import median_ms, text_table
 
 SCALES: tuple[float, ...] = (1e-38, 1e-30, 1e-20, 1e-10, 1e-5, 1.0, 1e5, 1e10, 1e20, 1e30, 1e38)
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((256, 256), (128, 512), (768, 768))
@@ -90,30 +89,6 @@ def _gain_range(
     O = fn(G64.to(device=device, dtype=torch.float32)).to(device="cpu", dtype=torch.float64)
     g = torch.einsum("ik,ij,kj->k", U[:, keep], O, Vh[keep])  # diagonal of UᵀOV on the kept directions
     return float(g.min()), float(g.max())
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 5) -> float:
-    """Median wall time of ``fn()`` in ms after ``warmup`` untimed calls: CUDA events on the GPU (each call
-    bracketed, the device synced before reading), ``time.perf_counter`` elsewhere. The doctor's timer, also used
-    by the benchmark scripts."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times: list[float] = []
-    for _ in range(max(1, repeats)):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _measure(
@@ -192,12 +167,6 @@ def _fmt_failures(row: Row) -> str:
     return "none" if not bad else " ".join(f"{t:.0e}" for t in bad)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
 def format_report(report: DoctorReport) -> str:
     """The report as plain-text tables (what ``orthoptim doctor`` prints)."""
     out = [
@@ -227,11 +196,11 @@ def format_report(report: DoctorReport) -> str:
             ]
             for r in sr.rows
         ]
-        out.append(_table(header, rows))
+        out.append(text_table(header, rows))
         # The sweep itself for the default schedule and torch's routine, side by side.
         shown = [r for r in sr.rows if r.routine in (DEFAULT_SCHEDULE, TORCH_MUON)]
         if shown:
             out.append("")
             sweep_rows = [[f"{t:.0e}", *(f"{r.ratios[t]:.4f}" for r in shown)] for t in SCALES]
-            out.append(_table(["scale t", *(f"{r.routine} ‖O(tG)‖/‖O(G)‖" for r in shown)], sweep_rows))
+            out.append(text_table(["scale t", *(f"{r.routine} ‖O(tG)‖/‖O(G)‖" for r in shown)], sweep_rows))
     return "\n".join(out)
