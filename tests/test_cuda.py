@@ -298,3 +298,16 @@ def test_a_captured_step_replays_the_eager_step_and_follows_a_tensor_lr() -> Non
         torch.cuda.synchronize()
         for a, b in zip(eager, captured, strict=True):
             assert torch.equal(a, b), k
+
+
+def test_bench_times_the_graph_replay_beside_the_eager_step() -> None:
+    """``orthoptim bench`` on the GPU, CUDA-graph row included: every row timed with CUDA events, and the graph
+    row's first update (taken eagerly, before the capture) is the eager row's, bit for bit."""
+    from orthoptim.bench import run_bench
+
+    names = ["torch_muon", "muon_no_sync", "muon_graph"]
+    report = run_bench([(64, 192), (192, 64)] * 2, names, device="cuda", warmup=1, repeats=3, progress=False)
+    rows = {r.name: r for r in report.rows}
+    assert all(len(r.times_ms) == 3 and min(r.times_ms) > 0 for r in report.rows)
+    assert rows["muon_graph"].update_vs_baseline == rows["muon_no_sync"].update_vs_baseline
+    assert report.device_name == torch.cuda.get_device_name(CUDA)
