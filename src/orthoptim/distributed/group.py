@@ -47,6 +47,15 @@ class GroupRef:
     def size(self) -> int:
         return len(self.ranks)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> GroupRef:
+        return self  # a deep-copied optimizer works over the same group (immutable; a handle, not data)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "an optimizer with a process group cannot be pickled (its group and rank belong to this process): "
+            "save opt.state_dict() instead, or copy.deepcopy it within the process"
+        )
+
 
 def resolve_process_group(process_group: Any) -> GroupRef | None:
     """The group the optimizer splits work over and agrees on skips with, or ``None`` to run locally.

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .validation import check_number
+from .validation import check_number, check_param_dtypes
 
 
 def validate_adamw_group(group: dict[str, Any]) -> None:
@@ -31,6 +31,7 @@ def validate_adamw_group(group: dict[str, Any]) -> None:
     check_number("betas[0]", betas[0], 0.0, 1.0)
     check_number("betas[1]", betas[1], 0.0, 1.0)
     check_number("eps", group["eps"], 0.0)
+    check_param_dtypes(group["params"])
 
 
 @dataclass

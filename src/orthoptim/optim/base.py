@@ -43,6 +43,8 @@ it is not part of ``state_dict()``.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -73,6 +75,19 @@ from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
 from .prepare import Pending, local_shards, orthogonalized_prepare, sharded_prepare, split_starter
 from .shapes import matrix_layout
 from .validation import NONFINITE_MODES, NonFiniteMode, validate_orthogonalized_group
+
+#: Source trees whose frames a warning skips to reach the user's line: torch's step wrappers (``no_grad``, the
+#: optimizer's hooks, an lr scheduler's counter) and ours.
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a warning raised in ``step`` so that it names the first frame outside torch and
+    orthoptim: the user's ``opt.step()`` line, however many wrappers torch put around the call."""
+    frame, level = sys._getframe(1), 1  # level 1: the function calling warnings.warn
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _each_finite(tensors: list[Tensor]) -> Tensor:
@@ -124,20 +139,43 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self.nonfinite: NonFiniteMode = nonfinite
         self.warn_on_skip = bool(warn)
         # On the object, not in the param groups: a process group is not serializable (not in state_dict()).
-        self._group: GroupRef | None = resolve_process_group(process_group)
-        self._rank = 0 if self._group is None else self._group.rank
-        self._world = 1 if self._group is None else self._group.size
+        self._start_runtime(resolve_process_group(process_group))
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._validate_group(group)
+
+    def _start_runtime(self, group: GroupRef | None) -> None:
+        """What the step keeps beyond torch's optimizer state — the process group, plans, buffers, address tables
+        — set up by ``__init__`` and again by ``__setstate__`` (a deep copy or an unpickled optimizer)."""
+        self._group: GroupRef | None = group
+        self._rank = 0 if group is None else group.rank
+        self._world = 1 if group is None else group.size
         # The distributed step also runs for DTensor parameters on a one-rank mesh (without collectives).
-        self._distributed = self._group is not None
-        self._dist_plans: dict[tuple[int, ...], list[_GroupSplit | None]] = {}
-        self._plans: dict[tuple[int, ...], list[Megabatch]] = {}
+        self._distributed = group is not None
+        self._dist_plans: dict[tuple[Any, ...], list[_GroupSplit | None]] = {}
+        self._plans: dict[tuple[Any, ...], list[Megabatch]] = {}
         # The CPU's phase-1 update buffers, kept between steps (``prepare._held_update``); not optimizer state.
         self._held = Workspace()
         # Address tables of the fused elementwise kernels (``optim/fused.py``), kept between steps; not state.
         self._tables = fused.PointerTables()
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._validate_group(group)
+
+    #: Attributes that ``copy.deepcopy`` and pickling keep besides torch's (defaults, state, param_groups): the
+    #: options ``__init__`` takes outside the param groups. The process group survives a deep copy as the same
+    #: group and refuses pickling (``distributed.GroupRef``); plans, buffers and tables are rebuilt.
+    _KEPT_ATTRIBUTES: tuple[str, ...] = ("nonfinite", "warn_on_skip", "_group")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in self._KEPT_ATTRIBUTES})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also called by load_state_dict, with state and param_groups only
+        if "_plans" not in self.__dict__:  # a deep copy or an unpickled optimizer: rebuild what is not state
+            self._start_runtime(self.__dict__.get("_group"))
+            for group in self.param_groups:
+                if any(is_dtensor(p) for p in group["params"]):
+                    self._distributed = True
 
     @property
     def process_group(self) -> Any:
@@ -160,7 +198,11 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_plans"):  # called by Optimizer.__init__ before validation runs there
-            self._validate_group(self.param_groups[-1])
+            try:
+                self._validate_group(self.param_groups[-1])
+            except Exception:
+                self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+                raise
 
     #: State kept in float32 whatever the parameter dtype (torch's load_state_dict would cast it to the param's).
     _FLOAT32_STATE = ("second_moment", "nonfinite_skips")
@@ -220,11 +262,27 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                     lists.setdefault(key, []).append(state[key])
         return params, grads, lists
 
+    def _layouts(self, group: dict[str, Any], params: list[Tensor]) -> list[tuple[int, int, int]]:
+        """Each parameter as (matrices, m, n) under the group's ``shape_policy`` (which may have been changed since
+        the last plan: plans are keyed by it); NorMuon's second moments, made for the layout of the first step,
+        must still fit."""
+        policy = group["shape_policy"]
+        layouts = [matrix_layout(tuple(p.shape), policy) for p in params]
+        for p, (count, m, _) in zip(params, layouts, strict=True):
+            second = self.state[p].get("second_moment") if group["row_norm"] else None
+            if second is not None and second.numel() != count * m:
+                raise ValueError(
+                    f"shape_policy={policy!r} makes the parameter of shape {tuple(p.shape)} {count} matrices of {m} "
+                    f"rows, but its NorMuon second moment holds {second.numel()} rows (made under the policy of "
+                    "its first step): set shape_policy before the first step, or delete that parameter's state"
+                )
+        return layouts
+
     def _plan(self, group: dict[str, Any], params: list[Tensor]) -> list[Megabatch]:
-        key = (id(group), *(id(p) for p in params))
+        key = (id(group), group["shape_policy"], *(id(p) for p in params))
         plan = self._plans.get(key)
         if plan is None:
-            layouts = [matrix_layout(tuple(p.shape), group["shape_policy"]) for p in params]
+            layouts = self._layouts(group, params)
             on_cpu = all(p.device.type == "cpu" for p in params)
             plan = plan_megabatches(
                 layouts,
@@ -322,7 +380,11 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         Owners balance the orthogonalization FLOPs over all groups at once: every replicated matrix and every
         sharded parameter is one item, assigned largest first to the least-loaded rank.
         """
-        key = tuple(x for group, params, _, _ in gathered for x in (id(group), len(params), *map(id, params)))
+        key = tuple(
+            x
+            for group, params, _, _ in gathered
+            for x in (id(group), group.get("shape_policy"), len(params), *map(id, params))
+        )
         cached = self._dist_plans.get(key)
         if cached is not None:
             return cached
@@ -333,8 +395,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             if group.get("algorithm", "orthogonalized") == "adamw":
                 splits.append(None)
                 continue
-            policy = group["shape_policy"]
-            layouts = [matrix_layout(tuple(p.shape), policy) for p in params]
+            layouts = self._layouts(group, params)
             split = _GroupSplit()
             for sharded in (False, True):
                 pos = [i for i, p in enumerate(params) if is_dtensor(p) == sharded]
@@ -487,6 +548,6 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                     f"orthoptim: step skipped for every parameter because of {what}; state is unchanged. "
                     "Pass warn_nonfinite=False to silence this (and drop its host sync).",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=_user_stacklevel(),
                 )
         return loss

@@ -46,6 +46,12 @@ def split_params(
     return matrices, others
 
 
+def _check_algorithm(group: dict[str, Any]) -> None:
+    if group.get("algorithm") not in ("muon", "adamw"):
+        got = group.get("algorithm")
+        raise ValueError(f'Hybrid: each param group needs "algorithm": "muon" or "adamw", got {got!r}')
+
+
 class Hybrid(Muon):
     """One optimizer: an orthogonalized update (Muon, or NorMuon/PolarGrad via ``row_norm``/``scale_mode``) for
     hidden matrices and AdamW for the rest (embeddings, head, biases, gains).
@@ -89,13 +95,27 @@ class Hybrid(Muon):
         else:
             groups = []
             for g in params:
-                if not isinstance(g, dict) or g.get("algorithm") not in ("muon", "adamw"):
-                    raise ValueError('Hybrid(params): each param group needs "algorithm": "muon" or "adamw"')
+                if not isinstance(g, dict):
+                    raise TypeError(
+                        "Hybrid(params): pass an nn.Module (split by orthoptim.split_params), a pair (matrices, "
+                        'others), or param groups (dicts) each with "algorithm": "muon" or "adamw"; got an '
+                        f"iterable of {type(g).__name__}"
+                    )
+                _check_algorithm(g)
                 groups.append({**adamw, **g} if g["algorithm"] == "adamw" else dict(g))
         if not groups:
             raise ValueError("Hybrid got no parameters")
+        self._adamw_defaults = adamw  # for groups added later (``add_param_group``)
         super().__init__(groups, lr=lr, weight_decay=weight_decay, **kw)
 
+    _KEPT_ATTRIBUTES = (*Muon._KEPT_ATTRIBUTES, "_adamw_defaults")
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, with ``"algorithm"`` defaulting to ``"muon"``; an ``"adamw"`` group's missing options are
+        the constructor's ``adamw_*`` (not the matrices' ``lr``/``weight_decay``)."""
         param_group.setdefault("algorithm", "muon")
+        _check_algorithm(param_group)
+        if param_group["algorithm"] == "adamw" and hasattr(self, "_adamw_defaults"):
+            for key, value in self._adamw_defaults.items():
+                param_group.setdefault(key, value)
         super().add_param_group(param_group)

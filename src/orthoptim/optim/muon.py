@@ -67,6 +67,10 @@ class Muon(OrthogonalizedOptimizer):
             with (README, "Distributed"). Default: the world group when torch.distributed is initialized with
             more than one rank; ``None`` runs locally. Kept on the optimizer (``opt.process_group``), not in the
             param groups: it is not part of ``state_dict()``.
+        row_norm, beta2, row_eps: NorMuon's per-row second-moment normalization (off by default;
+            :class:`orthoptim.NorMuon` turns it on, and documents ``beta2`` and ``row_eps``).
+
+    Any other keyword raises ``TypeError``, as torch.optim.Muon's would: a misspelt option is never ignored.
     """
 
     def __init__(
@@ -90,7 +94,9 @@ class Muon(OrthogonalizedOptimizer):
         nonfinite: NonFiniteMode = "skip",
         warn_nonfinite: bool = True,
         process_group: Any = DEFAULT_PROCESS_GROUP,
-        **extra: Any,
+        row_norm: bool = False,
+        beta2: float = 0.95,
+        row_eps: float = 1e-8,
     ) -> None:
         if adjust_lr_fn not in _TORCH_ADJUST:
             raise ValueError(f"adjust_lr_fn must be one of {_TORCH_ADJUST}, got {adjust_lr_fn!r}")
@@ -111,9 +117,8 @@ class Muon(OrthogonalizedOptimizer):
             "iteration": iteration,
             "scale_mode": scale_mode or adjust_lr_fn or "original",
             "shape_policy": shape_policy,
-            "row_norm": False,
-            "beta2": 0.95,
-            "row_eps": 1e-8,
-            **extra,
+            "row_norm": row_norm,
+            "beta2": beta2,
+            "row_eps": row_eps,
         }
         super().__init__(params, defaults, nonfinite, warn_nonfinite, process_group=process_group)

@@ -138,5 +138,5 @@ def finish_update(
     # the range skips the step even if O·f would just fit: never met at real learning rates).
     if factor is None:
         return update, new_second, O.sum(), None
-    size = torch.linalg.vector_norm(factor, ord=1, dtype=torch.float32)
+    size = torch.linalg.vector_norm(factor, ord=1, dtype=torch.promote_types(factor.dtype, torch.float32))
     return update, new_second, torch.add(O.sum(), size, alpha=2.0), factor

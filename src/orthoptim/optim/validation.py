@@ -3,6 +3,7 @@ before any state exists."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, TypeAlias
 
 from torch import Tensor
@@ -28,9 +29,19 @@ def check_number(name: str, value: Any, lo: float, hi: float | None = None, *, l
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     ok = (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
-    if not ok or value != value:
+    if not ok or not math.isfinite(value):
         interval = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else '∞'}{']' if hi is not None else ')'}"
-        raise ValueError(f"{name} must lie in {interval}, got {value}")
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
+
+
+def check_param_dtypes(params: list[Tensor]) -> None:
+    """Raise ``TypeError`` for a parameter that is not real floating point (integer, bool, complex)."""
+    for p in params:
+        if p.is_complex() or not p.is_floating_point():
+            raise TypeError(
+                f"orthoptim optimizers take real floating-point parameters; the parameter of shape {tuple(p.shape)} "
+                f"is {p.dtype}"
+            )
 
 
 def validate_orthogonalized_group(group: dict[str, Any]) -> None:
@@ -54,6 +65,7 @@ def validate_orthogonalized_group(group: dict[str, Any]) -> None:
     if group["row_norm"]:
         check_number("beta2", group["beta2"], 0.0, 1.0)
         check_number("row_eps", group["row_eps"], 0.0, lo_open=True)
+    check_param_dtypes(group["params"])
     for p in group["params"]:
         matrix_layout(tuple(p.shape), group["shape_policy"])
     # The schedule's safety in the compute dtype of each device, checked here so that a compiled step (which

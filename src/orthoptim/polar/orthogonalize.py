@@ -122,7 +122,8 @@ def orthogonalize(
     float32's largest values; the zero matrix maps to zeros.
 
     Args:
-        G: real floating tensor (..., m, n), any m, n ≥ 1, any float dtype, any strides.
+        G: real floating tensor (..., m, n), any m, n ≥ 1, any float dtype, any strides. Not differentiable: a
+            ``G`` that requires grad is refused while grad mode is on (use ``torch.no_grad()`` or ``G.detach()``).
         schedule: a shipped schedule name (``orthoptim.list_schedules()``), a ``Schedule``, one ``(a, b, c)``
             triple (applied every step, as in torch.optim.Muon), or a list of triples (validated once).
         steps: iterations; the schedule's default (5 for most) if None. A schedule that fails validation under
@@ -161,6 +162,13 @@ def orthogonalize(
         A tensor of ``G``'s shape and dtype (a transposed view for tall matrices), or ``out``.
     """
     check_matrix_input(G, "orthogonalize")
+    if G.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "orthogonalize: the input requires grad, but orthogonalize is not differentiable (it computes in "
+            "place, in preallocated buffers): call it under torch.no_grad(), or on G.detach()"
+        )
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"orthogonalize: out_dtype must be a real floating dtype, got {out_dtype!r}")
     result_dtype = G.dtype if out_dtype is None else out_dtype
     if out is not None:
         if out.shape != G.shape or out.dtype != result_dtype:

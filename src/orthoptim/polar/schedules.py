@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 import numpy as np
+import torch
 
 Triple: TypeAlias = tuple[float, float, float]
 IterationMode: TypeAlias = Literal["cycle", "repeat_last"]
@@ -99,6 +100,12 @@ class Schedule:
     def matmuls(self, steps: int | None = None) -> int:
         """Matrix products for ``steps`` iterations: 3 per quintic step, 2 per cubic (c = 0) step."""
         return sum(2 if c == 0.0 else 3 for (_, _, c) in self.steps_coefficients(steps))
+
+
+# A Schedule object passed as ``schedule=`` lives in the param groups, so it is in ``state_dict()``: allowed for
+# ``torch.load``'s default ``weights_only=True`` unpickler (torch ≥ 2.6), which refuses unlisted classes. Its
+# fields are plain numbers, strings and tuples, so nothing executable comes with it.
+torch.serialization.add_safe_globals([Schedule])
 
 
 def _with_safety(triples: Sequence[Triple], factor: float) -> tuple[Triple, ...]:

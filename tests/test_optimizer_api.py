@@ -1,0 +1,221 @@
+"""The optimizer objects as torch users handle them: copies and pickles, unknown options, param groups added or
+changed later, checkpoints with custom schedules, bad parameters, and where a warning points."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import orthoptim
+from orthoptim.distributed.group import GroupRef
+from orthoptim.optim.shapes import matrix_layout
+
+Maker = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def _matrices(ps: list[nn.Parameter]) -> list[nn.Parameter]:
+    return [p for p in ps if p.ndim >= 2]
+
+
+MAKERS: dict[str, Maker] = {  # the orthogonalized ones get the matrices; Hybrid all
+    "muon": lambda ps: orthoptim.Muon(_matrices(ps), lr=0.02, nonfinite="raise", warn_nonfinite=False),
+    "normuon": lambda ps: orthoptim.NorMuon(_matrices(ps), lr=0.02),
+    "polargrad": lambda ps: orthoptim.PolarGrad(_matrices(ps), lr=1e-3, compute_dtype="float32"),
+    "hybrid": lambda ps: orthoptim.Hybrid((ps[:2], ps[2:]), lr=0.02, adamw_lr=1e-3, adamw_weight_decay=0.1),
+}
+SHAPES = [(16, 40), (40, 16), (24,), (8, 8)]
+
+
+def _params(seed: int = 0) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+
+
+def _grads(params: list[nn.Parameter], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+def _state(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return [*(p.detach() for p in params), *(v for p in params for _, v in sorted(opt.state[p].items()))]
+
+
+@pytest.mark.parametrize("name", MAKERS)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_steps_like_the_original(name: str, how: str) -> None:
+    """torch's __getstate__ keeps defaults, state and param groups only: the copy must rebuild the rest and keep
+    the options set outside the groups."""
+    opt = MAKERS[name](_params())
+    params = [p for g in opt.param_groups for p in g["params"]]
+    _grads(params, 1)
+    opt.step()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    assert all(a is not b for a, b in zip(twin_params, params, strict=True))
+    assert (twin.nonfinite, twin.warn_on_skip) == (opt.nonfinite, opt.warn_on_skip)
+    for step in range(2, 4):
+        _grads(params, step)
+        _grads(twin_params, step)
+        opt.step()
+        twin.step()
+    mine, theirs = _state(opt), _state(twin)
+    assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+
+
+def test_a_process_group_is_shared_by_a_deep_copy_and_refuses_pickling() -> None:
+    ref = GroupRef(None, (0, 1), 0)
+    assert copy.deepcopy(ref) is ref
+    with pytest.raises(TypeError, match=r"cannot be pickled.*state_dict"):
+        pickle.dumps(ref)
+
+
+@pytest.mark.parametrize(
+    ("make", "typo"),
+    [
+        (lambda ps: orthoptim.Muon(ps, lr=0.02, weight_decy=0.0), "weight_decy"),
+        (lambda ps: orthoptim.NorMuon(ps, lr=0.02, beta=0.9), "beta"),
+        (lambda ps: orthoptim.PolarGrad(ps, lr=1e-3, foreach=True), "foreach"),
+        (lambda ps: orthoptim.Hybrid((ps[:2], ps[2:]), betas=(0.9, 0.99)), "betas"),
+        (lambda ps: orthoptim.create("muon", ps, bogus=1), "bogus"),
+    ],
+)
+def test_an_unknown_option_raises_naming_it(make: Maker, typo: str) -> None:
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{typo}'"):
+        make(_params())
+
+
+def test_a_rejected_param_group_leaves_the_optimizer_as_it_was() -> None:
+    params = _params()
+    opt = orthoptim.Muon(params[:2], lr=0.02)
+    with pytest.raises(ValueError, match="Hybrid"):  # a 1-D parameter: the error points to Hybrid
+        opt.add_param_group({"params": [params[2]]})
+    assert len(opt.param_groups) == 1
+    _grads(params, 1)
+    opt.step()  # still steps
+    opt.add_param_group({"params": [params[3]], "lr": 0.01})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.01
+
+
+def test_hybrid_adds_an_adamw_group_with_its_adamw_options() -> None:
+    """The added group runs the constructor's adamw_* options, not the matrices' lr and weight decay: checked
+    against torch.optim.AdamW(fused=True), which Hybrid's AdamW half matches bit for bit."""
+    params, twin = _params(), _params()
+    betas = (0.8, 0.9)
+    opt = orthoptim.Hybrid(([params[0]], [params[2]]), lr=0.02, weight_decay=0.3, adamw_lr=1e-3,
+                           adamw_betas=betas, adamw_eps=1e-6, adamw_weight_decay=0.05)  # fmt: skip
+    opt.add_param_group({"params": [params[3]], "algorithm": "adamw"})
+    ref = torch.optim.AdamW([twin[3]], lr=1e-3, betas=betas, eps=1e-6, weight_decay=0.05, fused=True)
+    for step in range(3):
+        _grads(params, step)
+        _grads(twin, step)
+        opt.step()
+        ref.step()
+    assert torch.equal(params[3], twin[3])
+    with pytest.raises(ValueError, match='"algorithm": "muon" or "adamw"'):
+        opt.add_param_group({"params": [params[1]], "algorithm": "sgd"})
+    assert len(opt.param_groups) == 3
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        orthoptim.Hybrid(list(_params()))  # type: ignore[arg-type]
+
+
+def test_a_checkpoint_with_a_schedule_object_loads_with_torch_load_defaults() -> None:
+    """torch.load's default weights_only unpickler (torch ≥ 2.6) accepts a designed Schedule in the groups, and
+    the resumed optimizer steps as the one that saved it."""
+    sched = orthoptim.design_schedule(5, 1e-3, safety=0.02, cushion=0.02)
+    params, twin = _params(), _params()
+    opt = orthoptim.Muon(params[:2], lr=0.02, schedule=sched)
+    _grads(params, 1)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf)  # weights_only=True by default
+    assert saved["param_groups"][0]["schedule"] == sched
+    with torch.no_grad():
+        for a, b in zip(twin, params, strict=True):
+            a.copy_(b)
+    resumed = orthoptim.Muon(twin[:2], lr=0.02)
+    resumed.load_state_dict(saved)
+    _grads(params, 2)
+    _grads(twin, 2)
+    opt.step()
+    resumed.step()
+    assert all(torch.equal(a, b) for a, b in zip(params[:2], twin[:2], strict=True))
+
+
+def test_a_changed_shape_policy_takes_effect() -> None:
+    """Plans are keyed by the policy: after ``shape_policy="flatten"`` the next update is the flattened matrix's
+    (momentum 0: the update depends on that step's gradient only), against orthogonalize on that matrix."""
+    w = nn.Parameter(torch.zeros(3, 8, 12))
+    opt = orthoptim.Muon([w], lr=0.5, momentum=0.0, weight_decay=0.0, compute_dtype="float32")
+    _grads([w], 1)
+    opt.step()
+    opt.param_groups[0]["shape_policy"] = "flatten"
+    before = w.detach().clone()
+    _grads([w], 2)
+    opt.step()
+    count, m, n = matrix_layout(tuple(w.shape), "flatten")
+    assert count == 1
+    scale = max(1.0, m / n) ** 0.5  # the "original" scale mode (torch.optim.Muon's)
+    want = -0.5 * scale * orthoptim.orthogonalize(w.grad.reshape(m, n), compute_dtype="float32")  # type: ignore[union-attr]
+    assert torch.allclose((w.detach() - before).reshape(m, n), want, atol=1e-6)
+
+
+def test_a_changed_shape_policy_under_normuon_says_what_is_wrong() -> None:
+    w = nn.Parameter(torch.zeros(3, 8, 12))
+    opt = orthoptim.NorMuon([w], lr=0.02)
+    _grads([w], 1)
+    opt.step()
+    opt.param_groups[0]["shape_policy"] = "flatten"
+    with pytest.raises(ValueError, match="second moment holds 24 rows"):
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"), [({"lr": math.inf}, "lr must be a finite"), ({"weight_decay": math.inf}, "weight_decay")]
+)
+def test_infinite_options_are_refused(kw: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        orthoptim.Muon(_params()[:1], **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_parameters_must_be_real_floating_point(dtype: torch.dtype) -> None:
+    bad = nn.Parameter(torch.zeros(4, 4, dtype=dtype), requires_grad=dtype.is_complex)
+    with pytest.raises(TypeError, match=f"shape \\(4, 4\\) is {dtype}"):
+        orthoptim.Muon([bad])
+    with pytest.raises(TypeError, match="real floating-point"):
+        orthoptim.Hybrid(([], [bad]))
+
+
+def test_the_skip_warning_points_at_the_callers_line() -> None:
+    p = nn.Parameter(torch.zeros(8, 16))
+    opt = orthoptim.Hybrid(([p], []))
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # wraps opt.step once more
+    p.grad = torch.full((8, 16), math.nan)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert [w.filename for w in caught if "step skipped" in str(w.message)] == [__file__]
+
+
+def test_orthogonalize_refuses_autograd_inputs_and_bad_out_dtypes() -> None:
+    weight = nn.Linear(16, 32).weight
+    with pytest.raises(ValueError, match=r"torch\.no_grad"):
+        orthoptim.orthogonalize(weight)
+    with torch.no_grad():
+        got = orthoptim.orthogonalize(weight, compute_dtype="float32")
+    assert torch.equal(got, orthoptim.orthogonalize(weight.detach(), compute_dtype="float32"))
+    for dtype in (torch.int32, torch.bool, torch.complex64):
+        with pytest.raises(TypeError, match="out_dtype"):
+            orthoptim.orthogonalize(torch.randn(8, 4), out_dtype=dtype)
