@@ -3,7 +3,8 @@
 A graph break would come from data-dependent Python control flow or a host sync (``.item()``, ``bool(tensor)``),
 exactly what would also break CUDA-graph capture; ``fullgraph=True`` turns any of them into an error. The
 non-finite check of ``nonfinite="raise"`` is such a sync by design, so compiled callers use ``"propagate"``
-(the optimizers' ``"skip"`` policy decides on the device).
+(the optimizers' ``"skip"`` policy decides on the device). The optimizers' whole step also compiles
+(``torch.compile(opt.step)``, graph breaks allowed) to the eager step's bits.
 """
 
 from __future__ import annotations
@@ -73,3 +74,36 @@ def test_fullgraph_trace_of_large_cpu_matrices(iteration: str) -> None:
     eager = orthoptim.orthogonalize(G, **kw)  # type: ignore[arg-type]
     assert (out - eager).abs().max() < 1e-4  # full vs row-block products: rounding apart
     assert torch.linalg.matrix_norm(out.double() - orthoptim.polar(G.double()), ord=2).max() < 2e-2  # float64 SVD
+
+
+STEP_MAKERS = {
+    "muon": lambda ps: orthoptim.Muon(ps[:2], lr=0.02),
+    "muon-no-warning": lambda ps: orthoptim.Muon(ps[:2], lr=0.02, warn_nonfinite=False),
+    "normuon-propagate": lambda ps: orthoptim.NorMuon(ps[:2], lr=0.02, nonfinite="propagate"),
+    "polargrad": lambda ps: orthoptim.PolarGrad(ps[:2], lr=1e-3),
+    "hybrid": lambda ps: orthoptim.Hybrid((ps[:2], ps[2:]), lr=0.02),
+}
+
+
+@pytest.mark.parametrize(("name", "backend"), [*((n, "eager") for n in STEP_MAKERS), ("muon-no-warning", "aot_eager")])
+def test_a_compiled_step_equals_the_eager_step(name: str, backend: str) -> None:
+    """``torch.compile(opt.step)`` as torch.optim users write it (graph breaks allowed where a policy reads the
+    flag): the same parameters and state, bit for bit, over three steps. Regression: torch 2.13's Dynamo
+    intercepted an optimizer attribute named ``_group`` (a substring of ``"_init_group"``), which made a local
+    optimizer take the distributed branch and fail."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(32, 16), (16, 48), (24,)]
+    eager = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    traced = [torch.nn.Parameter(p.detach().clone()) for p in eager]
+    opt_eager, opt_traced = STEP_MAKERS[name](eager), STEP_MAKERS[name](traced)
+    step = torch.compile(opt_traced.step, backend=backend)
+    for _ in range(3):
+        for a, b in zip(eager, traced, strict=True):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        opt_eager.step()
+        step()
+    assert all(torch.equal(a, b) for a, b in zip(eager, traced, strict=True))
+    for a, b in zip(eager, traced, strict=True):
+        for key, value in opt_eager.state[a].items():
+            assert torch.equal(value, opt_traced.state[b][key]), key

@@ -147,7 +147,10 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     def _start_runtime(self, group: GroupRef | None) -> None:
         """What the step keeps beyond torch's optimizer state — the process group, plans, buffers, address tables
         — set up by ``__init__`` and again by ``__setstate__`` (a deep copy or an unpickled optimizer)."""
-        self._group: GroupRef | None = group
+        # Not named ``_group``: torch 2.13's Dynamo intercepts any optimizer attribute whose name is a substring
+        # of "_init_group" (``name in ("_init_group")`` in torch/_dynamo/variables/optimizer.py tests a string,
+        # not a tuple), so under torch.compile ``self._group is None`` was False for a local optimizer.
+        self._pg_ref: GroupRef | None = group
         self._rank = 0 if group is None else group.rank
         self._world = 1 if group is None else group.size
         # The distributed step also runs for DTensor parameters on a one-rank mesh (without collectives).
@@ -162,7 +165,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     #: Attributes that ``copy.deepcopy`` and pickling keep besides torch's (defaults, state, param_groups): the
     #: options ``__init__`` takes outside the param groups. The process group survives a deep copy as the same
     #: group and refuses pickling (``distributed.GroupRef``); plans, buffers and tables are rebuilt.
-    _KEPT_ATTRIBUTES: tuple[str, ...] = ("nonfinite", "warn_on_skip", "_group")
+    _KEPT_ATTRIBUTES: tuple[str, ...] = ("nonfinite", "warn_on_skip", "_pg_ref")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -172,7 +175,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also called by load_state_dict, with state and param_groups only
         if "_plans" not in self.__dict__:  # a deep copy or an unpickled optimizer: rebuild what is not state
-            self._start_runtime(self.__dict__.get("_group"))
+            self._start_runtime(self.__dict__.get("_pg_ref"))
             for group in self.param_groups:
                 if any(is_dtensor(p) for p in group["params"]):
                     self._distributed = True
@@ -180,9 +183,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     @property
     def process_group(self) -> Any:
         """The process group work is split over and skips are agreed on (``None``: local)."""
-        if self._group is None:
+        if self._pg_ref is None:
             return None
-        return torch.distributed.group.WORLD if self._group.group is None else self._group.group
+        return torch.distributed.group.WORLD if self._pg_ref.group is None else self._pg_ref.group
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         if group.get("algorithm", "orthogonalized") == "adamw":
@@ -191,7 +194,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             validate_orthogonalized_group(group)
             for p in group["params"]:
                 if is_dtensor(p):
-                    check_sharded(p, None if self._group is None else self._group.ranks, self._rank)
+                    check_sharded(p, None if self._pg_ref is None else self._pg_ref.ranks, self._rank)
         if any(is_dtensor(p) for p in group["params"]):
             self._distributed = True
 
@@ -315,7 +318,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                         plan,
                         group,
                         need_flags=need_flags,
-                        held=self._held if on_cpu else None,
+                        held=self._held if on_cpu and not torch.compiler.is_compiling() else None,
                         role=f"update{g}.",
                         selects=selects,
                         tables=None if on_cpu else self._tables,
@@ -330,8 +333,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         are issued in the same order everywhere whatever the data.
         """
         splits = self._dist_plan(gathered)
-        local, rank = self._group is None, self._rank
-        pg = None if self._group is None else self._group.group  # None: the default group (or no collective)
+        local, rank = self._pg_ref is None, self._rank
+        pg = None if self._pg_ref is None else self._pg_ref.group  # None: the default group (or no collective)
         pending: list[Any] = []
         for (group, params, grads, lists), split in zip(gathered, splits, strict=True):
             if not params:
@@ -414,7 +417,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 for i, count in zip(mb.indices, mb.counts, strict=True):
                     p = params[i]
                     per_row = layouts[i][0] * layouts[i][1] // p.shape[0]  # stacked matrix rows per dim-0 index
-                    sizes = check_sharded(p, None if self._group is None else self._group.ranks, self._rank)
+                    sizes = check_sharded(p, None if self._pg_ref is None else self._pg_ref.ranks, self._rank)
                     split.rows[i] = [r * per_row for r in sizes]
                     costs.append(count * matrix_flops(*mb.matrix_shape))
                     refs.append((split, -1, i))
@@ -442,8 +445,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         if not params:
             return
-        assert self._group is not None
-        bad = presence_mismatch([p.grad is not None for p in params], params[0].device, self._group.group)
+        assert self._pg_ref is not None
+        bad = presence_mismatch([p.grad is not None for p in params], params[0].device, self._pg_ref.group)
         if bad:
             p = params[bad[0]]
             raise RuntimeError(
@@ -458,7 +461,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         bad = (~grads_finite).nonzero() if grads_finite is not None else torch.zeros(0)
         if bad.numel():
             return f"a non-finite gradient (parameter of shape {tuple(params[int(bad[0])].shape)})"
-        if self._group is not None:
+        if self._pg_ref is not None:
             return "a non-finite orthogonalized update, or a non-finite gradient on another rank"
         return "a non-finite orthogonalized update"
 
@@ -472,7 +475,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         gathered = [(group, *self._gather(group)) for group in self.param_groups]
         all_params = [p for _, params, _, _ in gathered for p in params]
         all_grads = [g for _, _, grads, _ in gathered for g in grads]
-        local = self._group is None
+        local = self._pg_ref is None
         if not local:
             self._check_presence()  # before any other collective, and before a rank may return early
         if not all_grads:
@@ -517,8 +520,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             ok = out_ok if ok is None else ok & out_ok
         if not local and ok is not None:
             # One MAX all-reduce over the whole group, every step, whatever the data: all ranks skip together.
-            assert self._group is not None
-            ok = agree_ok(ok, self._group.group)
+            assert self._pg_ref is not None
+            ok = agree_ok(ok, self._pg_ref.group)
             if policy == "raise" and not bool(ok):
                 raise NonFiniteError(f"{self._nonfinite_cause(all_params, grads_finite)}; no state was changed")
         commit_ok = ok if policy == "skip" else None
@@ -526,7 +529,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         if reads_flag:
             assert commit_ok is not None
             keep, commit_ok = bool(commit_ok), None
-        scratch = self._held  # the commit's per-parameter temporaries (roles "momentum", "update"), kept too
+        # The commit's per-parameter temporaries (roles "momentum", "update"), kept too; a compiled step keeps none
+        # (inductor refuses persistent views of one buffer as graph inputs; it plans its own memory anyway).
+        scratch = Workspace() if torch.compiler.is_compiling() else self._held
         flag, steps = StepFlag(commit_ok), []
         for p in pending if keep else ():
             if isinstance(p, Pending):
