@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+import orthoptim
 from orthoptim.cli import main
 from orthoptim.doctor import SCALES, TORCH_MUON, format_report, run_doctor
 
@@ -59,5 +61,17 @@ def test_cli_coeffs_prints_a_pasteable_list_and_plots(capsys: pytest.CaptureFixt
     # modded-nanogpt train_gpt.py's list (ℓ=1e-3, 5 steps, safety 0.02, cushion 0.02), first triple:
     assert triples[0] == pytest.approx((8.156554524902461, -22.48329292557795, 15.878769915207462), rel=1e-12)
     assert len(triples) == 5 and png.stat().st_size > 10_000
+    assert "# usable in compute dtypes: bfloat16, float16, float32, float64" in out
     assert main(["coeffs", "--steps", "0"]) == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_cli_coeffs_warns_when_the_design_is_refused_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a safety margin the first polynomial maps σ just above 1 past what the later ones tolerate: the
+    library refuses the list in every compute dtype, and the command says so next to it."""
+    assert main(["coeffs", "--steps", "5", "--lower", "1e-3"]) == 0
+    assert "WARNING: refused in every compute dtype" in capsys.readouterr().out
+    unsafe = orthoptim.design_schedule(5, 1e-3)
+    for dtype in ("float32", "float64"):
+        with pytest.raises(ValueError, match="refused"):
+            orthoptim.orthogonalize(torch.randn(8, 16), schedule=unsafe, compute_dtype=dtype)

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _coeffs(args: argparse.Namespace) -> int:
     from . import design_schedule, get_schedule, validate_schedule
+    from .polar.schedules import STEP_ROUNDING_BY_PRECISION
 
     sched = design_schedule(
         args.steps, args.lower, degree=args.degree, safety=args.safety, cushion=args.cushion, name="designed"
@@ -90,6 +91,14 @@ def _coeffs(args: argparse.Namespace) -> int:
     print(f"# orthoptim coeffs --steps {args.steps} --lower {args.lower:g} --degree {args.degree}"
           f" --safety {args.safety:g} --cushion {args.cushion:g}")  # fmt: skip
     print(f"# {report.describe()}; input margin {sched.margin:g}")
+    usable = [p for p, d in STEP_ROUNDING_BY_PRECISION.items() if validate_schedule(sched, step_rounding=d).ok]
+    if usable:
+        print(f"# usable in compute dtypes: {', '.join(usable)}")
+    else:
+        print(
+            "# WARNING: refused in every compute dtype (orthogonalize and the optimizers would raise): rounding "
+            "pushes σ past the range the polynomials were designed for; add a --safety margin (e.g. 0.02)"
+        )
     print("coefficients = [")
     for a, b, c in sched.coefficients:
         print(f"    ({a!r}, {b!r}, {c!r}),")
