@@ -219,3 +219,43 @@ def test_orthogonalize_refuses_autograd_inputs_and_bad_out_dtypes() -> None:
     for dtype in (torch.int32, torch.bool, torch.complex64):
         with pytest.raises(TypeError, match="out_dtype"):
             orthoptim.orthogonalize(torch.randn(8, 4), out_dtype=dtype)
+
+
+def test_hybrid_of_a_module_treats_a_conv1d_weight_as_one_flattened_matrix() -> None:
+    """A Conv1d weight (out, in, k) is 3-D, which "auto" would take as k-row batches; Hybrid(model) knows the
+    module and flattens it: the update is the orthogonalized out × in·k gradient (momentum 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(8, 16, 5), nn.Flatten(), nn.Linear(64, 10))
+    opt = orthoptim.Hybrid(model, lr=0.5, momentum=0.0, compute_dtype="float32")
+    conv = model[0].weight
+    assert [g.get("shape_policy") for g in opt.param_groups if any(p is conv for p in g["params"])] == ["flatten"]
+    before = conv.detach().clone()
+    model(torch.randn(4, 8, 8)).square().sum().backward()
+    opt.step()
+    G = conv.grad.reshape(16, 40)  # type: ignore[union-attr]
+    want = -0.5 * orthoptim.orthogonalize(G, compute_dtype="float32")  # scale √max(1, 16/40) = 1
+    assert torch.allclose((conv.detach() - before).reshape(16, 40), want, atol=1e-6)
+    kept = orthoptim.Hybrid(model, shape_policy="batch")  # an explicit policy is the user's choice
+    assert all(g["shape_policy"] == "batch" for g in kept.param_groups if g["algorithm"] == "muon")
+
+
+def test_load_state_dict_refuses_foreign_and_invalid_checkpoints_and_changes_nothing() -> None:
+    params = _params()
+    torch_muon = torch.optim.Muon(params[:2], lr=0.02)
+    _grads(params, 1)
+    torch_muon.step()
+    opt = orthoptim.Muon(params[:2], lr=0.02)
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="not saved by an orthoptim optimizer"):
+        opt.load_state_dict(torch_muon.state_dict())
+    bad = copy.deepcopy(state)
+    bad["param_groups"][0]["momentum"] = 1.5
+    with pytest.raises(ValueError, match="momentum"):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0]["momentum"] == 0.95  # the rejected checkpoint changed nothing
+    old = copy.deepcopy(state)
+    del old["param_groups"][0]["iteration"]  # a checkpoint older than an option loads with this optimizer's value
+    opt.load_state_dict(old)
+    assert opt.param_groups[0]["iteration"] == "auto"
+    opt.step()

@@ -213,10 +213,29 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but float32 statistics stay float32 for low-precision
         parameters (torch casts every state tensor but ``step`` to the parameter's dtype)."""
+        saved_groups = state_dict.get("param_groups", [])
+        for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=False)):
+            if current.get("algorithm", "orthogonalized") != "adamw" and "schedule" not in saved:
+                options = sorted(k for k in saved if k != "params")
+                raise ValueError(
+                    f"load_state_dict: saved param group {i} has no 'schedule' option, so it was not saved by an "
+                    f"orthoptim optimizer (its options: {options}; torch.optim.Muon's look like this). To carry a "
+                    "torch.optim.Muon run over, copy its momentum buffers into a fresh orthoptim optimizer's state "
+                    "after its first step instead"
+                )
         keep = {
             k: {key: v[key] for key in self._FLOAT32_STATE if key in v} for k, v in state_dict.get("state", {}).items()
         }
+        before: dict[str, Any] = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(state_dict)
+        try:
+            for group, current in zip(self.param_groups, before["param_groups"], strict=True):
+                for key, value in current.items():  # options newer than the checkpoint: this optimizer's values
+                    group.setdefault(key, value)
+                self._validate_group(group)
+        except Exception:
+            self.__setstate__(before)  # a checkpoint with invalid options changes nothing
+            raise
         # Keys are matched to parameters through the saved groups' "params" lists, as torch does: they are
         # indices for a plain state_dict() and fully qualified names from torch.distributed.checkpoint.
         saved = [k for g in state_dict["param_groups"] for k in g["params"]]

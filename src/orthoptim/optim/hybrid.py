@@ -56,7 +56,8 @@ class Hybrid(Muon):
     """One optimizer: an orthogonalized update (Muon, or NorMuon/PolarGrad via ``row_norm``/``scale_mode``) for
     hidden matrices and AdamW for the rest (embeddings, head, biases, gains).
 
-    ``params`` is an ``nn.Module`` (split by :func:`split_params`), a pair ``(matrices, others)``, or a list of
+    ``params`` is an ``nn.Module`` (split by :func:`split_params`; its ``nn.Conv1d`` weights get a group of their
+    own with ``shape_policy="flatten"`` unless ``shape_policy`` is passed), a pair ``(matrices, others)``, or a list of
     param groups each with ``"algorithm": "muon"`` or ``"adamw"``. Works with torch lr schedulers (each group has
     its own ``lr``; schedulers scale all groups), ``zero_grad``, closures and ``state_dict``. The non-finite policy
     covers both halves: a skipped step leaves AdamW's moments untouched too.
@@ -81,15 +82,22 @@ class Hybrid(Muon):
     ) -> None:
         adamw = {"lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps, "weight_decay": adamw_weight_decay}
         groups: list[dict[str, Any]]
+        conv1d: set[int] = set()
         if isinstance(params, nn.Module):
+            if "shape_policy" not in kw:  # a Conv1d weight (out, in, k) is one out × in·k matrix, not k-row batches
+                conv1d = {id(m.weight) for m in params.modules() if isinstance(m, nn.Conv1d)}
             params = split_params(params)
         if isinstance(params, tuple):
             if len(params) != 2:
                 raise ValueError("Hybrid(params): a tuple must be (matrix_params, other_params)")
             mats, rest = list(params[0]), list(params[1])
             groups = []
+            flat = [p for p in mats if id(p) in conv1d]
+            mats = [p for p in mats if id(p) not in conv1d]
             if mats:
                 groups.append({"params": mats, "algorithm": "muon"})
+            if flat:
+                groups.append({"params": flat, "algorithm": "muon", "shape_policy": "flatten"})
             if rest:
                 groups.append({"params": rest, "algorithm": "adamw", **adamw})
         else:
