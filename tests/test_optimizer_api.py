@@ -259,3 +259,22 @@ def test_load_state_dict_refuses_foreign_and_invalid_checkpoints_and_changes_not
     opt.load_state_dict(old)
     assert opt.param_groups[0]["iteration"] == "auto"
     opt.step()
+
+
+def test_split_params_sends_raw_embedding_parameters_to_adamw() -> None:
+    class TinyViT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch = nn.Conv2d(3, 16, 4, stride=4)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, 16))
+            self.pos_embed = nn.Parameter(torch.zeros(1, 5, 16))
+            self.experts = nn.Parameter(torch.zeros(4, 16, 32))  # stacked expert weights: matrices
+            self.block = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 10)
+
+    vit = TinyViT()
+    matrices, others = orthoptim.split_params(vit)
+    assert {id(p) for p in matrices} == {id(vit.patch.weight), id(vit.experts), id(vit.block.weight)}
+    assert {id(vit.cls_token), id(vit.pos_embed), id(vit.head.weight)} <= {id(p) for p in others}
+    kept, _ = orthoptim.split_params(vit, embedding_name_parts=())
+    assert any(p is vit.pos_embed for p in kept)

@@ -12,6 +12,10 @@ from .muon import Muon
 
 #: Module names treated as the output head by :func:`split_params` (the last component of the module path).
 HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "output", "classifier", "decoder")
+#: Parameters registered directly (not an ``nn.Embedding``'s weight) whose own name contains one of these are
+#: embeddings too: a ViT's ``pos_embed``, ``cls_token``, ``register_tokens``, a GPT's raw ``wpe``-style tables named
+#: ``*embed*``. Matched against the last component of the parameter's name, lower-cased.
+EMBEDDING_NAME_PARTS: tuple[str, ...] = ("embed", "token")
 
 
 def split_params(
@@ -20,18 +24,24 @@ def split_params(
     exclude_embeddings: bool = True,
     exclude_head: bool = True,
     head_names: Iterable[str] = HEAD_NAMES,
+    embedding_name_parts: Iterable[str] = EMBEDDING_NAME_PARTS,
 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Split ``model``'s trainable parameters into (hidden matrices, everything else).
 
     Hidden matrices are weights with ≥ 2 dims (Linear, conv, stacked experts). Excluded by default, as Muon's
-    authors recommend: embedding tables (``nn.Embedding``/``nn.EmbeddingBag``), the output head (a module whose
-    name is in ``head_names``), and any weight shared with an embedding (tied heads). Each parameter appears
-    once (shared parameters are deduplicated).
+    authors recommend: embedding tables (``nn.Embedding``/``nn.EmbeddingBag``, and parameters whose own name
+    contains one of ``embedding_name_parts``, e.g. ``pos_embed``, ``cls_token``), the output head (a module
+    whose name is in ``head_names``), and any weight shared with an embedding (tied heads). Each parameter
+    appears once (shared parameters are deduplicated).
     """
     heads = set(head_names)
+    parts = tuple(part.lower() for part in embedding_name_parts)
     embedding_ids = {
         id(p) for mod in model.modules() if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) for p in mod.parameters()
     }
+    embedding_ids.update(
+        id(p) for name, p in model.named_parameters() if any(part in name.rsplit(".", 1)[-1].lower() for part in parts)
+    )
     head_ids: set[int] = set()
     for name, mod in model.named_modules():
         if name and name.rsplit(".", 1)[-1] in heads:
