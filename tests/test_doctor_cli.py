@@ -75,3 +75,41 @@ def test_cli_coeffs_warns_when_the_design_is_refused_everywhere(capsys: pytest.C
     for dtype in ("float32", "float64"):
         with pytest.raises(ValueError, match="refused"):
             orthoptim.orthogonalize(torch.randn(8, 16), schedule=unsafe, compute_dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["coeffs", "--steps", "5", "--safety", "0.02", "--plot", "/nonexistent-dir/c.png"], "No such file"),
+        (["bench", "--shapes", "8x8", "--json", "/nonexistent-dir/b.json"], "folder does not exist"),
+        (["bench", "--device", "meta"], "cpu or cuda"),
+        (["doctor", "--device", "meta"], "cpu or cuda"),
+        (["demo", "--device", "meta", "--steps", "1"], "cpu or cuda"),
+        (["doctor", "--device", "cpu:banana"], "not a torch device"),
+    ],
+)
+def test_cli_errors_are_one_line_on_stderr_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cli_doctor_without_cuda_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--device", "cuda", "--shapes", "8x8"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_cli_name_lists_must_name_something() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["doctor", "--schedules", ","])
+    assert exit_info.value.code == 2
+
+
+def test_cli_coeffs_says_when_exact_arithmetic_already_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    """A 5-step cubic design overshoots 1.5 in exact arithmetic: no safety margin helps, and the warning says so."""
+    assert main(["coeffs", "--steps", "5", "--degree", "3", "--safety", "0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "even in exact arithmetic" in out and "--safety" not in out.split("WARNING")[1]

@@ -260,3 +260,10 @@ def test_bad_out_is_named() -> None:
         orthoptim.orthogonalize(G, out=torch.empty(2, 8, 12, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="share memory"):
         orthoptim.orthogonalize(G, out=G)
+
+
+def test_overwrite_input_is_ignored_for_an_expanded_input() -> None:
+    """Stride-0 dims make one element stand for many: such a G cannot be scratch space, so the call copies."""
+    G = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(5)).expand(3, 16, 32)
+    got = orthoptim.orthogonalize(G, overwrite_input=True, compute_dtype="float32")
+    assert torch.equal(got, orthoptim.orthogonalize(G.contiguous(), compute_dtype="float32"))

@@ -58,7 +58,7 @@ def test_cans_is_refused_in_low_precision_with_a_clear_error() -> None:
     assert p1.min() < 0.02 and (abs(b) * x**3 + abs(c) * x**5)[p1.argmin()] > 15  # the cancellation
     G = torch.randn(6, 10)
     for dtype in ("bfloat16", "float16"):
-        with pytest.raises(ValueError, match=rf"'cans' is refused in {dtype}.*float32"):
+        with pytest.raises(ValueError, match=rf"'cans' at 5 steps is refused in {dtype}.*float32"):
             orthoptim.orthogonalize(G, schedule="cans", compute_dtype=dtype)
     assert torch.isfinite(orthoptim.orthogonalize(G, schedule="cans", compute_dtype="float32")).all()
     trusted = Schedule("cans_anyway", get_schedule("cans").coefficients, trusted=True)
@@ -169,3 +169,68 @@ def test_orthoptim_schedule_is_the_designers_output_and_meets_its_bounds() -> No
     five, six = validate_schedule("orthoptim"), validate_schedule("orthoptim", steps=6)
     assert five.ok and 0.859 < five.min_gain and five.max_gain < 1.129, five.describe()
     assert six.ok and 0.996 < six.min_gain and six.max_gain < 1.0016, six.describe()
+
+
+JORDAN_TRIPLE = (3.4445, -4.7750, 2.0315)  # KellerJordan/Muon muon.py, torch.optim._muon DEFAULT_A/B/C
+
+
+def test_a_single_custom_triple_runs_five_steps_like_torch() -> None:
+    """One triple is applied every step for torch.optim.Muon's 5 steps (torch/optim/_muon.py), whether bare or
+    in a one-element list; a longer list runs once through."""
+    G = torch.randn(24, 40, generator=torch.Generator().manual_seed(3))
+    named = orthoptim.orthogonalize(G, schedule="jordan", compute_dtype="float32")
+    for spec in (JORDAN_TRIPLE, [JORDAN_TRIPLE], np.array(JORDAN_TRIPLE), torch.tensor(JORDAN_TRIPLE)):
+        assert as_schedule(spec).default_steps == 5  # type: ignore[arg-type]
+        assert torch.equal(orthoptim.orthogonalize(G, schedule=spec, compute_dtype="float32"), named)  # type: ignore[arg-type]
+    assert as_schedule([JORDAN_TRIPLE, JORDAN_TRIPLE]).default_steps == 2
+    p, q = torch.nn.Parameter(G.clone()), torch.nn.Parameter(G.clone())
+    a = orthoptim.Muon([p], lr=0.1, schedule=JORDAN_TRIPLE, normalization="frobenius", compute_dtype="float32")
+    b = orthoptim.Muon([q], lr=0.1, ns_coefficients=JORDAN_TRIPLE, compute_dtype="float32")
+    p.grad, q.grad = G.clone(), G.clone()
+    a.step()
+    b.step()
+    assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(("steps", "lower"), [(9, 1e-3), (10, 1e-3), (40, 1e-3), (6, 0.1)])
+def test_design_past_convergence_ends_in_the_classical_quintic(steps: int, lower: float) -> None:
+    """Once the interval has shrunk to σ = 1, the optimal step is the degree-5 Newton–Schulz polynomial
+    (15x − 10x³ + 3x⁵)/8, flat to second order at 1; rounding used to push p(l) one ulp past 1 and crash."""
+    sched = orthoptim.design_schedule(steps, lower)
+    assert sched.coefficients[-1] == pytest.approx((15 / 8, -10 / 8, 3 / 8), abs=1e-9)
+    assert validate_schedule(orthoptim.design_schedule(steps, lower, safety=0.02, cushion=0.02)).ok
+
+
+def test_schedule_objects_take_any_sequence_and_refuse_non_numbers() -> None:
+    G = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    as_tuples = Schedule("mine", (JORDAN_TRIPLE,), default_steps=5)
+    want = orthoptim.orthogonalize(G, schedule=as_tuples, compute_dtype="float32")
+    for coefficients in ([list(JORDAN_TRIPLE)], np.array([JORDAN_TRIPLE])):
+        sched = Schedule("mine", coefficients, default_steps=5)  # type: ignore[arg-type]
+        assert sched == as_tuples and hash(sched) == hash(as_tuples)
+        assert torch.equal(orthoptim.orthogonalize(G, schedule=sched, compute_dtype="float32"), want)
+    bad: list[dict[str, object]] = [
+        {"coefficients": (("3.4", -4.7, 2.0),)},
+        {"coefficients": (JORDAN_TRIPLE,), "trusted": "no"},
+        {"coefficients": (JORDAN_TRIPLE,), "name": 3},
+    ]
+    for kw in bad:
+        with pytest.raises(TypeError):
+            Schedule(**{"name": "x", **kw})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="default_steps"):
+        Schedule("x", (JORDAN_TRIPLE,), default_steps=True)
+    with pytest.raises(ValueError, match="degree"):
+        orthoptim.design_schedule(5, degree=5.0)  # type: ignore[arg-type]
+
+
+def test_a_step_count_no_precision_can_save_says_so() -> None:
+    with pytest.raises(ValueError, match=r"refused in every compute dtype: even in exact arithmetic.*'jordan'"):
+        orthoptim.Muon([torch.nn.Parameter(torch.randn(4, 4))], ns_steps=4)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"points": 0}, {"points": 1}, {"upper": float("inf")}, {"lower": 1.002}, {"bound": float("nan")}]
+)
+def test_validate_schedule_refuses_meaningless_arguments(kw: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        validate_schedule("jordan", **kw)  # type: ignore[arg-type]

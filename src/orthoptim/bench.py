@@ -169,18 +169,18 @@ def run_bench(
 
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"bench: device {dev} asked for, but this torch sees no CUDA device")
+        raise RuntimeError(f"device {dev} asked for, but this torch sees no CUDA device")
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown or not names:
-        raise ValueError(f"bench: unknown optimizer(s) {unknown}; choose from {', '.join(CANDIDATES)}")
+        raise ValueError(f"unknown optimizer(s) {unknown}; choose from {', '.join(CANDIDATES)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"bench: an optimizer is named twice in {list(names)}")
+        raise ValueError(f"an optimizer is named twice in {list(names)}")
     if any(CANDIDATES[n].graph for n in names) and dev.type != "cuda":
-        raise ValueError("bench: CUDA graph replay (muon_graph) needs a CUDA device")
+        raise ValueError("CUDA graph replay (muon_graph) needs a CUDA device")
     if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
-        raise ValueError(f"bench: shapes must be a non-empty list of (m, n) with m, n ≥ 1, got {list(shapes)!r}")
+        raise ValueError(f"shapes must be a non-empty list of (m, n) with m, n ≥ 1, got {list(shapes)!r}")
     if warmup < 0 or repeats < 1:
-        raise ValueError(f"bench: need warmup ≥ 0 and repeats ≥ 1, got warmup={warmup}, repeats={repeats}")
+        raise ValueError(f"need warmup ≥ 0 and repeats ≥ 1, got warmup={warmup}, repeats={repeats}")
     rows, steps = [], []
     updates: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(names) * (1 + warmup) + len(names) * repeats, desc="orthoptim bench", unit="step",

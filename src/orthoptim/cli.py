@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+
+import torch
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -23,7 +26,33 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def _parse_names(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no names in {text!r}: expected a comma-separated list")
+    return names
+
+
+#: Device types the commands can run on: ``meta`` holds no data, and the others need builds this project does not
+#: test.
+RUNNABLE_DEVICES = ("cpu", "cuda")
+
+
+def resolve_device(spec: str | None) -> torch.device:
+    """``--device``: None → cuda if available, else cpu; otherwise a torch device that exists here (``ValueError``
+    naming the problem, not a traceback from the first tensor put there)."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in RUNNABLE_DEVICES:
+        raise ValueError(f"--device {spec}: choose a device of type {' or '.join(RUNNABLE_DEVICES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available in this torch build or on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,8 +121,14 @@ def _coeffs(args: argparse.Namespace) -> int:
           f" --safety {args.safety:g} --cushion {args.cushion:g}")  # fmt: skip
     print(f"# {report.describe()}; input margin {sched.margin:g}")
     usable = [p for p, d in STEP_ROUNDING_BY_PRECISION.items() if validate_schedule(sched, step_rounding=d).ok]
+    exact = validate_schedule(sched, step_rounding=0.0)
     if usable:
         print(f"# usable in compute dtypes: {', '.join(usable)}")
+    elif not exact.ok:
+        print(
+            "# WARNING: refused in every compute dtype (orthogonalize and the optimizers would raise): even in "
+            f"exact arithmetic the composite leaves (0, {exact.bound:g}]: {exact.describe()}"
+        )
     else:
         print(
             "# WARNING: refused in every compute dtype (orthogonalize and the optimizers would raise): rounding "
@@ -112,15 +147,20 @@ def _coeffs(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import torch
-
     from .bench import CANDIDATES, DEFAULT_CANDIDATES, format_bench, gpt2_small_shapes, run_bench
 
     if args.list:
         for name, candidate in CANDIDATES.items():
             print(f"{name:16} {candidate.label}{' (default)' if name in DEFAULT_CANDIDATES else ''}")
         return 0
-    device = torch.device(args.device if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"orthoptim bench: {exc}", file=sys.stderr)
+        return 2
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        print(f"orthoptim bench: --json {args.json}: its folder does not exist", file=sys.stderr)
+        return 2
     layers = args.layers if args.layers is not None else (1 if args.shapes else 12 if device.type == "cuda" else 2)
     if layers < 1:
         print(f"orthoptim bench: --layers must be ≥ 1, got {layers}", file=sys.stderr)
@@ -157,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "coeffs":
         try:
             return _coeffs(args)
-        except (ValueError, TypeError, RuntimeError) as exc:
+        except (ValueError, TypeError, RuntimeError, OSError) as exc:
             print(f"orthoptim coeffs: {exc}", file=sys.stderr)
             return 2
     if args.command == "bench":
@@ -172,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = run_doctor(
                 args.shapes or DEFAULT_SHAPES,
                 args.schedules,
-                device=args.device,
+                device=resolve_device(args.device),
                 compute_dtype=args.compute_dtype,
                 normalization=args.normalization,
                 repeats=args.repeats,

@@ -124,6 +124,8 @@ def run_doctor(
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {dev} asked for, but this torch sees no CUDA device")
     names = list(schedules) if schedules is not None else list_schedules()
     for name in names:
         get_schedule(name)  # unknown names fail before any work

@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..cli import resolve_device
 from .data import load_corpus
 from .model import GPTConfig
 from .train import OPTIMIZERS, REFERENCE, TrainConfig, compare, describe, format_table, plot_curves, write_results
@@ -74,18 +73,6 @@ def _optimizer_names(text: str) -> list[str]:
     return names
 
 
-def _device(spec: str | None) -> str:
-    if spec is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"--device {spec!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: CUDA is not available in this torch build or on this machine")
-    return str(device)
-
-
 def run_demo(args: argparse.Namespace) -> int:
     """Run the comparison described by ``args`` (from :func:`add_demo_parser`); return the exit code.
 
@@ -101,7 +88,7 @@ def run_demo(args: argparse.Namespace) -> int:
             batch=args.batch,
             eval_every=args.eval_every,
             seed=args.seed,
-            device=_device(args.device),
+            device=str(resolve_device(args.device)),
         )
         corpus = load_corpus(args.data, model.context)
         out = Path(args.out)

@@ -203,7 +203,7 @@ def design_schedule(
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if isinstance(degree, bool) or degree not in _DEGREES:
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree not in _DEGREES:
         raise ValueError(f"degree must be 3 or 5, got {degree!r}")
     lower, upper = float(lower), float(upper)
     if not (math.isfinite(upper) and upper > 0.0):
@@ -234,7 +234,8 @@ def design_schedule(
             # Safety on all but the last step, inside the loop (same file: `if iter < num_iters - 1`).
             p = (p[0] / s, p[1] / s**3, p[2] / s**5)
         triples.append(p)
-        l = _evaluate(p, l)
+        # Once converged, rounding can put p(l) one ulp above 1 (then u = 2 − l < l): the interval is [1, 1].
+        l = min(_evaluate(p, l), 1.0)
         u = 2.0 - l
     source = (
         f"orthoptim.polar.design: greedy minimax composition (arXiv 2505.16932 Alg. 1; NoahAmsel/PolarExpress "

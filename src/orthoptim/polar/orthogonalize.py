@@ -147,7 +147,10 @@ def orthogonalize(
             when the caller consumes the update in it (the optimizers add a bfloat16 update into float32
             parameters directly).
         overwrite_input: ``G`` is the caller's temporary and may be used as scratch space (its contents are
-            undefined afterwards); saves a float32 copy of it. The optimizers pass their momentum input.
+            undefined afterwards); saves a float32 copy of it. The optimizers pass their momentum input. The
+            result equals the copying call's up to rounding, not bit for bit where ``G`` is not contiguous in
+            the wide orientation (tall, sliced, permuted): the norms are then summed in ``G``'s own order. Ignored
+            for an input whose elements share memory (expanded, stride 0), which cannot be written in place.
         out: a tensor of ``G``'s shape and the result's dtype (``out_dtype``, else ``G``'s) to write the result
             into, which is then returned (torch's ``out=`` convention; it must not share memory with ``G``).
             When it is in the compute dtype and contiguous in the wide orientation (``out.mT`` contiguous for
@@ -188,6 +191,8 @@ def orthogonalize(
         # call relies on an earlier eager call or on the optimizers, which run this check in their constructor.
         check_precision(sched, steps, str(dtype).replace("torch.", ""))
 
+    if overwrite_input and any(stride == 0 and size > 1 for stride, size in zip(G.stride(), G.shape, strict=True)):
+        overwrite_input = False  # an expanded input: one element stands for many, so it is no scratch space
     m, n = G.shape[-2], G.shape[-1]
     restarts = gram_plan(iteration, m, n, coefficients, dtype)
     iterate = newton_schulz if restarts is None else functools.partial(gram_newton_schulz, restarts=restarts)

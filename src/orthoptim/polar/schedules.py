@@ -71,18 +71,33 @@ class Schedule:
     trusted: bool = False
 
     def __post_init__(self) -> None:
-        if not self.coefficients:
+        if not isinstance(self.name, str):
+            raise TypeError(f"Schedule name must be a str, got {self.name!r}")
+        # Stored as a tuple of float triples whatever sequence was given (lists, numpy arrays): the schedule is
+        # hashed by the validation cache and compared by value.
+        try:
+            triples = tuple(tuple(_number(v) for v in t) for t in self.coefficients)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"schedule {self.name!r}: coefficients must be a sequence of (a, b, c) triples of numbers, "
+                f"got {self.coefficients!r}"
+            ) from None
+        object.__setattr__(self, "coefficients", triples)
+        if not triples:
             raise ValueError(f"schedule {self.name!r}: the coefficient list is empty")
-        for i, triple in enumerate(self.coefficients):
-            if len(triple) != 3 or not all(math.isfinite(float(v)) for v in triple):
+        for i, triple in enumerate(triples):
+            if len(triple) != 3 or not all(math.isfinite(v) for v in triple):
                 raise ValueError(
                     f"schedule {self.name!r}: step {i} must be three finite numbers (a, b, c), got {triple!r}"
                 )
+        if not isinstance(self.trusted, bool):
+            raise TypeError(f"schedule {self.name!r}: trusted must be a bool, got {self.trusted!r}")
         if self.mode not in ("cycle", "repeat_last"):
             raise ValueError(f"schedule {self.name!r}: mode must be 'cycle' or 'repeat_last', got {self.mode!r}")
         if not (math.isfinite(self.margin) and self.margin >= 1.0):
             raise ValueError(f"schedule {self.name!r}: margin must be a finite number ≥ 1, got {self.margin!r}")
-        if not (isinstance(self.default_steps, int) and self.default_steps >= 1):
+        steps = self.default_steps
+        if isinstance(steps, bool) or not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"schedule {self.name!r}: default_steps must be a positive int")
         if not (0.0 < self.lower < 1.0):
             raise ValueError(f"schedule {self.name!r}: lower must lie in (0, 1), got {self.lower!r}")
@@ -106,6 +121,16 @@ class Schedule:
 # ``torch.load``'s default ``weights_only=True`` unpickler (torch ≥ 2.6), which refuses unlisted classes. Its
 # fields are plain numbers, strings and tuples, so nothing executable comes with it.
 torch.serialization.add_safe_globals([Schedule])
+
+
+def _number(v: Any) -> float:
+    """``v`` as a float if it is a real number (Python, numpy or a 0-d tensor), else ``TypeError``: no strings or
+    bools, which ``float()`` would take."""
+    if isinstance(v, (str, bytes, bool)) or not isinstance(v, (int, float, np.number, torch.Tensor)):
+        raise TypeError(f"not a number: {v!r}")
+    if isinstance(v, torch.Tensor) and v.numel() != 1:
+        raise TypeError(f"not a number: {v!r}")
+    return float(v)
 
 
 def _with_safety(triples: Sequence[Triple], factor: float) -> tuple[Triple, ...]:
@@ -455,12 +480,16 @@ def validate_schedule(
     sched = as_schedule(coeffs, validate=False)
     lo = sched.lower if lower is None else float(lower)
     mg = sched.margin if margin is None else float(margin)
-    if not (0.0 < lo < upper):
-        raise ValueError(f"need 0 < lower < upper, got lower={lo!r}, upper={upper!r}")
+    if not (0.0 < lo < 1.0 and lo < upper and math.isfinite(upper)):
+        raise ValueError(f"need 0 < lower < 1, lower < upper < ∞, got lower={lo!r}, upper={upper!r}")
     if not (math.isfinite(mg) and mg > 0):
         raise ValueError(f"margin must be a positive finite number, got {mg!r}")
     if not (0.0 <= step_rounding < 0.5):
         raise ValueError(f"step_rounding must be in [0, 0.5), got {step_rounding!r}")
+    if not (math.isfinite(bound) and bound > 1.0):
+        raise ValueError(f"bound must be a finite number > 1, got {bound!r}")
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ValueError(f"points must be an int ≥ 2, got {points!r}")
     triples = sched.steps_coefficients(steps)
     x = _grid(lo, upper, points) / mg
     y = composite(triples, x)
@@ -485,7 +514,7 @@ def validate_schedule(
 
 @functools.lru_cache(maxsize=256)
 def _checked_custom(triples: tuple[Triple, ...]) -> Schedule:
-    sched = Schedule("custom", triples, "cycle", 1.0, len(triples), source="user")
+    sched = _custom(triples)
     # Exact arithmetic here; orthogonalize checks the rounding model for the compute dtype it runs in.
     report = validate_schedule(sched, step_rounding=0.0)
     if not report.ok:
@@ -514,10 +543,12 @@ def as_schedule(spec: ScheduleSpec, *, validate: bool = True) -> Schedule:
         raise TypeError(
             f"schedule must be a name, a Schedule, an (a, b, c) triple or a list of triples; got {spec!r}"
         ) from None
-    if items and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+    if isinstance(spec, torch.Tensor):
+        items = [spec] if spec.dim() == 1 else list(spec)
+    elif items and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in items):
         items = [tuple(items)]
     try:
-        triples = tuple(tuple(float(v) for v in t) for t in items)
+        triples = tuple(tuple(_number(v) for v in t) for t in items)
     except (TypeError, ValueError):
         raise TypeError(f"schedule list must hold (a, b, c) triples of numbers; got {spec!r}") from None
     for t in triples:
@@ -527,7 +558,17 @@ def as_schedule(spec: ScheduleSpec, *, validate: bool = True) -> Schedule:
         raise ValueError("schedule list is empty")
     if validate:
         return _checked_custom(triples)  # type: ignore[arg-type]
-    return Schedule("custom", triples, "cycle", 1.0, len(triples), source="user")  # type: ignore[arg-type]
+    return _custom(triples)  # type: ignore[arg-type]
+
+
+#: Steps a single custom triple runs by default: it is applied every step, as torch.optim.Muon applies its one
+#: triple (torch/optim/_muon.py DEFAULT_NS_STEPS = 5). A list of several triples runs once through the list.
+SINGLE_TRIPLE_STEPS = 5
+
+
+def _custom(triples: tuple[Triple, ...]) -> Schedule:
+    steps = SINGLE_TRIPLE_STEPS if len(triples) == 1 else len(triples)
+    return Schedule("custom", triples, "cycle", 1.0, steps, source="user")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -543,13 +584,22 @@ def check_precision(sched: Schedule, steps: int | None, precision: str) -> None:
         raise ValueError(f"no rounding model for compute precision {precision!r}")
     report = validate_schedule(sched, steps=steps, step_rounding=delta)
     if not report.ok:
+        n = report.steps
+        exact = validate_schedule(sched, steps=steps, step_rounding=0.0)
+        if not exact.ok:  # no precision helps: the polynomials themselves leave (0, bound] at this step count
+            raise ValueError(
+                f"schedule {sched.name!r} at {n} steps is refused in every compute dtype: even in exact arithmetic "
+                f"{exact.describe()} (it must stay in (0, {exact.bound:g}]). Its polynomials are designed as "
+                f"a {sched.default_steps}-step sequence: run that many (steps=None), or a schedule made for any "
+                "step count such as 'jordan' (torch.optim.Muon's one triple)"
+            )
         safe = [
             p
             for p, d in STEP_ROUNDING_BY_PRECISION.items()
             if validate_schedule(sched, steps=steps, step_rounding=d).ok
         ]
         raise ValueError(
-            f"schedule {sched.name!r} is refused in {precision}: {report.describe()} — it flips signs or blows up "
-            f"under {precision} rounding. Use compute_dtype in {safe} or another schedule "
+            f"schedule {sched.name!r} at {n} steps is refused in {precision}: {report.describe()} — it flips signs "
+            f"or blows up under {precision} rounding. Use compute_dtype in {safe} or another schedule "
             "(or Schedule(..., trusted=True) at your own risk)."
         )
