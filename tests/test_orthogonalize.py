@@ -260,6 +260,11 @@ def test_bad_out_is_named() -> None:
         orthoptim.orthogonalize(G, out=torch.empty(2, 8, 12, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="share memory"):
         orthoptim.orthogonalize(G, out=G)
+    both = torch.randn(2, 8, 12)
+    with pytest.raises(ValueError, match="share memory"):
+        orthoptim.orthogonalize(both[0], out=both.view(-1)[4:100].view(8, 12))  # overlapping windows of one buffer
+    got = orthoptim.orthogonalize(both[0], out=both[1], compute_dtype="float32")  # separate halves: allowed
+    assert got is not None and torch.equal(both[1], orthoptim.orthogonalize(both[0].clone(), compute_dtype="float32"))
 
 
 def test_overwrite_input_is_ignored_for_an_expanded_input() -> None:

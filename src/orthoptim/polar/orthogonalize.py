@@ -101,6 +101,21 @@ def uses_gram(iteration: str, m: int, n: int, coefficients: tuple[Triple, ...], 
     return gram_plan(iteration, m, n, coefficients, dtype) is not None
 
 
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges ``a`` and ``b`` span in one storage intersect (conservative inside the ranges:
+    interleaved views count as overlapping; separate slices of one buffer do not)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        start = int(t.storage_offset()) * t.element_size()
+        extent = sum((int(size) - 1) * int(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+        return start, start + (extent + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def orthogonalize(
     G: torch.Tensor,
     *,
@@ -152,7 +167,7 @@ def orthogonalize(
             the wide orientation (tall, sliced, permuted): the norms are then summed in ``G``'s own order. Ignored
             for an input whose elements share memory (expanded, stride 0), which cannot be written in place.
         out: a tensor of ``G``'s shape and the result's dtype (``out_dtype``, else ``G``'s) to write the result
-            into, which is then returned (torch's ``out=`` convention; it must not share memory with ``G``).
+            into, which is then returned (torch's ``out=`` convention; its memory must not overlap ``G``'s).
             When it is in the compute dtype and contiguous in the wide orientation (``out.mT`` contiguous for
             tall matrices) the last product is written straight into it; otherwise the result is copied in.
             The optimizers pass buffers they keep between steps (no fresh allocation per step on the CPU).
@@ -179,7 +194,7 @@ def orthogonalize(
                 f"orthogonalize: out must have shape {tuple(G.shape)} and dtype {result_dtype}, "
                 f"got {tuple(out.shape)} and {out.dtype}"
             )
-        if out.untyped_storage().data_ptr() == G.untyped_storage().data_ptr():
+        if _overlaps(out, G):
             raise ValueError("orthogonalize: out must not share memory with G")
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
