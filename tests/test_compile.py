@@ -76,6 +76,7 @@ def test_fullgraph_trace_of_large_cpu_matrices(iteration: str) -> None:
     assert torch.linalg.matrix_norm(out.double() - orthoptim.polar(G.double()), ord=2).max() < 2e-2  # float64 SVD
 
 
+TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 STEP_MAKERS = {
     "muon": lambda ps: orthoptim.Muon(ps[:2], lr=0.02),
     "muon-no-warning": lambda ps: orthoptim.Muon(ps[:2], lr=0.02, warn_nonfinite=False),
@@ -103,7 +104,10 @@ def test_a_compiled_step_equals_the_eager_step(name: str, backend: str) -> None:
             b.grad = a.grad.clone()
         opt_eager.step()
         step()
-    assert all(torch.equal(a, b) for a, b in zip(eager, traced, strict=True))
+    # Bit for bit on torch ≥ 2.13. torch 2.11's Dynamo passes the step's Python floats (the lerp weight, the
+    # update factor) as tensors, which moves last float32 bits (~3e-8 on weights of size ~1; seen 2026-11-23).
+    same = torch.equal if TORCH >= (2, 13) else lambda x, y: torch.allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert all(same(a, b) for a, b in zip(eager, traced, strict=True))
     for a, b in zip(eager, traced, strict=True):
         for key, value in opt_eager.state[a].items():
-            assert torch.equal(value, opt_traced.state[b][key]), key
+            assert same(value, opt_traced.state[b][key]), key
