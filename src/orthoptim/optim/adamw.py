@@ -48,6 +48,9 @@ class AdamWStep:
     steps: list[Tensor]  # float32 0-d counters, as torch.optim.AdamW keeps them
     group: dict[str, Any]
 
+    # Run eagerly inside a compiled step, as torch.optim.AdamW(fused=True) does (torch.optim.optimizer's
+    # _disable_dynamo_if_unsupported): Inductor cannot functionalize the in-place fused kernel (torch 2.13, CPU).
+    @torch.compiler.disable
     def commit(self, ok: Tensor | None) -> None:
         group = self.group
         beta1, beta2 = group["betas"]
