@@ -9,8 +9,11 @@ non-finite check of ``nonfinite="raise"`` is such a sync by design, so compiled 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from torch import Tensor
 
 import orthoptim
 
@@ -77,6 +80,26 @@ def test_fullgraph_trace_of_large_cpu_matrices(iteration: str) -> None:
 
 
 TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _eager_and_compiled(make: Any, steps: int, **compile_kw: Any) -> tuple[list[Tensor], list[Tensor], Any, Any]:
+    """Twin parameter sets (two matrices and a vector), one stepped eagerly and one through
+    ``torch.compile(opt.step, **compile_kw)``, on the same random gradients for ``steps`` steps."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(32, 16), (16, 48), (24,)]
+    eager = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    traced = [torch.nn.Parameter(p.detach().clone()) for p in eager]
+    opt_eager, opt_traced = make(eager), make(traced)
+    step = torch.compile(opt_traced.step, **compile_kw)
+    for _ in range(steps):
+        for a, b in zip(eager, traced, strict=True):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        opt_eager.step()
+        step()
+    return eager, traced, opt_eager, opt_traced
+
+
 STEP_MAKERS = {
     "muon": lambda ps: orthoptim.Muon(ps[:2], lr=0.02),
     "muon-no-warning": lambda ps: orthoptim.Muon(ps[:2], lr=0.02, warn_nonfinite=False),
@@ -92,18 +115,7 @@ def test_a_compiled_step_equals_the_eager_step(name: str, backend: str) -> None:
     flag): the same parameters and state, bit for bit, over three steps. Regression: torch 2.13's Dynamo
     intercepted an optimizer attribute named ``_group`` (a substring of ``"_init_group"``), which made a local
     optimizer take the distributed branch and fail."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(32, 16), (16, 48), (24,)]
-    eager = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-    traced = [torch.nn.Parameter(p.detach().clone()) for p in eager]
-    opt_eager, opt_traced = STEP_MAKERS[name](eager), STEP_MAKERS[name](traced)
-    step = torch.compile(opt_traced.step, backend=backend)
-    for _ in range(3):
-        for a, b in zip(eager, traced, strict=True):
-            a.grad = torch.randn(a.shape, generator=gen)
-            b.grad = a.grad.clone()
-        opt_eager.step()
-        step()
+    eager, traced, opt_eager, opt_traced = _eager_and_compiled(STEP_MAKERS[name], 3, backend=backend)
     # Bit for bit on torch ≥ 2.13. torch 2.11's Dynamo passes the step's Python floats (the lerp weight, the
     # update factor) as tensors, which moves last float32 bits (~3e-8 on weights of size ~1; seen 2026-11-23).
     same = torch.equal if TORCH >= (2, 13) else lambda x, y: torch.allclose(x, y, rtol=1e-6, atol=1e-7)
@@ -117,19 +129,7 @@ def test_inductor_compiles_a_hybrid_step() -> None:
     """Inductor (the default backend) on the whole Hybrid step: the orthogonalized half compiled (fused arithmetic
     moves last bits), the fused AdamW half run eagerly inside it, as torch.optim.AdamW(fused=True) is — Inductor
     cannot functionalize that in-place kernel, which failed the whole compile before."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(32, 16), (16, 48), (24,)]
-    eager = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-    traced = [torch.nn.Parameter(p.detach().clone()) for p in eager]
-    opt_eager = orthoptim.Hybrid((eager[:2], eager[2:]), lr=0.02)
-    opt_traced = orthoptim.Hybrid((traced[:2], traced[2:]), lr=0.02)
-    step = torch.compile(opt_traced.step)
-    for _ in range(2):
-        for a, b in zip(eager, traced, strict=True):
-            a.grad = torch.randn(a.shape, generator=gen)
-            b.grad = a.grad.clone()
-        opt_eager.step()
-        step()
+    eager, traced, _, _ = _eager_and_compiled(STEP_MAKERS["hybrid"], 2)
     for a, b in zip(eager, traced, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert torch.equal(eager[2], traced[2])  # the AdamW half ran the same kernel eagerly
