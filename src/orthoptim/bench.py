@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import Muon, NorMuon, PolarGrad, __version__
-from .timing import call_ms, text_table
+from .timing import call_ms, resolve_device, text_table
 
 #: GPT-2 small's hidden matrices per layer (d = 768, fused QKV, 4·d MLP), as the speed issue and
 #: microsoft/dion's benchmarks count them: attention in/out, MLP in/out.
@@ -167,9 +167,7 @@ def run_bench(
     """Time one step of each named optimizer (``CANDIDATES``) on ``shapes``; see the module docstring."""
     from tqdm import tqdm  # type: ignore[import-untyped]
 
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {dev} asked for, but this torch sees no CUDA device")
+    dev = resolve_device(device)
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown or not names:
         raise ValueError(f"unknown optimizer(s) {unknown}; choose from {', '.join(CANDIDATES)}")

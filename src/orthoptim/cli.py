@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-import torch
+from .timing import resolve_device
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -30,29 +30,6 @@ def _parse_names(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"no names in {text!r}: expected a comma-separated list")
     return names
-
-
-#: Device types the commands can run on: ``meta`` holds no data, and the others need builds this project does not
-#: test.
-RUNNABLE_DEVICES = ("cpu", "cuda")
-
-
-def resolve_device(spec: str | None) -> torch.device:
-    """``--device``: None → cuda if available, else cpu; otherwise a torch device that exists here (``ValueError``
-    naming the problem, not a traceback from the first tensor put there)."""
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"--device {spec!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type not in RUNNABLE_DEVICES:
-        raise ValueError(f"--device {spec}: choose a device of type {' or '.join(RUNNABLE_DEVICES)}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: CUDA is not available in this torch build or on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _failed(command: str, exc: Exception) -> int:
+    """A command's expected failure (bad input, missing device or folder): one line on stderr, exit code 2."""
+    print(f"orthoptim {command}: {exc}", file=sys.stderr)
+    return 2
+
+
 def _coeffs(args: argparse.Namespace) -> int:
     from . import design_schedule, get_schedule, validate_schedule
     from .polar.schedules import STEP_ROUNDING_BY_PRECISION
@@ -147,6 +130,8 @@ def _coeffs(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+
     from .bench import CANDIDATES, DEFAULT_CANDIDATES, format_bench, gpt2_small_shapes, run_bench
 
     if args.list:
@@ -156,8 +141,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
-        print(f"orthoptim bench: {exc}", file=sys.stderr)
-        return 2
+        return _failed("bench", exc)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         print(f"orthoptim bench: --json {args.json}: its folder does not exist", file=sys.stderr)
         return 2
@@ -178,8 +162,7 @@ def _bench(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except (ValueError, TypeError, RuntimeError) as exc:
-        print(f"orthoptim bench: {exc}", file=sys.stderr)
-        return 2
+        return _failed("bench", exc)
     print(format_bench(report))
     if args.json:
         with open(args.json, "w") as f:
@@ -198,8 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _coeffs(args)
         except (ValueError, TypeError, RuntimeError, OSError) as exc:
-            print(f"orthoptim coeffs: {exc}", file=sys.stderr)
-            return 2
+            return _failed("coeffs", exc)
     if args.command == "bench":
         return _bench(args)
     if args.command == "doctor":
@@ -219,8 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
         except (ValueError, TypeError, RuntimeError) as exc:
-            print(f"orthoptim doctor: {exc}", file=sys.stderr)
-            return 2
+            return _failed("doctor", exc)
         print(format_report(report))
     return 0
 

@@ -20,7 +20,7 @@ import torch
 
 from . import __version__, get_schedule, list_schedules, orthogonalize, resolve_compute_dtype
 from .polar import DEFAULT_SCHEDULE
-from .timing import median_ms, text_table
+from .timing import median_ms, resolve_device, text_table
 
 SCALES: tuple[float, ...] = (1e-38, 1e-30, 1e-20, 1e-10, 1e-5, 1.0, 1e5, 1e10, 1e20, 1e30, 1e38)
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((256, 256), (128, 512), (768, 768))
@@ -123,9 +123,7 @@ def run_doctor(
     """
     from tqdm import tqdm  # type: ignore[import-untyped]
 
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {dev} asked for, but this torch sees no CUDA device")
+    dev = resolve_device(device)
     names = list(schedules) if schedules is not None else list_schedules()
     for name in names:
         get_schedule(name)  # unknown names fail before any work

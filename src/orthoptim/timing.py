@@ -1,4 +1,5 @@
-"""Timers and plain-text tables shared by ``orthoptim doctor``, ``orthoptim bench`` and the benchmark scripts."""
+"""What ``orthoptim doctor``, ``orthoptim bench``, ``orthoptim demo`` and the benchmark scripts share: the device they
+run on, timers, plain-text tables."""
 
 from __future__ import annotations
 
@@ -37,3 +38,26 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+#: Device types the commands can run on: ``meta`` holds no data, and the others need builds this project does not
+#: test.
+RUNNABLE_DEVICES = ("cpu", "cuda")
+
+
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """A command's ``--device``: None → cuda if available, else cpu; otherwise a torch device that exists here
+    (``ValueError`` naming the problem, not a traceback from the first tensor put there)."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {spec!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in RUNNABLE_DEVICES:
+        raise ValueError(f"--device {spec}: choose a device of type {' or '.join(RUNNABLE_DEVICES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available in this torch build or on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli import resolve_device
+from ..timing import resolve_device
 from .data import load_corpus
 from .model import GPTConfig
 from .train import OPTIMIZERS, REFERENCE, TrainConfig, compare, describe, format_table, plot_curves, write_results
