@@ -57,6 +57,8 @@ TUNED_LRS: dict[str, dict[str, float]] = {
     "adamw": {"lr": 2e-3},
     "torch_muon": {"lr": 0.03, "adamw_lr": 4e-3},
 }
+# Fraction of the steps spent in linear warmup, per optimizer (then linear decay to zero).
+TUNED_WARMUP: dict[str, float] = {"hybrid": 0.05, "adamw": 0.05, "torch_muon": 0.05}
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,6 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     steps: int = 300
     batch: int = 16
-    warmup: float = 0.05  # fraction of the steps spent in linear warmup; then linear decay to zero
     eval_every: int = 10
     eval_batches: int = 4  # fixed validation windows: eval_batches × batch of them
     seed: int = 0
@@ -76,12 +77,17 @@ class TrainConfig:
         for name in ("steps", "batch", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"--warmup must lie in [0, 1), got {self.warmup}")
 
-    @property
-    def warmup_steps(self) -> int:
-        return round(self.warmup * self.steps)
+    def warmup_steps(self, warmup: float) -> int:
+        """The number of warmup steps for a warmup ``fraction`` of this config's steps."""
+        check_warmup(warmup)
+        return round(warmup * self.steps)
+
+
+def check_warmup(warmup: float) -> None:
+    """Refuse a warmup fraction outside [0, 1) (a run must have at least one step after warmup)."""
+    if not 0 <= warmup < 1:
+        raise ValueError(f"--warmup must lie in [0, 1), got {warmup:g}")
 
 
 @dataclass
@@ -90,6 +96,8 @@ class RunResult:
 
     name: str
     lrs: dict[str, float]
+    warmup: float = 0.0  # fraction of the steps in linear warmup
+    seed: int = 0
     steps: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # training time only: evaluation is not counted
@@ -152,19 +160,25 @@ def train_one(
     corpus: Corpus,
     *,
     lrs: dict[str, float] | None = None,
+    warmup: float | None = None,
     progress: bool = True,
 ) -> RunResult:
-    """Train a fresh model (seeded init) with optimizer ``name`` for ``cfg.steps`` steps; evaluate as it goes."""
+    """Train a fresh model (seeded init) with optimizer ``name`` for ``cfg.steps`` steps; evaluate as it goes.
+
+    ``lrs`` and ``warmup`` (a fraction of the steps) default to the tuned ``TUNED_LRS[name]``, ``TUNED_WARMUP[name]``.
+    """
     device = torch.device(cfg.device)
     lrs = dict(TUNED_LRS[name] if lrs is None else lrs)
+    warmup = TUNED_WARMUP[name] if warmup is None else warmup
+    warmup_steps = cfg.warmup_steps(warmup)
     torch.manual_seed(cfg.seed)  # identical initialization for every optimizer
     model = GPT(cfg.model).to(device)
     optimizers = build_optimizers(name, model, lrs)
-    factor: Callable[[int], float] = lambda step: lr_factor(step, cfg.steps, cfg.warmup_steps)  # noqa: E731
+    factor: Callable[[int], float] = lambda step: lr_factor(step, cfg.steps, warmup_steps)  # noqa: E731
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
     batches = TrainBatches(corpus.train, cfg.batch, cfg.model.context, cfg.seed)
     val = val_batches(corpus.val, cfg.eval_batches, cfg.batch, cfg.model.context)
-    result = RunResult(name=name, lrs=lrs)
+    result = RunResult(name=name, lrs=lrs, warmup=warmup, seed=cfg.seed)
 
     def record(step: int, seconds: float) -> float:
         model.eval()
