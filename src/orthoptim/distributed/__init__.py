@@ -6,12 +6,12 @@ computes what; the optimizer (``orthoptim.optim.base``) hands it the computation
 * ``owners``   — which rank orthogonalizes which matrix (greedy largest-first, balancing FLOPs; deterministic).
 * ``exchange`` — replicated parameters (DDP): orthogonalize the owned slice, ``all_gather_into_tensor`` (async).
 * ``fsdp``     — DTensor ``Shard(0)`` parameters (FSDP2): rows to the owner, update rows back (``all_to_all``).
-* ``agree``    — the non-finite skip flag (one MAX all-reduce) and the check that all ranks have the same
-  parameters with gradients.
+* ``agree``    — the non-finite skip flag (one MAX all-reduce) and the check that all ranks hold the same
+  parameters (count, shapes, dtypes) and have gradients for the same ones (one fixed-size all-reduce).
 * ``group``    — the ``process_group=`` default and its validation.
 """
 
-from .agree import agree_ok, presence_mismatch
+from .agree import ParamLayout, agree_ok, agree_params, presence_mismatch
 from .exchange import GatherHandle, gather_bytes, orthogonalize_split
 from .fsdp import check_sharded, gather_to_owners, is_dtensor, scatter_from_owners, shard_sizes, zeros_row_state
 from .group import DEFAULT_PROCESS_GROUP, GroupRef, resolve_process_group
@@ -21,7 +21,9 @@ __all__ = [
     "DEFAULT_PROCESS_GROUP",
     "GatherHandle",
     "GroupRef",
+    "ParamLayout",
     "agree_ok",
+    "agree_params",
     "assign_owners",
     "check_sharded",
     "gather_bytes",
