@@ -219,6 +219,65 @@ def grad_missing_on_one_rank(rank: int, world: int, tmp: str) -> None:
     assert_replicas_equal([p.detach() for p in params], "after mismatch")
 
 
+def _expect_layout_error(opt: torch.optim.Optimizer, params: list[nn.Parameter], *parts: str) -> None:
+    """``opt.step()`` raises the layout RuntimeError containing every one of ``parts``, changes nothing, and the
+    group still works after it (the check aborted nothing and left no collective half-issued)."""
+    before = [p.detach().clone() for p in params]
+    try:
+        opt.step()
+    except RuntimeError as e:
+        assert "hold different parameters" in str(e) and all(part in str(e) for part in parts), str(e)
+    else:
+        raise AssertionError("no RuntimeError")
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, params, strict=True))
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    assert int(total) == dist.get_world_size()
+
+
+def params_differ_in_count(rank: int, world: int, tmp: str) -> None:
+    """The last rank's optimizer holds one parameter fewer: every rank raises the same RuntimeError naming each
+    rank's count (no gloo abort, no hang), at every step, not just the first."""
+    shapes = SHAPES[:4] if rank < world - 1 else SHAPES[:3]
+    params = make_params(shapes)
+    opt = CLASSES["muon"](params)
+    for p, g in zip(params, full_grads(shapes, 0), strict=True):
+        p.grad = g
+    counts = "4 on rank 0; 3 on rank 1" if world == 2 else f"4 on ranks 0-{world - 2}; 3 on rank {world - 1}"
+    where = f"position 3 over all param groups: rank 0 has shape (32, 16) float32 (param group 0), rank {world - 1} "
+    for _ in range(2):
+        _expect_layout_error(opt, params, f"parameter count: {counts})", where + "has no parameter there")
+
+
+def params_differ_in_shape(rank: int, world: int, tmp: str) -> None:
+    """Same count, the last rank's third parameter transposed: the error names that position and both shapes;
+    once that rank's optimizer holds the right parameter, every rank steps, and the check is not redone."""
+    shapes = SHAPES[:4]
+    params = make_params(shapes)
+    if rank == world - 1:
+        params[2] = nn.Parameter(params[2].detach().T.contiguous())
+    opt = CLASSES["muon"](params)
+    for p, g in zip(params, full_grads(shapes, 0), strict=True):
+        p.grad = g if p.shape == g.shape else g.T.contiguous()
+    _expect_layout_error(
+        opt,
+        params,
+        f"parameter count: 4 on ranks 0-{world - 1})",
+        f"position 2 over all param groups: rank 0 has shape (16, 32) float32 (param group 0), rank {world - 1} "
+        "has shape (32, 16) float32 (param group 0)",
+    )
+    if rank == world - 1:  # now every rank holds the same parameters: a changed set is checked again
+        params[2] = make_params(shapes)[2]
+        opt.param_groups[0]["params"][2] = params[2]
+        params[2].grad = full_grads(shapes, 0)[2]
+    opt.step()
+    layout = opt._layout
+    opt.step()
+    assert opt._layout is layout  # encoded once per parameter set, not per step
+    assert_close([p.detach() for p in params], run_reference(CLASSES["muon"], shapes, [0, 0]), "after fix")
+    assert_replicas_equal([p.detach() for p in params], "after fix")
+
+
 # ---------------------------------------------------------------- sharded (FSDP2 / DTensor) parameters
 
 
@@ -381,6 +440,9 @@ SCENARIOS: dict[str, Callable[[int, int, str], None]] = {
         one_rank_mesh,
         fsdp2_training,
         fsdp2_checkpoint,
+        # Last: before the fix a rank aborted here (gloo EnforceNotMet), taking every later scenario with it.
+        params_differ_in_count,
+        params_differ_in_shape,
     )
 }
 
