@@ -33,8 +33,9 @@ replicated (DDP): every rank computes the momentum of every matrix, but orthogon
 DTensor parameters sharded ``Shard(0)`` (FSDP2) send their rows to the owner, which computes the whole update
 (NorMuon's row statistics and Frobenius rescale, PolarGrad's nuclear norm: on whole matrices, exact) and sends
 each rank its rows back; their optimizer state stays sharded (DTensors). Every step issues the same collectives
-in the same order on every rank: first one all-reduce checks that all ranks have gradients for the same
-parameters (a mismatch raises ``RuntimeError`` instead of hanging; it costs one host read), and under
+in the same order on every rank: first one fixed-size all-reduce checks that all ranks hold the same parameters
+(count, shapes, dtypes) and have gradients for the same ones (a mismatch raises ``RuntimeError`` on every rank,
+at the first step, instead of aborting or hanging; it costs one host read), and under
 ``"skip"``/``"raise"`` one MAX all-reduce of the finite flag makes every rank take the same decision. The
 skip warning is printed by rank 0 only. The process group is kept on the optimizer, not in the param groups:
 it is not part of ``state_dict()``.
@@ -56,12 +57,13 @@ from torch import Tensor
 from ..distributed import (
     DEFAULT_PROCESS_GROUP,
     GroupRef,
+    ParamLayout,
     agree_ok,
+    agree_params,
     assign_owners,
     check_sharded,
     is_dtensor,
     matrix_flops,
-    presence_mismatch,
     rank_counts,
     resolve_process_group,
     zeros_row_state,
@@ -459,13 +461,32 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         """Whether this rank reads the step's skip flag on the host (the skip warning, rank 0 only)."""
         return self.warn_on_skip and self._rank == 0
 
+    #: The encoded layout of the parameters last checked, keyed by their ids per group: encoded once per parameter
+    #: set, not per step (a parameter whose shape changes in place is not re-checked, as plans are not rebuilt).
+    _layout: tuple[tuple[tuple[int, ...], ...], ParamLayout] | None = None
+
     def _check_presence(self) -> None:
-        """Raise ``RuntimeError`` (on every rank) if some parameter has a gradient on some ranks only."""
+        """Raise ``RuntimeError`` on every rank, before any other collective, if the ranks' optimizers hold
+        different parameters — naming each rank's count and the first position whose shape, dtype or param group
+        differs — or if some parameter has a gradient on some ranks only.
+
+        Checked at the first step (and whenever the parameters change), not in the constructor: an optimizer made
+        on some ranks only (a local reference copy) would hang there. One fixed-size all-reduce per step, both
+        checks together (``distributed.agree_params``): ranks holding different parameters cannot make it abort.
+        """
         params = [p for g in self.param_groups for p in g["params"]]
-        if not params:
-            return
+        key = tuple(tuple(map(id, g["params"])) for g in self.param_groups)
+        if self._layout is None or self._layout[0] != key:
+            entries = [
+                (i, tuple(p.shape), str(p.dtype).removeprefix("torch."))
+                for i, g in enumerate(self.param_groups)
+                for p in g["params"]
+            ]
+            self._layout = (key, ParamLayout.of(entries))
         assert self._pg_ref is not None
-        bad = presence_mismatch([p.grad is not None for p in params], params[0].device, self._pg_ref.group)
+        present = [p.grad is not None for p in params]
+        # A rank without parameters still takes part (the others wait for it); agree_params picks its device.
+        bad = agree_params(self._layout[1], present, params[0].device if params else None, self._pg_ref.group)
         if bad:
             p = params[bad[0]]
             raise RuntimeError(
