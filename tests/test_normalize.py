@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import orthoptim
-from orthoptim.polar import composite, get_schedule
+from orthoptim.polar import composite, devices, get_schedule
 from orthoptim.polar.normalize import (
     _schatten4_scale_in_place,
     exact_pow2,
@@ -236,3 +236,173 @@ def test_schatten4_gram_scale_in_place_is_one_rounding_from_float64(dtype: torch
         ref, ref_scale = gram_scale(A.clone(), "schatten4", margin)  # the CPU's float32 path
         torch.testing.assert_close(scale, ref_scale, rtol=2**-22, atol=0)
         assert ((A_s.double() - ref.double()).abs() <= 2.0 ** (2 - bits) * exact.abs()).all()  # ≤ 3 roundings
+
+
+# --- AOL with zero and tiny rows ----------------------------------------------------------------------------------
+
+
+def aol_closed_form(G: torch.Tensor, name: str) -> torch.Tensor:
+    """float64 reference for ``orthogonalize(G, normalization="aol")``, built from scratch per matrix: drop the zero
+    rows and columns of the wide orientation, Frobenius-normalize the rest, scale its rows by AOL's
+    dᵢ = (Σⱼ|(XXᵀ)ᵢⱼ|)^{-1/2}/margin (arXiv 2512.04632), take the float64 SVD U S Vᵀ of that and apply the schedule's
+    scalar composite p to S; the dropped rows and columns are zero. U Vᵀ is the polar factor of the row-scaled
+    non-zero part; p(S) in place of 1 is the schedule's gain, which the iteration really applies, so that only
+    rounding is left between this and the engine's result."""
+    sched = get_schedule(name)
+    tall = G.shape[-2] > G.shape[-1]
+    W = (G.mT if tall else G).double()
+    out = torch.zeros_like(W)
+    for w, o in zip(W.reshape(-1, *W.shape[-2:]), out.view(-1, *W.shape[-2:]), strict=True):
+        rows, cols = w.abs().sum(1) > 0, w.abs().sum(0) > 0
+        if not rows.any():
+            continue
+        x = w[rows][:, cols]
+        x = x / x.norm()
+        d = (x @ x.T).abs().sum(-1).rsqrt() / sched.margin
+        U, S, Vh = torch.linalg.svd(d[:, None] * x, full_matrices=False)
+        p = torch.from_numpy(composite(sched.steps_coefficients(), S.numpy()))
+        o[rows.nonzero()[:, :1], cols.nonzero()[:, 0]] = (U * p) @ Vh
+    return out.mT if tall else out
+
+
+# Max-abs error of the AOL result against ``aol_closed_form``, per compute dtype. Measured worst cases on the matrices
+# below (CPU, standard and Gram forms, schedules orthoptim / polar_express / jordan): float32 4.5e-6, bfloat16 0.064,
+# float16 0.012 — some 25–75 units of each dtype's roundoff (2⁻²⁴, 2⁻⁸, 2⁻¹¹): the early steps' slope (8.3 for the
+# first step, up to ~590 for the composite at small σ) amplifies each product's rounding. float16 has 3 bits more
+# than bfloat16, hence ~1/8 of its error. The bounds leave 2–20× room for other BLAS summation orders.
+AOL_TOL = {torch.float32: 1e-4, torch.bfloat16: 0.15, torch.float16: 0.03}
+
+
+def _with_zero_lines(shape: tuple[int, ...], rows: list[int], cols: list[int], seed: int) -> torch.Tensor:
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    G[..., rows, :] = 0.0  # dead units: zero rows (and, below, zero columns)
+    G[..., :, cols] = 0.0
+    return G
+
+
+@pytest.mark.parametrize("iteration", ["standard", "gram"])
+@pytest.mark.parametrize("compute_dtype", list(AOL_TOL), ids=str)
+def test_aol_zero_rows_and_columns_give_zeros_and_the_float64_result_of_the_rest(
+    compute_dtype: torch.dtype, iteration: str
+) -> None:
+    """Zero rows and columns (wide, tall, batched with an all-zero matrix): the output is finite, exactly zero on
+    them, and elsewhere the float64 closed form of the matrix without them. In float16 a zero row used to turn the
+    whole matrix into NaN (its AOL factor was 2⁶³, ``inf`` once folded into the float16 first-step factor)."""
+    cases = [
+        _with_zero_lines((12, 30), [2, 7], [5], seed=20),
+        _with_zero_lines((30, 12), [0, 17], [4], seed=21),  # tall: its zero column is a zero row of Gᵀ
+        _with_zero_lines((3, 12, 30), [1], [3, 29], seed=22),
+    ]
+    cases[2][2] = 0.0  # an all-zero matrix in the batch
+    for name in ("orthoptim", "jordan"):
+        for G in cases:
+            out = orthoptim.orthogonalize(
+                G.float(),
+                schedule=name,
+                normalization="aol",
+                compute_dtype=compute_dtype,
+                iteration=iteration,  # type: ignore[arg-type]
+            )
+            assert bool(torch.isfinite(out).all()), (name, tuple(G.shape))
+            dead = (G == 0).all(dim=-1, keepdim=True) | (G == 0).all(dim=-2, keepdim=True)
+            assert torch.equal(out[dead.expand_as(out)], torch.zeros(int(dead.expand_as(out).sum())))
+            err = (out.double() - aol_closed_form(G, name)).abs().max()
+            assert err < AOL_TOL[compute_dtype], (name, tuple(G.shape), float(err))
+
+
+@pytest.mark.parametrize("copy_devices", [("cpu",), ()], ids=["float32-copies", "float64-factors"])
+def test_zero_matrix_maps_to_exact_zeros_in_every_compute_dtype(
+    copy_devices: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DESIGN.md: "Zero matrix → zero", for every normalization, compute dtype, form and shape (a single row or
+    column included), on the CPU's way and the accelerators' way (``devices.FLOAT32_COPY_DEVICES``)."""
+    monkeypatch.setattr(devices, "FLOAT32_COPY_DEVICES", copy_devices)
+    for shape in ((1, 7), (7, 1), (1, 1), (4, 6), (2, 5, 3)):
+        for dtype in (torch.float16, torch.float32):
+            zero = torch.zeros(shape, dtype=dtype)
+            for normalization in ("aol", "schatten4", "frobenius"):
+                for compute_dtype in (torch.float16, torch.bfloat16, torch.float32):
+                    for schedule, iteration in (("orthoptim", "standard"), ("aol", "gram"), ("jordan", "gram")):
+                        out = orthoptim.orthogonalize(
+                            zero,
+                            schedule=schedule,
+                            normalization=normalization,  # type: ignore[arg-type]
+                            compute_dtype=compute_dtype,
+                            iteration=iteration,  # type: ignore[arg-type]
+                        )
+                        assert torch.equal(out, zero), (shape, dtype, normalization, compute_dtype, schedule)
+
+
+def test_float16_aol_tiny_rows_and_extreme_scales_stay_finite_and_bounded() -> None:
+    """float16 inputs at the bottom, middle and top of float16's range, with one row 10⁻²…10⁻¹⁰ times the others
+    (its Gram entries underflow float16 from ~10⁻⁴ on). Against the float64 closed form of the values passed: the
+    other rows within ``AOL_TOL``; the tiny row too while float16 holds it in normal numbers (≥ 10⁻³ here), and
+    below that bounded (float16 cannot represent it: the iteration sees a few subnormals of it); the spectral norm
+    never above the schedule's largest gain on [0, 1] (no singular value pushed over 1 by an underflowed Gram)."""
+    sched = get_schedule("orthoptim")
+    grid = torch.linspace(0, 1, 4097, dtype=torch.float64).numpy()
+    top_gain = float(composite(sched.steps_coefficients(), grid).max())  # 1.128
+    base = torch.randn(12, 30, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    others = torch.arange(12) != 4
+    for shrink in (1e-2, 1e-3, 1e-5, 1e-6, 1e-7, 1e-8, 1e-10):
+        for top in (2.0**-14, 1.0, 65504.0):  # max-abs: float16's smallest normal, 1, its largest value
+            G = base.clone()
+            G[4] *= shrink
+            X = (G / G.abs().max() * top).half()
+            ref = aol_closed_form(X.double(), "orthoptim")
+            for iteration in ("standard", "gram"):
+                out = orthoptim.orthogonalize(
+                    X,
+                    normalization="aol",
+                    compute_dtype="float16",
+                    iteration=iteration,  # type: ignore[arg-type]
+                ).double()
+                what = (shrink, top, iteration)
+                assert bool(torch.isfinite(out).all()), what
+                assert torch.linalg.matrix_norm(out, ord=2) <= top_gain + AOL_TOL[torch.float16], what
+                assert (out[others] - ref[others]).abs().max() < AOL_TOL[torch.float16], what
+                if shrink >= 1e-3:
+                    assert (out[4] - ref[4]).abs().max() < AOL_TOL[torch.float16], what
+
+
+def test_aol_scale_keeps_the_schur_bound_where_the_float16_gram_underflows() -> None:
+    """The AOL factor from a float16 Gram matrix whose entries for one row are subnormals (or zero): D is finite and
+    σmax(D·X), by float64 SVD of the float16 X actually used, stays within the 1 + 2⁻¹⁰ the rounding analysis allows
+    (module docstring). Subnormal Gram entries are rounded in absolute terms (up to 2⁻²⁵), not relatively: a row
+    supported on a column no other row uses, with ‖xᵢ‖² = 16.47 subnormals (2⁻²⁴ each) stored as 16, got
+    dᵢ·‖xᵢ‖ = √(16.47/16) ≈ 1.015 without the m·s term; a zero Gram row got the float32 floor's 2⁶³."""
+    base = torch.randn(16, 40, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
+    isolated = base.clone()
+    isolated[:, 39] = 0.0
+    isolated[3] = 0.0
+    isolated[3, 39] = 1039 * 2.0**-20 * isolated.norm()  # x = 1039·2⁻²⁰ after normalization: x² = 16.47·2⁻²⁴
+    cases = {"isolated": isolated}
+    for shrink in (1e-3, 1e-4, 1e-5, 1e-6, 0.0):
+        cases[f"row·{shrink:g}"] = base.clone()
+        cases[f"row·{shrink:g}"][3] *= shrink
+    for what, G in cases.items():
+        X = normalize(G.unsqueeze(0), out_dtype=torch.float16)  # Frobenius-normalized, float16
+        A = X @ X.mT
+        if what == "isolated":  # the case as built: the row's only Gram entry is a subnormal rounded down
+            assert X[0, 3, 39] == 1039 * 2.0**-20 and A[0, 3, 3] == 16 * 2.0**-24
+        A_s, scale = gram_scale(A, "aol")
+        assert bool(torch.isfinite(scale).all()) and bool(torch.isfinite(A_s).all()), what
+        sigma = torch.linalg.matrix_norm(scale.double() * X.double(), ord=2)
+        assert sigma <= 1 + 2.0**-10, (what, float(sigma))
+
+
+def test_muon_float16_aol_steps_with_a_dead_unit() -> None:
+    """An optimizer with ``normalization="aol", compute_dtype="float16"`` and a zero gradient row (a dead unit) takes
+    its steps: none is skipped as non-finite, the other rows move, the dead unit's row does not (its update is 0)."""
+    W = torch.nn.Parameter(torch.randn(16, 24, generator=torch.Generator().manual_seed(25)))
+    opt = orthoptim.Muon([W], lr=0.02, weight_decay=0.0, normalization="aol", compute_dtype="float16")
+    start = W.detach().clone()
+    for seed in range(3):
+        grad = torch.randn(16, 24, generator=torch.Generator().manual_seed(100 + seed))
+        grad[5] = 0.0
+        W.grad = grad
+        opt.step()
+    assert opt.nonfinite_skips == 0
+    moved = (W.detach() - start).abs().amax(dim=1)
+    assert torch.isfinite(W).all() and bool((moved[torch.arange(16) != 5] > 0).all())
+    assert moved[5] == 0

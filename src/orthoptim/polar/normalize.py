@@ -30,6 +30,9 @@ Rounding (bfloat16 compute): ``A`` is computed from the rounded ``X_b`` and stor
 most 2⁻⁹ of itself, so the exact Gram of ``X_b`` is bounded by ``(1 + 2⁻⁹)`` times what the bound used and
 ``σmax ≤ (1 + 2⁻⁹)^{1/2} < 1 + 2⁻¹⁰`` — inside the ``1 + 2⁻⁸`` every shipped schedule is validated for. The scale
 is never applied to ``X_b`` itself (which would round again): it is folded into the first step's m×m factor.
+In float16 Gram entries below its normal range (2⁻¹⁴) are rounded in absolute terms instead, by up to half its
+smallest subnormal; AOL's row sums add a term that covers it, and its factors are capped so that the float16
+first-step factor stays finite (:func:`aol_row_scale`): zero rows give zero output rows there too.
 """
 
 from __future__ import annotations
@@ -252,6 +255,42 @@ def _schatten4_scale_in_place(A: torch.Tensor, margin: float) -> tuple[torch.Ten
     return A, s.to(torch.float32).expand(*A.shape[:-1], 1)
 
 
+#: Largest AOL row factor dᵢ, as a fraction of the largest value of the dtype it is applied in (see
+#: :func:`aol_row_scale`).
+AOL_SCALE_HEADROOM = 2.0**-6
+
+
+def aol_row_scale(Af: torch.Tensor, dtype: torch.dtype, margin: float = 1.0) -> torch.Tensor:
+    """AOL's row factors ``dᵢ = min((Σⱼ|Aᵢⱼ| + m·s)^{-1/2}, AOL_SCALE_HEADROOM·max) / margin`` (B, m, 1), from
+    ``Af`` (B, m, m, work dtype), a copy of the Gram matrix ``A`` as stored in ``dtype`` (the compute dtype);
+    ``s`` and ``max`` are ``dtype``'s smallest subnormal (2⁻²⁴ in float16) and largest value.
+
+    Any ``dᵢ ≤ (Σⱼ|Aᵢⱼ|)^{-1/2}`` passes the Schur test (module docstring), so both changes are safe; they matter in
+    float16, whose range is narrow, and change no bit in bfloat16/float32/float64 unless a row sum is below
+    ``2²⁴·m·s`` (2⁻¹⁰⁹·m in bfloat16).
+
+    Why ``m·s``: a Gram entry below ``dtype``'s normal range is rounded by up to ``s/2`` in absolute terms, not by
+    a fraction of itself — in float16 every entry below 2⁻¹⁴, e.g. those of a row whose norm is under ~10⁻² of
+    ``‖X‖_F``. The row sums of the exact Gram matrix of the stored ``X`` are then at most
+    ``(1 + ε)·Σⱼ|Aᵢⱼ| + m·s/2``, and with ``m·s`` added the bound holds for it up to the ``(1 + ε)`` the schedules
+    are validated for. Without it, a row whose only Gram entry (16.47·2⁻²⁴) is stored as 16·2⁻²⁴ had σmax 1.015.
+
+    Why the cap: ``dᵢ`` is folded into the first step's m×m factor ``h(A_s)·D`` (``newton_schulz``), stored in
+    ``dtype``: its entries reach ``max|h|·dᵢ``, and in the Gram form ``dᵢ`` times the product of the steps before
+    the first restart. A zero row used to get ``dᵢ = 2⁶³`` (the float32 floor); in float16 its ``a·dᵢ`` was
+    ``inf``, ``inf·0 = NaN`` in the product, and the NaN spread to every entry. ``m·s`` alone bounds ``dᵢ`` by
+    ``2¹²/√m`` in float16; the cap (1023.5 there) keeps products of gains up to 64 finite: the shipped
+    schedules' first ``a`` is ≤ 8.4, their largest float16 product before a Gram restart 21.9 (``aol``:
+    4.6051·4.7505). It binds only on rows whose Gram entries sum to under 16 float16 subnormals (4 bits at most).
+
+    A zero row's finite factor multiplies zeros: its output row is exactly zero, and the other rows' factors and
+    Gram entries are those of the matrix without it.
+    """
+    finfo = torch.finfo(dtype)
+    rowsum = Af.abs().sum(dim=-1, keepdim=True).add_(Af.shape[-1] * finfo.tiny * finfo.eps)
+    return rowsum.rsqrt_().clamp_max_(finfo.max * AOL_SCALE_HEADROOM) / margin
+
+
 def gram_scale(
     A: torch.Tensor,
     normalization: Normalization,
@@ -282,9 +321,7 @@ def gram_scale(
         fro = torch.linalg.vector_norm(Af, dim=(-2, -1), keepdim=True).clamp_min(0.25 / k**0.5)
         scale = (fro.rsqrt() / margin).expand(*A.shape[:-1], 1)
     elif normalization == "aol":
-        rowsum = Af.abs().sum(dim=-1, keepdim=True)
-        # Any floor keeps dᵢ² ≤ 1/rowsumᵢ, which is all the Schur bound needs; zero rows stay zero.
-        scale = rowsum.clamp_min(torch.finfo(Af.dtype).tiny).rsqrt() / margin
+        scale = aol_row_scale(Af, A.dtype, margin)
     else:
         raise ValueError(f"gram_scale: {normalization!r} is not a Gram-based normalization")
     Af.mul_(scale).mul_(scale.mT)  # (Af·scale)·scaleᵀ
