@@ -1,22 +1,25 @@
 """Learning-rate × warmup sweep behind ``orthoptim demo``'s tuned defaults (``TUNED_LRS``, ``TUNED_WARMUP``).
 
-    .venv/bin/python benchmarks/demo_sweep.py                       # the sweep as recorded; ~35 min on 2 CPU cores
-    .venv/bin/python benchmarks/demo_sweep.py --confirm-seeds ""    # seed 0 only
-    .venv/bin/python benchmarks/demo_sweep.py --steps 20 --quick    # a smoke run of the script (tiny grid and model)
+    .venv/bin/python benchmarks/demo_sweep.py --threads 1 --cache /tmp/sweep.jsonl   # as recorded: 37 runs
+    .venv/bin/python benchmarks/demo_sweep.py --confirm-seeds ""         # seed 0 only
+    .venv/bin/python benchmarks/demo_sweep.py --steps 10 --quick         # a smoke run of the script (tiny model)
 
 What it does, on the default demo configuration (GPT 4×128, context 128, batch 16, 300 steps, linear warmup then
-linear decay to zero, weight decay 0; ``orthoptim.demo.train.train_one``, the demo's own training loop):
+linear decay to zero, weight decay 0; ``orthoptim.demo.train.train_one``, the demo's own training loop), picking
+by final validation loss:
 
-1. Seed 0: every point of ``GRID`` — per optimizer, its learning rate(s) (hybrid and torch_muon: the hidden
-   matrices' lr × the AdamW half's lr) × the warmup fraction.
-2. Confirmation (``--confirm-seeds``, default 1,2): the two best points per optimizer on seed 0 (by final validation
-   loss) rerun on those seeds. The chosen default is the one of the two with the lower mean final validation loss
-   over all seeds run, so one lucky seed cannot pick it.
+1. Seed 0, per optimizer: its learning rate × the warmup fraction (``LRS`` × ``WARMUPS``); hybrid and torch_muon
+   sweep the hidden matrices' lr with their AdamW half at ``ADAMW_HALF_LR``.
+2. Seed 0, hybrid and torch_muon: the AdamW half's lr at ``ADAMW_HALF_ALTERNATIVES`` around the best point of 1.
+3. Confirmation (``--confirm-seeds``, default 1,2): the best ``--confirm-top`` points (default 1) per optimizer on
+   seed 0 rerun on those seeds; with more than one, the one with the lowest mean over all its seeds is chosen.
 
-Final validation loss is deterministic for a seed on the CPU (same machine and torch), so each point runs once.
-Wall times (ms/step) are not: they move with the machine's load and are printed only as a rough guide.
+The grid is staged (the AdamW half's lr is a tie-breaker in the 2026-11-23 sweep recorded in train.py) to keep the
+sweep near half an hour on two cores. Final validation loss is deterministic for a seed on one machine and torch, so
+each point runs once. Wall times (ms/step) are not: they move with the machine's load and are reported only as a
+rough guide.
 
-Prints a table as it goes (a progress bar over all runs) and writes a markdown report (``--out``, default
+Prints a line per run (and a progress bar over all runs) and writes a markdown report (``--out``, default
 ``benchmarks/demo_sweep_<date>_<device>.md``) with the date, commit, machine (CPU model and whether it has AVX-512,
 from ``lscpu``) and torch version. ``--cache FILE`` keeps every finished run as one JSON line, so an interrupted
 sweep restarts where it stopped.
@@ -34,28 +37,26 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from orthoptim.demo.data import load_corpus
+from orthoptim.demo.data import Corpus, load_corpus
 from orthoptim.demo.model import GPTConfig
 from orthoptim.demo.train import OPTIMIZERS, TrainConfig, train_one
 
 WARMUPS = (0.05, 0.1, 0.2)
-# The grid (seed 0). AdamW's lrs bracket the 2026-11-23 choice (2e-3) and the 3e-3 an independent sweep found best
-# with 20% warmup; the Muon variants' matrix lrs bracket the 2026-11-23 optimum (0.03) and their AdamW half is tried
-# at the earlier default (4e-3) and twice that, since a longer warmup may let it go higher.
-GRID: dict[str, list[dict[str, float]]] = {
-    "adamw": [{"lr": lr} for lr in (2e-3, 3e-3, 4e-3)],
-    "hybrid": [{"lr": lr, "adamw_lr": a} for lr in (0.02, 0.03, 0.04) for a in (4e-3, 8e-3)],
-    "torch_muon": [{"lr": lr, "adamw_lr": a} for lr in (0.02, 0.03, 0.04) for a in (4e-3, 8e-3)],
+# Stage 1. AdamW's lrs bracket the 2026-11-23 choice (2e-3) and the 3e-3 that an independent sweep found best with
+# 20% warmup; the Muon variants' matrix lrs bracket their 2026-11-23 optimum (0.03).
+LRS: dict[str, tuple[float, ...]] = {
+    "hybrid": (0.02, 0.03, 0.04),
+    "adamw": (2e-3, 3e-3, 4e-3),
+    "torch_muon": (0.02, 0.03, 0.04),
 }
-QUICK_GRID: dict[str, list[dict[str, float]]] = {
-    "adamw": [{"lr": 3e-3}],
-    "hybrid": [{"lr": 0.03, "adamw_lr": 4e-3}],
-    "torch_muon": [{"lr": 0.03, "adamw_lr": 4e-3}],
-}
+ADAMW_HALF_LR = 4e-3  # the 2026-11-23 default of the Muon variants' AdamW half
+ADAMW_HALF_ALTERNATIVES = (2e-3, 8e-3)  # stage 2: half and twice the default
+QUICK_LRS: dict[str, tuple[float, ...]] = {"hybrid": (0.03,), "adamw": (3e-3,), "torch_muon": (0.03,)}
 
 
 @dataclass(frozen=True)
@@ -103,22 +104,28 @@ def commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def points(grid: dict[str, list[dict[str, float]]], names: Sequence[str], warmups: Sequence[float]) -> list[Point]:
-    return [Point(n, tuple(lrs.items()), w) for n in names for lrs in grid[n] for w in warmups]
+def lrs_of(name: str, lr: float, adamw_lr: float = ADAMW_HALF_LR) -> tuple[tuple[str, float], ...]:
+    return (("lr", lr),) if name == "adamw" else (("lr", lr), ("adamw_lr", adamw_lr))
 
 
 def key(p: Point, seed: int, cfg: TrainConfig) -> str:
-    return json.dumps([p.name, p.lrs, p.warmup, seed, repr(cfg.model), cfg.steps, cfg.batch, cfg.device])
+    # The thread count is part of a run's identity: parallel reductions sum in a different order.
+    config = [repr(cfg.model), cfg.steps, cfg.batch, cfg.device, torch.get_num_threads()]
+    return json.dumps([p.name, p.lrs, p.warmup, seed, *config])
 
 
-def load_cache(path: Path | None) -> dict[str, dict[str, float]]:
+Cache = dict[str, dict[str, Any]]
+
+
+def load_cache(path: Path | None) -> Cache:
     if path is None or not path.exists():
         return {}
     entries = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
     return {e["key"]: e for e in entries}
 
 
-def run_point(p: Point, seed: int, cfg: TrainConfig, corpus, cache: dict, cache_path: Path | None) -> Run:  # type: ignore[no-untyped-def]
+def run_point(p: Point, seed: int, cfg: TrainConfig, corpus: Corpus, cache: Cache, cache_path: Path | None) -> Run:
+    """The run of point ``p`` on ``seed``: from the cache, or trained now (and appended to the cache file)."""
     k = key(p, seed, cfg)
     if k not in cache:
         r = train_one(p.name, replace(cfg, seed=seed), corpus, lrs=dict(p.lrs), warmup=p.warmup, progress=False)
@@ -138,22 +145,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--steps", type=int, default=TrainConfig().steps)
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
-    ap.add_argument("--confirm-seeds", default="1,2", help="seeds for the top-2 confirmation ('' to skip)")
-    ap.add_argument("--quick", action="store_true", help="one lr point per optimizer on a tiny model (smoke test)")
+    ap.add_argument("--confirm-seeds", default="1,2", help="seeds the best points are rerun on ('' to skip)")
+    ap.add_argument("--confirm-top", type=int, default=1, help="how many of the best points per optimizer to rerun")
+    ap.add_argument("--quick", action="store_true", help="one lr per optimizer on a tiny model (a smoke test)")
     ap.add_argument("--out", default=None, help="markdown report path (default: benchmarks/demo_sweep_<date>_cpu.md)")
     ap.add_argument("--cache", default=None, help="JSON-lines file of finished runs, reused when restarting")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's). On a machine shared with other jobs, 1 thread is several times "
+        "faster than oversubscribed cores; the Muon variants' losses then differ in the last bits from 2 threads",
+    )
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     unknown = [n for n in names if n not in OPTIMIZERS]
     if unknown:
         ap.error(f"unknown optimizer {unknown[0]!r}; choose from {', '.join(OPTIMIZERS)}")
     confirm = [int(s) for s in args.confirm_seeds.split(",") if s.strip()]
+    if args.confirm_top < 1:
+        ap.error("--confirm-top must be ≥ 1")
     cfg = TrainConfig(steps=args.steps)
-    grid = GRID
+    lrs = LRS
     if args.quick:
         cfg = replace(cfg, model=GPTConfig(layers=1, width=32, heads=2, context=32), batch=8, eval_every=5)
-        grid = QUICK_GRID
+        lrs = QUICK_LRS
     corpus = load_corpus(None, cfg.model.context)
     date = dt.date.today().isoformat()
     out = Path(args.out or f"benchmarks/demo_sweep_{date}_{cfg.device}.md")
@@ -162,49 +181,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = f"{date}, commit {commit()}, {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     print(env, flush=True)
 
-    grid_points = points(grid, names, WARMUPS)
-    total = len(grid_points) + 2 * len(names) * len(confirm)
+    muons = [n for n in names if n != "adamw"]
+    total = sum(len(lrs[n]) * len(WARMUPS) for n in names) + len(ADAMW_HALF_ALTERNATIVES) * len(muons)
+    total += args.confirm_top * len(names) * len(confirm)
     bar = tqdm(total=total, desc="demo sweep", unit="run", dynamic_ncols=True)
-    seed0: dict[Point, Run] = {}
-    for p in grid_points:
-        r = run_point(p, 0, cfg, corpus, cache, cache_path)
-        seed0[p] = r
-        bar.write(f"{p.name:>10}  lr {p.label:<13} warmup {p.warmup:<5g} seed 0  final {r.final:.4f}")
+    runs: dict[Point, list[Run]] = {}  # per point, its runs in seed order (seed 0 first)
+
+    def run(p: Point, seed: int) -> None:
+        r = run_point(p, seed, cfg, corpus, cache, cache_path)
+        runs.setdefault(p, []).append(r)
+        bar.write(f"{p.name:>10}  lr {p.label:<13} warmup {p.warmup:<5g} seed {seed}  final {r.final:.4f}")
         bar.update()
 
-    best: dict[str, Point] = {}
-    means: dict[Point, list[float]] = {}
-    for n in names:
-        ranked = sorted((p for p in grid_points if p.name == n), key=lambda p: seed0[p].final)
-        top = ranked[:2] if confirm else ranked[:1]
+    def best(n: str) -> list[Point]:
+        return sorted((p for p in runs if p.name == n), key=lambda p: runs[p][0].final)
+
+    for n in names:  # stage 1
+        for lr in lrs[n]:
+            for w in WARMUPS:
+                run(Point(n, lrs_of(n, lr), w), 0)
+    for n in muons:  # stage 2
+        first = best(n)[0]
+        for a in ADAMW_HALF_ALTERNATIVES:
+            run(Point(n, lrs_of(n, dict(first.lrs)["lr"], a), first.warmup), 0)
+    chosen: dict[str, Point] = {}
+    for n in names:  # stage 3
+        top = best(n)[: args.confirm_top]
         for p in top:
-            finals = [seed0[p].final]
-            for s in confirm:
-                r = run_point(p, s, cfg, corpus, cache, cache_path)
-                finals.append(r.final)
-                bar.write(f"{p.name:>10}  lr {p.label:<13} warmup {p.warmup:<5g} seed {s}  final {r.final:.4f}")
-                bar.update()
-            means[p] = finals
-        best[n] = min(top, key=lambda p: statistics.fmean(means[p]))
+            for seed in confirm:
+                run(p, seed)
+        chosen[n] = min(top, key=lambda p: statistics.fmean(r.final for r in runs[p]))
     bar.close()
 
-    seeds = [0, *confirm]
-    grid_rows = [
+    rows = [
         [
             p.name,
             p.label,
             f"{p.warmup:g}",
-            f"{seed0[p].final:.4f}" + (" **" if p == best[p.name] else ""),
-            f"{seed0[p].ms_per_step:.0f}",
+            f"{rs[0].final:.4f}" + (" **" if p == chosen[p.name] else ""),
+            f"{rs[0].ms_per_step:.0f}",
         ]
-        for p in grid_points
+        for p, rs in runs.items()
     ]
-    grid_md = table(["optimizer", "lr (matrices / AdamW)", "warmup", "final val loss, seed 0", "ms/step"], grid_rows)
+    grid_md = table(["optimizer", "lr (matrices / AdamW)", "warmup", "final val loss, seed 0", "ms/step"], rows)
+    seeds = [0, *confirm]
     conf_rows = []
-    for p, finals in means.items():
-        per_seed = " / ".join(f"{v:.4f}" for v in finals)
-        chosen = "chosen" if p == best[p.name] else ""
-        conf_rows.append([p.name, p.label, f"{p.warmup:g}", per_seed, f"{statistics.fmean(finals):.4f}", chosen])
+    for n in names:
+        for p in best(n)[: args.confirm_top]:
+            finals = [r.final for r in runs[p]]
+            per_seed = " / ".join(f"{v:.4f}" for v in finals)
+            mark = "chosen" if p == chosen[n] else ""
+            conf_rows.append([n, p.label, f"{p.warmup:g}", per_seed, f"{statistics.fmean(finals):.4f}", mark])
     conf_md = table(
         [
             "optimizer",
@@ -217,22 +244,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         conf_rows,
     )
     m = cfg.model
+    command = " ".join(["python benchmarks/demo_sweep.py", *(sys.argv[1:] if argv is None else argv)])
     report = f"""# `orthoptim demo` learning-rate × warmup sweep — {cfg.device}
 
-{env}.
-`python benchmarks/demo_sweep.py {" ".join(sys.argv[1:] if argv is None else argv)}`.
-Config: GPT {m.layers}×{m.width} ({m.heads} heads, context {m.context}), batch {cfg.batch}, {cfg.steps} steps,
-linear warmup (the fraction below) then linear decay to zero, weight decay 0, validation every {cfg.eval_every} steps
-on fixed windows. Final validation loss in nats/byte; deterministic for a seed on this CPU and torch. ms/step is
-training time only and noisy (a 2-core machine shared with other jobs): a rough guide, not a measurement to quote.
+{env}. `{command}`
 
-## Seed 0, every grid point (** = chosen default)
+Config: GPT {m.layers}×{m.width} ({m.heads} heads, context {m.context}), batch {cfg.batch}, {cfg.steps} steps, linear
+warmup (the fraction below) then linear decay to zero, weight decay 0, validation every {cfg.eval_every} steps on
+fixed windows. Final validation loss in nats/byte, deterministic for a seed on this machine and torch. ms/step is
+training time only and noisy (a 2-core machine shared with other jobs while this ran): a rough guide, not a
+measurement to quote. Stages: lr × warmup (the Muon variants' AdamW half at {ADAMW_HALF_LR:g}), then the AdamW half
+at {" and ".join(f"{a:g}" for a in ADAMW_HALF_ALTERNATIVES)} around the best point, then the best
+{args.confirm_top} per optimizer on seeds {", ".join(map(str, confirm)) or "(none)"}.
+
+## Seed 0, every point run (** = chosen default)
 
 {grid_md}
 
-## The two best per optimizer on seed 0, rerun on seeds {", ".join(map(str, confirm)) or "(none)"}
-
-The chosen default is the one with the lower mean.
+## The best per optimizer on seed 0, rerun on the other seeds (chosen: lowest mean)
 
 {conf_md}
 """

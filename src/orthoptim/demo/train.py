@@ -13,8 +13,13 @@ Optimizers compared (``OPTIMIZERS``):
 - ``torch_muon``: ``torch.optim.Muon`` on the same hidden matrices plus ``torch.optim.AdamW`` on the rest, two
   optimizers stepped together.
 
-The learning rates in ``TUNED_LRS`` are tuned defaults, chosen once by the small sweep recorded next to them; they
-are not swept at run time. Pass ``lrs=`` to :func:`train_one` to try others.
+The learning rates (``TUNED_LRS``) and warmup fractions (``TUNED_WARMUP``) are per-optimizer tuned defaults,
+chosen once by the sweep recorded next to them; they are not swept at run time. Pass ``lrs=`` / ``warmup=`` to
+:func:`train_one` (or ``warmups=`` to :func:`compare`) to try others.
+
+With ``TrainConfig.seeds = N`` every optimizer runs on seeds ``seed .. seed + N - 1``; each seed fixes the
+initialization and data order shared by all optimizers. "Steps to reach the reference's final loss" is measured per
+seed against that seed's reference run, then aggregated (:func:`summarize`): mean and min–max over the seeds.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -71,9 +76,12 @@ class TrainConfig:
     eval_every: int = 10
     eval_batches: int = 4  # fixed validation windows: eval_batches × batch of them
     seed: int = 0
+    seeds: int = 1  # every optimizer runs on seeds seed .. seed + seeds - 1
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"--seeds must be a whole number ≥ 1, got {self.seeds!r}")
         for name in ("steps", "batch", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
@@ -162,6 +170,7 @@ def train_one(
     lrs: dict[str, float] | None = None,
     warmup: float | None = None,
     progress: bool = True,
+    label: str | None = None,
 ) -> RunResult:
     """Train a fresh model (seeded init) with optimizer ``name`` for ``cfg.steps`` steps; evaluate as it goes.
 
@@ -191,7 +200,9 @@ def train_one(
 
     trained = 0.0
     val_loss = record(0, 0.0)
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"{name:>10}", disable=not progress, leave=True, dynamic_ncols=True)
+    bar = tqdm(
+        range(1, cfg.steps + 1), desc=f"{label or name:>10}", disable=not progress, leave=True, dynamic_ncols=True
+    )
     _sync(device)
     start = time.perf_counter()
     for step in bar:
@@ -218,14 +229,82 @@ def train_one(
     return result
 
 
-def compare(names: Sequence[str], cfg: TrainConfig, corpus: Corpus, *, progress: bool = True) -> list[RunResult]:
-    """One :func:`train_one` per optimizer name, in order, with the tuned default learning rates."""
-    return [train_one(name, cfg, corpus, progress=progress) for name in names]
+def compare(
+    names: Sequence[str],
+    cfg: TrainConfig,
+    corpus: Corpus,
+    *,
+    warmups: Mapping[str, float] | None = None,
+    progress: bool = True,
+) -> list[RunResult]:
+    """One :func:`train_one` per seed (``cfg.seed`` .. ``cfg.seed + cfg.seeds - 1``) and optimizer name, seed by
+    seed, with the tuned learning rates and the tuned warmup unless ``warmups`` names the optimizer."""
+    warmups = warmups or {}
+    results = []
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        run_cfg = replace(cfg, seed=seed, seeds=1)
+        for name in names:
+            label = f"{name} s{seed}" if cfg.seeds > 1 else name
+            results.append(train_one(name, run_cfg, corpus, warmup=warmups.get(name), progress=progress, label=label))
+    return results
 
 
 def steps_to_reach(result: RunResult, target: float) -> int | None:
     """The first evaluated step whose validation loss is ≤ ``target`` (None if none; resolution ``eval_every``)."""
     return next((s for s, v in zip(result.steps, result.val_loss, strict=True) if v <= target), None)
+
+
+@dataclass
+class Summary:
+    """One optimizer over the seeds: per-seed numbers (in seed order) from which the table's mean and range come."""
+
+    name: str
+    lrs: dict[str, float]
+    warmup: float
+    reference: str  # the optimizer whose final loss the "steps to reach" columns aim at
+    seeds: list[int] = field(default_factory=list)
+    final: list[float] = field(default_factory=list)
+    reached: list[int | None] = field(default_factory=list)  # first step at or below that seed's reference final
+    reference_steps: list[int | None] = field(default_factory=list)  # the same for the reference run itself
+    ms_per_step: list[float] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> list[float | None]:
+        """Per seed: steps to reach the reference's final loss over the reference's own steps (None: not reached)."""
+        return [
+            None if r is None or not ref else r / ref for r, ref in zip(self.reached, self.reference_steps, strict=True)
+        ]
+
+
+def reference_name(names: Sequence[str]) -> str:
+    """AdamW when it ran, else the first optimizer."""
+    return REFERENCE if REFERENCE in names else names[0]
+
+
+def summarize(results: Sequence[RunResult]) -> list[Summary]:
+    """Group per-seed runs by optimizer (first-seen order); "steps to reach" compares each run with its own seed's
+    reference run."""
+    names = list(dict.fromkeys(r.name for r in results))
+    ref_name = reference_name(names)
+    refs = {r.seed: r for r in results if r.name == ref_name}
+    summaries: dict[str, Summary] = {}
+    for r in results:
+        s = summaries.setdefault(r.name, Summary(r.name, r.lrs, r.warmup, ref_name))
+        ref = refs[r.seed]
+        s.seeds.append(r.seed)
+        s.final.append(r.final)
+        s.reached.append(steps_to_reach(r, ref.final))
+        s.reference_steps.append(steps_to_reach(ref, ref.final))
+        s.ms_per_step.append(r.ms_per_step)
+    return list(summaries.values())
+
+
+def spread(values: Sequence[float], fmt: str, unit: str = "") -> str:
+    """``mean`` for one value, ``mean (min–max)`` for several, each formatted with ``fmt`` and followed by ``unit``."""
+    mean = math.fsum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:{fmt}}{unit}"
+    return f"{mean:{fmt}}{unit} ({min(values):{fmt}}–{max(values):{fmt}}{unit})"
 
 
 def _format_lrs(lrs: dict[str, float]) -> str:
@@ -234,26 +313,46 @@ def _format_lrs(lrs: dict[str, float]) -> str:
 
 def format_table(results: Sequence[RunResult]) -> str:
     """Markdown table: final validation loss, steps to reach the reference's final loss (AdamW's, or the first
-    run's when AdamW did not run) with the percentage of the reference's own steps, and training ms per step."""
-    ref = next((r for r in results if r.name == REFERENCE), results[0])
-    ref_steps = steps_to_reach(ref, ref.final)
-    header = [
-        "optimizer",
-        "lr (matrices / AdamW)",
-        "final val loss",
-        f"steps to {ref.name}'s final ({ref.final:.4f})",
-        "ms/step",
-    ]
+    run's when AdamW did not run) as a share of the reference's own steps, and training ms per step.
+
+    One seed: the values themselves, steps as ``110 (37%)``. Several seeds: ``mean (min–max)`` over the seeds,
+    the share computed per seed against that seed's reference run before aggregating.
+    """
+    summaries = summarize(results)
+    ref = next(s for s in summaries if s.name == summaries[0].reference)
+    n = len(ref.seeds)
+    if n == 1:
+        to_ref_header = f"steps to {ref.name}'s final ({ref.final[0]:.4f})"
+    else:
+        to_ref_header = f"steps to {ref.name}'s final, % of {ref.name}'s steps"
+    header = ["optimizer", "lr (matrices / AdamW)", "warmup", "final val loss", to_ref_header, "ms/step"]
     rows = []
-    for r in results:
-        reached = steps_to_reach(r, ref.final)
-        if reached is None:
+    for s in summaries:
+        fractions = [f for f in s.fraction if f is not None]
+        if n == 1:
+            reached, ref_steps = s.reached[0], s.reference_steps[0]
+            if reached is None:
+                to_ref = "—"
+            elif ref_steps:
+                to_ref = f"{reached} ({100 * reached / ref_steps:.0f}%)"
+            else:
+                to_ref = str(reached)
+        elif not fractions:
             to_ref = "—"
-        elif ref_steps:
-            to_ref = f"{reached} ({100 * reached / ref_steps:.0f}%)"
         else:
-            to_ref = str(reached)
-        rows.append([r.name, _format_lrs(r.lrs), f"{r.final:.4f}", to_ref, f"{r.ms_per_step:.1f}"])
+            to_ref = spread([100 * f for f in fractions], ".0f", "%")
+            if len(fractions) < n:  # the mean is over the seeds that got there: say how many did
+                to_ref += f", reached on {len(fractions)} of {n} seeds"
+        rows.append(
+            [
+                s.name,
+                _format_lrs(s.lrs),
+                f"{100 * s.warmup:g}%",
+                spread(s.final, ".4f"),
+                to_ref,
+                spread(s.ms_per_step, ".1f"),
+            ]
+        )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -269,12 +368,29 @@ def describe(cfg: TrainConfig, corpus: Corpus) -> str:
     return (
         f"{corpus.name}: {len(corpus.train):,} train / {len(corpus.val):,} val bytes; GPT {m.layers}×{m.width} "
         f"({m.heads} heads, context {m.context}, {params / 1e6:.2f}M params); {cfg.steps} steps × batch {cfg.batch}; "
-        f"{cfg.device}, seed {cfg.seed}"
+        f"{cfg.device}, {seed_range(cfg)}"
     )
 
 
+def seed_range(cfg: TrainConfig) -> str:
+    """``seed 0`` or ``seeds 0–2``."""
+    return f"seed {cfg.seed}" if cfg.seeds == 1 else f"seeds {cfg.seed}–{cfg.seed + cfg.seeds - 1}"
+
+
+def _curve_band(runs: Sequence[RunResult]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Mean, min and max validation loss at each evaluated step over ``runs`` (same steps), and the mean time."""
+    losses = list(zip(*(r.val_loss for r in runs), strict=True))
+    times = list(zip(*(r.seconds for r in runs), strict=True))
+    mean = [math.fsum(v) / len(v) for v in losses]
+    return mean, [min(v) for v in losses], [max(v) for v in losses], [math.fsum(t) / len(t) for t in times]
+
+
 def plot_curves(results: Sequence[RunResult], path: Path, title: str) -> Path | None:
-    """Validation loss vs step and vs training time, two panels, to a PNG; None if matplotlib is missing."""
+    """Validation loss vs step and vs training time, two panels, to a PNG; None if matplotlib is missing.
+
+    With several seeds each optimizer is drawn as its mean curve over the seeds with a shaded min–max band; the
+    time axis is the mean training time at each evaluated step.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -284,22 +400,38 @@ def plot_curves(results: Sequence[RunResult], path: Path, title: str) -> Path | 
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     by_step, by_time = fig.subplots(1, 2, sharey=True)
+    groups: dict[str, list[RunResult]] = {}
     for r in results:
-        label = f"{r.name} ({r.final:.3f})"
-        by_step.plot(r.steps, r.val_loss, label=label)
-        by_time.plot(r.seconds, r.val_loss, label=label)
-    ref = next((r for r in results if r.name == REFERENCE), results[0])
+        groups.setdefault(r.name, []).append(r)
+    ref_final = math.nan
+    tail: list[float] = []
+    for name, runs in groups.items():
+        mean, lo, hi, seconds = _curve_band(runs)
+        finals = math.fsum(r.final for r in runs) / len(runs)
+        label = f"{name} ({finals:.3f})" if len(runs) == 1 else f"{name} (mean {finals:.3f}, {len(runs)} seeds)"
+        (line,) = by_step.plot(runs[0].steps, mean, label=label)
+        by_time.plot(seconds, mean, label=label, color=line.get_color())
+        if len(runs) > 1:
+            by_step.fill_between(runs[0].steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+            by_time.fill_between(seconds, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        if name == reference_name(list(groups)):
+            ref_final = finals
+        tail += [v for v in hi[1:] + lo[1:] if math.isfinite(v)]
     for ax, xlabel in ((by_step, "step"), (by_time, "training time (s, evaluation excluded)")):
-        ax.axhline(ref.final, color="gray", linestyle=":", linewidth=1)
+        if math.isfinite(ref_final):
+            ax.axhline(ref_final, color="gray", linestyle=":", linewidth=1)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     # Skip step 0 when setting the y-range: the initial loss (≈ ln 256) would flatten the curves that matter.
-    tail = [v for r in results for v in r.val_loss[1:] if math.isfinite(v)]
     if tail:
-        lo, hi = min(tail), max(tail)
-        by_step.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
-    by_step.set_ylabel("validation loss (nats/byte)")
-    by_step.legend()
+        lo_y, hi_y = min(tail), max(tail)
+        by_step.set_ylim(lo_y - 0.05 * (hi_y - lo_y + 1e-9), hi_y + 0.05 * (hi_y - lo_y + 1e-9))
+    ylabel = "validation loss (nats/byte)"
+    if any(len(runs) > 1 for runs in groups.values()):
+        ylabel += "; mean over seeds, band min–max"
+    by_step.set_ylabel(ylabel)
+    if groups:
+        by_step.legend()
     fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -307,8 +439,24 @@ def plot_curves(results: Sequence[RunResult], path: Path, title: str) -> Path | 
 
 
 def write_results(results: Sequence[RunResult], cfg: TrainConfig, path: Path) -> Path:
-    """Every curve and the configuration as JSON, for re-plotting or quoting exact numbers."""
-    payload = {"config": asdict(cfg), "runs": [asdict(r) for r in results]}
+    """Every per-seed curve, the per-optimizer summary over the seeds and the configuration as JSON."""
+    summary = []
+    for s in summarize(results):
+        fractions = [f for f in s.fraction if f is not None]
+        summary.append(
+            {
+                **asdict(s),
+                "fraction_of_reference_steps": s.fraction,
+                "final_mean": math.fsum(s.final) / len(s.final),
+                "final_min": min(s.final),
+                "final_max": max(s.final),
+                "fraction_mean": math.fsum(fractions) / len(fractions) if fractions else None,
+                "fraction_min": min(fractions, default=None),
+                "fraction_max": max(fractions, default=None),
+                "ms_per_step_mean": math.fsum(s.ms_per_step) / len(s.ms_per_step),
+            }
+        )
+    payload = {"config": asdict(cfg), "runs": [asdict(r) for r in results], "summary": summary}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
