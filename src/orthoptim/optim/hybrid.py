@@ -34,26 +34,59 @@ def split_params(
     whose name is in ``head_names``), and any weight shared with an embedding (tied heads). Each parameter
     appears once (shared parameters are deduplicated).
     """
-    heads = set(head_names)
-    parts = tuple(part.lower() for part in embedding_name_parts)
-    embedding_ids = {
-        id(p) for mod in model.modules() if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) for p in mod.parameters()
-    }
-    embedding_ids.update(
-        id(p) for name, p in model.named_parameters() if any(part in name.rsplit(".", 1)[-1].lower() for part in parts)
+    excluded = _excluded_ids(
+        model,
+        exclude_embeddings=exclude_embeddings,
+        exclude_head=exclude_head,
+        head_names=head_names,
+        embedding_name_parts=embedding_name_parts,
     )
-    head_ids: set[int] = set()
-    for name, mod in model.named_modules():
-        if name and name.rsplit(".", 1)[-1] in heads:
-            head_ids.update(id(p) for p in mod.parameters(recurse=False))
     matrices: list[nn.Parameter] = []
     others: list[nn.Parameter] = []
     for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        excluded = (exclude_embeddings and id(p) in embedding_ids) or (exclude_head and id(p) in head_ids)
-        (matrices if p.ndim >= 2 and not excluded else others).append(p)
+        if p.requires_grad:
+            (matrices if p.ndim >= 2 and id(p) not in excluded else others).append(p)
     return matrices, others
+
+
+def _excluded_ids(
+    model: nn.Module,
+    *,
+    exclude_embeddings: bool = True,
+    exclude_head: bool = True,
+    head_names: Iterable[str] = HEAD_NAMES,
+    embedding_name_parts: Iterable[str] = EMBEDDING_NAME_PARTS,
+) -> set[int]:
+    """``id``s of ``model``'s parameters that :func:`split_params` keeps off the orthogonalized update whatever
+    their shape: embeddings (by type, and by their own name) and head weights (by their module's name)."""
+    excluded: set[int] = set()
+    if exclude_embeddings:
+        parts = tuple(part.lower() for part in embedding_name_parts)
+        excluded.update(
+            id(p)
+            for mod in model.modules()
+            if isinstance(mod, (nn.Embedding, nn.EmbeddingBag))
+            for p in mod.parameters()
+        )
+        excluded.update(id(p) for name, p in model.named_parameters() if _own_name_says_embedding(name, parts))
+    if exclude_head:
+        heads = set(head_names)
+        for name, mod in model.named_modules():
+            if name and name.rsplit(".", 1)[-1] in heads:
+                excluded.update(id(p) for p in mod.parameters(recurse=False))
+    return excluded
+
+
+def _own_name_says_embedding(name: str, parts: tuple[str, ...] = EMBEDDING_NAME_PARTS) -> bool:
+    return any(part in name.rsplit(".", 1)[-1].lower() for part in parts)
+
+
+def _name_says_excluded(name: str) -> bool:
+    """:func:`split_params`'s rules that a parameter's qualified name alone can decide: its own name contains
+    ``embed``/``token``, or the module holding it is named like a head (``lm_head.weight``). An ``nn.Embedding``'s
+    table is known by its module's type only (``embed_tokens.weight``, ``wte.weight``), which a name does not show."""
+    module = name.rsplit(".", 1)[0] if "." in name else ""
+    return _own_name_says_embedding(name) or (bool(module) and module.rsplit(".", 1)[-1] in HEAD_NAMES)
 
 
 def _check_algorithm(group: dict[str, Any]) -> None:
@@ -62,18 +95,109 @@ def _check_algorithm(group: dict[str, Any]) -> None:
         raise ValueError(f'Hybrid: each param group needs "algorithm": "muon" or "adamw", got {got!r}')
 
 
+#: A group without ``"algorithm"`` may set its AdamW half's options under the constructor's keyword names.
+_ADAMW_GROUP_KEYS: dict[str, str] = {
+    "adamw_lr": "lr",
+    "adamw_betas": "betas",
+    "adamw_eps": "eps",
+    "adamw_weight_decay": "weight_decay",
+}
+#: Keys of a group without ``"algorithm"`` that are AdamW's alone, so its orthogonalized half does not get them
+#: (Muon's own ``eps`` is accepted for torch.optim.Muon's sake and unused).
+_ADAMW_ONLY = ("betas", "eps", *_ADAMW_GROUP_KEYS)
+#: ... and the one its AdamW half does not get: Muon's lr (0.02) is ~100× AdamW's (3e-4); ``adamw_lr`` is AdamW's.
+_MATRICES_ONLY = ("lr",)
+
+
+def _sort_group(
+    group: dict[str, Any], adamw: dict[str, Any], excluded: set[int], flatten: set[int]
+) -> list[dict[str, Any]]:
+    """A param group without ``"algorithm"`` as the explicit groups it becomes, in this order, empty ones left
+    out: its orthogonalized matrices, its ``flatten`` (Conv1d) matrices, its AdamW parameters.
+
+    A parameter goes to AdamW if it has < 2 dims, its ``id`` is in ``excluded``, or its name (``(name, param)``
+    pairs, or the group's ``"param_names"``) matches :func:`split_params`'s name rules. Options: see
+    :class:`Hybrid`. The caller's dict is not changed.
+    """
+    if "params" not in group:
+        raise ValueError('a param group needs "params"')
+    raw = group["params"]
+    if isinstance(raw, set):  # as torch refuses: a set's order, hence the groups' and the state_dict's, varies
+        raise TypeError("Hybrid: a param group's params need an ordered collection (a list), not a set")
+    items: list[Any] = [raw] if isinstance(raw, torch.Tensor) else list(raw)
+    named = [isinstance(item, tuple) for item in items]
+    if any(named) and not all(named):
+        raise ValueError("Hybrid: a param group's params must be all (name, parameter) pairs or all parameters")
+    if "param_names" in group:  # names already taken out of the pairs (another optimizer's param_groups)
+        if any(named) or len(group["param_names"]) != len(items):
+            raise ValueError(
+                f'Hybrid: a param group\'s "param_names" ({len(group["param_names"])}) must name each of its '
+                f"{len(items)} parameters, which are then not (name, parameter) pairs"
+            )
+        items = list(zip(group["param_names"], items, strict=True))
+    halves: tuple[list[Any], list[Any], list[Any]] = ([], [], [])  # matrices, flattened matrices, AdamW
+    for item in items:
+        name, p = item if isinstance(item, tuple) else (None, item)
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"Hybrid: optimizer params must be Tensors, but one is {type(p).__name__}")
+        to_adamw = p.ndim < 2 or id(p) in excluded or (name is not None and _name_says_excluded(name))
+        halves[2 if to_adamw else 1 if id(p) in flatten else 0].append(item)
+    options = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+    matrix = {k: v for k, v in options.items() if k not in _ADAMW_ONLY}
+    rest = {
+        **adamw,
+        **{k: v for k, v in options.items() if k not in _MATRICES_ONLY and k not in _ADAMW_GROUP_KEYS},
+        **{_ADAMW_GROUP_KEYS[k]: v for k, v in options.items() if k in _ADAMW_GROUP_KEYS},
+    }
+    made = (
+        {**matrix, "algorithm": "muon"},
+        {**matrix, "algorithm": "muon", "shape_policy": "flatten"},
+        {**rest, "algorithm": "adamw"},
+    )
+    # Pairs stay pairs: torch's add_param_group takes the names out into each half's "param_names".
+    return [{"params": half, **g} for half, g in zip(halves, made, strict=True) if half]
+
+
 class Hybrid(Muon):
     """One optimizer: an orthogonalized update (Muon, or NorMuon/PolarGrad via ``row_norm``/``scale_mode``) for
     hidden matrices and AdamW for the rest (embeddings, head, biases, gains).
 
-    ``params`` is an ``nn.Module`` (split by :func:`split_params`; its ``nn.Conv1d`` weights get a group of their
-    own with ``shape_policy="flatten"`` unless ``shape_policy`` is passed), a pair ``(matrices, others)``, or a list of
-    param groups each with ``"algorithm": "muon"`` or ``"adamw"``. Works with torch lr schedulers (each group has
-    its own ``lr``; schedulers scale all groups), ``zero_grad``, closures and ``state_dict``. The non-finite policy
-    covers both halves: a skipped step leaves AdamW's moments untouched too.
+    ``params`` is one of:
+
+    - an ``nn.Module``: split by :func:`split_params`; its ``nn.Conv1d`` weights get a group of their own with
+      ``shape_policy="flatten"`` unless ``shape_policy`` is passed;
+    - a pair ``(matrices, others)``;
+    - a list of param groups (dicts). A group with ``"algorithm": "muon"`` or ``"adamw"`` is taken as it is. A
+      group without ``"algorithm"`` (torch style, e.g. the decay/no-decay list transformers' Trainer builds) is
+      sorted per parameter: one with ≥ 2 dims is orthogonalized, anything else goes to AdamW — and so does a
+      ≥ 2-D parameter that :func:`split_params` would exclude, when that can be seen: with ``module=`` (the
+      ``nn.Module`` the parameters belong to) by :func:`split_params`'s rules exactly, ``nn.Conv1d`` weights
+      flattened as for ``Hybrid(module)``; without it, from names only, where the group gives ``(name,
+      parameter)`` pairs (``named_parameters()``) or ``"param_names"``: a head module's weights
+      (``lm_head.weight``) and parameters whose own name contains ``embed``/``token`` (``pos_embed``). **An
+      ``nn.Embedding`` table is recognized through ``module=`` only**: without it, a group of plain parameters
+      (Trainer's) has its embeddings and head orthogonalized. Pass ``module=model`` (with Trainer:
+      ``optimizer_cls_and_kwargs=(orthoptim.Hybrid, {"lr": 0.02, "module": model})``), or split by hand.
+
+      The group's options: ``lr`` goes to the matrices only (AdamW's lr is of another scale: the AdamW half
+      takes the group's ``adamw_lr``, else the constructor's); ``betas`` and ``eps`` to AdamW only;
+      ``adamw_lr``/``adamw_betas``/``adamw_eps``/``adamw_weight_decay`` set the AdamW half's option, overriding
+      the unprefixed key; every other key goes to both halves — ``weight_decay`` acts on both (decoupled in
+      both), Muon's options (``momentum``, ``ns_steps``, ...) on the matrices only (AdamW ignores them), keys of
+      your own are kept. Options the group leaves out are the constructor's: ``lr``/``weight_decay`` for the
+      matrices, ``adamw_*`` for AdamW. Each group becomes, in
+      order, its matrices' group, (with ``module=``) its Conv1d weights' group, its AdamW group; empty ones are
+      left out, so there may be more or fewer groups than given (an lr scheduler taking one value per group
+      must follow ``opt.param_groups``). A fresh Hybrid built from the same groups sorts them the same way:
+      ``load_state_dict`` works as usual.
+
+    Works with torch lr schedulers (each group has its own ``lr``; schedulers scale all groups), ``zero_grad``,
+    closures and ``state_dict``. The non-finite policy covers both halves: a skipped step leaves AdamW's moments
+    untouched too.
 
     Keyword arguments are :class:`orthoptim.Muon`'s for the matrices (``lr`` default 0.02, ``weight_decay`` 0)
-    plus ``adamw_lr`` (3e-4), ``adamw_betas`` ((0.9, 0.95)), ``adamw_eps`` (1e-8), ``adamw_weight_decay`` (0).
+    plus ``adamw_lr`` (3e-4), ``adamw_betas`` ((0.9, 0.95)), ``adamw_eps`` (1e-8), ``adamw_weight_decay`` (0),
+    and ``module`` (above; only with param groups).
     ``process_group`` (Muon's) splits the matrices' orthogonalization over ranks; the AdamW half is elementwise
     and runs on each rank's replicas or shards, and both halves skip together on every rank.
     """
@@ -88,37 +212,47 @@ class Hybrid(Muon):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
+        module: nn.Module | None = None,
         **kw: Any,
     ) -> None:
         adamw = {"lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps, "weight_decay": adamw_weight_decay}
-        groups: list[dict[str, Any]]
-        conv1d: set[int] = set()
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(f"Hybrid(module=): an nn.Module, got {type(module).__name__}")
         if isinstance(params, nn.Module):
-            if "shape_policy" not in kw:  # a Conv1d weight (out, in, k) is one out × in·k matrix, not k-row batches
-                conv1d = {id(m.weight) for m in params.modules() if isinstance(m, nn.Conv1d)}
-            params = split_params(params)
+            if module is not None:
+                raise TypeError("Hybrid(module=) is for param groups; Hybrid(model) already splits model")
+            # Hybrid(model) is one group of model's trainable parameters sorted by model: split_params(model).
+            module = params
+            params = [{"params": [p for p in module.parameters() if p.requires_grad]}]
+        groups: list[dict[str, Any]] = []
         if isinstance(params, tuple):
+            if module is not None:
+                raise TypeError("Hybrid(module=) is for param groups; a pair (matrices, others) is already split")
             if len(params) != 2:
                 raise ValueError("Hybrid(params): a tuple must be (matrix_params, other_params)")
             mats, rest = list(params[0]), list(params[1])
-            groups = []
-            flat = [p for p in mats if id(p) in conv1d]
-            mats = [p for p in mats if id(p) not in conv1d]
             if mats:
                 groups.append({"params": mats, "algorithm": "muon"})
-            if flat:
-                groups.append({"params": flat, "algorithm": "muon", "shape_policy": "flatten"})
             if rest:
                 groups.append({"params": rest, "algorithm": "adamw", **adamw})
         else:
-            groups = []
+            excluded = _excluded_ids(module) if module is not None else set()
+            flatten: set[int] = set()
+            if module is not None and "shape_policy" not in kw:
+                # A Conv1d weight (out, in, k) is one out × in·k matrix, not k-row batches ("auto" on a 3-D weight).
+                flatten = {id(m.weight) for m in module.modules() if isinstance(m, nn.Conv1d)}
             for g in params:
                 if not isinstance(g, dict):
                     raise TypeError(
                         "Hybrid(params): pass an nn.Module (split by orthoptim.split_params), a pair (matrices, "
-                        'others), or param groups (dicts) each with "algorithm": "muon" or "adamw"; got an '
-                        f"iterable of {type(g).__name__}"
+                        'others), or param groups (dicts); a group without "algorithm" is sorted per parameter. '
+                        f"Got an iterable of {type(g).__name__}: for model.parameters() or named_parameters(), "
+                        'pass the model itself (its embeddings and head are then recognized); [{"params": tensors}] '
+                        "sorts by shape only"
                     )
+                if "algorithm" not in g:
+                    groups.extend(_sort_group(g, adamw, excluded, set() if "shape_policy" in g else flatten))
+                    continue
                 _check_algorithm(g)
                 groups.append({**adamw, **g} if g["algorithm"] == "adamw" else dict(g))
         if not groups:
@@ -129,11 +263,23 @@ class Hybrid(Muon):
     _KEPT_ATTRIBUTES = (*Muon._KEPT_ATTRIBUTES, "_adamw_defaults")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch's, with ``"algorithm"`` defaulting to ``"muon"``; an ``"adamw"`` group's missing options are
-        the constructor's ``adamw_*`` (not the matrices' ``lr``/``weight_decay``)."""
-        param_group.setdefault("algorithm", "muon")
-        _check_algorithm(param_group)
-        if param_group["algorithm"] == "adamw" and hasattr(self, "_adamw_defaults"):
-            for key, value in self._adamw_defaults.items():
-                param_group.setdefault(key, value)
+        """As torch's. A group without ``"algorithm"`` is sorted as the constructor sorts one (by its parameters'
+        dims and names; ``module=`` is the constructor's alone) and its halves are added both or neither (a
+        2-D-only group is one orthogonalized group, as when ``"algorithm"`` defaulted to ``"muon"``). An
+        ``"adamw"`` group's missing options are the constructor's ``adamw_*`` (not the matrices' ``lr`` and
+        ``weight_decay``)."""
+        if isinstance(param_group, dict) and "algorithm" not in param_group:
+            added = len(self.param_groups)
+            try:
+                for half in _sort_group(param_group, self._adamw_defaults, set(), set()):
+                    self.add_param_group(half)
+            except Exception:
+                del self.param_groups[added:]  # a rejected AdamW half takes its matrices' group with it
+                raise
+            return
+        if isinstance(param_group, dict):
+            _check_algorithm(param_group)
+            if param_group["algorithm"] == "adamw" and hasattr(self, "_adamw_defaults"):
+                for key, value in self._adamw_defaults.items():
+                    param_group.setdefault(key, value)
         super().add_param_group(param_group)
