@@ -72,6 +72,7 @@ from ..polar import NonFiniteError
 from ..polar.workspace import Workspace
 from . import fused, paths
 from .adamw import adamw_prepare, validate_adamw_group
+from .checkpoint import ALGORITHM_OPTIONS, converted_groups, normalize_loaded_state
 from .commit import StepFlag, commit_megabatch
 from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
 from .prepare import Pending, local_shards, orthogonalized_prepare, sharded_prepare, split_starter
@@ -209,12 +210,22 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 self.param_groups.pop()  # a rejected group leaves the optimizer as it was
                 raise
 
-    #: State kept in float32 whatever the parameter dtype (torch's load_state_dict would cast it to the param's).
-    _FLOAT32_STATE = ("second_moment", "nonfinite_skips")
+    def load_state_dict(self, state_dict: dict[str, Any], *, convert: bool = False) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but all or nothing, and checked whole.
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, but float32 statistics stay float32 for low-precision
-        parameters (torch casts every state tensor but ``step`` to the parameter's dtype)."""
+        The loaded options are validated as the constructor validates them (options newer than the checkpoint
+        take this optimizer's values), and every parameter's state must have the keys, shapes, dtypes and finite
+        values its algorithm needs (``optim/checkpoint.py``): a ``step`` saved as a number becomes a counter, as
+        torch's optimizers convert it; state for no parameter, a missing momentum, NaN/Inf or a negative second
+        moment is refused, naming the parameter. On any failure the optimizer's state and param groups are exactly
+        as before. float32 statistics stay float32 for low-precision parameters (torch casts every state tensor
+        but ``step`` to the parameter's dtype).
+
+        A checkpoint of another orthoptim algorithm (Muon, NorMuon, PolarGrad: ``row_norm``/``scale_mode``) is
+        refused by name; ``convert=True`` loads it anyway, carrying the momentum, steps and skip counts over and
+        keeping this optimizer's algorithm options (``checkpoint.ALGORITHM_OPTIONS``); NorMuon's second moments
+        are dropped, or start at zero as at a first step. AdamW and orthogonalized groups never convert.
+        """
         saved_groups = state_dict.get("param_groups", [])
         for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=False)):
             if current.get("algorithm", "orthogonalized") != "adamw" and "schedule" not in saved:
@@ -225,26 +236,36 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                     "torch.optim.Muon run over, copy its momentum buffers into a fresh orthoptim optimizer's state "
                     "after its first step instead"
                 )
-        keep = {
-            k: {key: v[key] for key in self._FLOAT32_STATE if key in v} for k, v in state_dict.get("state", {}).items()
-        }
+        converted: list[bool] = []  # torch's own check below names a mismatch in the number of groups
+        if len(saved_groups) == len(self.param_groups):
+            converted = converted_groups(saved_groups, self.param_groups, convert)
         before: dict[str, Any] = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(state_dict)
         try:
-            for group, current in zip(self.param_groups, before["param_groups"], strict=True):
+            for group, current, change in zip(self.param_groups, before["param_groups"], converted, strict=True):
                 for key, value in current.items():  # options newer than the checkpoint: this optimizer's values
                     group.setdefault(key, value)
+                if change:  # a converted checkpoint keeps this optimizer's algorithm
+                    group.update({key: current[key] for key in ALGORITHM_OPTIONS if key in current})
                 self._validate_group(group)
+            # Keys are matched to parameters through the saved groups' "params" lists, as torch does: they are
+            # indices for a plain state_dict() and fully qualified names from torch.distributed.checkpoint.
+            keys = [k for g in saved_groups for k in g["params"]]
+            params = dict(zip(keys, (p for g in self.param_groups for p in g["params"]), strict=True))
+            saved_state = {id(params[k]): v for k, v in state_dict.get("state", {}).items() if k in params}
+            normalize_loaded_state(self.param_groups, self.state, saved_state, converted, self._agree)
         except Exception:
-            self.__setstate__(before)  # a checkpoint with invalid options changes nothing
+            self.__setstate__(before)  # a rejected checkpoint changes nothing
             raise
-        # Keys are matched to parameters through the saved groups' "params" lists, as torch does: they are
-        # indices for a plain state_dict() and fully qualified names from torch.distributed.checkpoint.
-        saved = [k for g in state_dict["param_groups"] for k in g["params"]]
-        params = dict(zip(saved, (p for g in self.param_groups for p in g["params"]), strict=False))
-        for k, extra in keep.items():
-            for key, value in extra.items():
-                self.state[params[k]][key] = value.to(device=params[k].device, dtype=torch.float32)
+
+    def _agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank. Only sharded (DTensor) parameters need the all-reduce: every rank
+        holds the same replicated state otherwise, so every rank decides alike without one."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self._pg_ref is None or not any(is_dtensor(p) for p in params):
+            return ok
+        device = params[0].to_local().device if is_dtensor(params[0]) else params[0].device
+        return bool(agree_ok(torch.tensor(ok, device=device), self._pg_ref.group))
 
     @property
     def nonfinite_skips(self) -> int:
