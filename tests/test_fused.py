@@ -230,21 +230,44 @@ def test_address_tables_follow_moved_tensors() -> None:
 
 SHAPES = [(32, 48), (64, 16), (3, 16, 40), (2, 16, 40), (8, 2, 2, 3), (40, 40)]  # wide, tall, 3-D, conv, square
 OPTIMIZERS = ("Muon", "NorMuon", "PolarGrad")
-CASES = [  # every dtype with the selecting commit (no host read), the other policies in float32
-    *((cls, dtype, "selects") for cls in OPTIMIZERS for dtype in DTYPES),
-    *((cls, torch.float32, policy) for cls in OPTIMIZERS for policy in ("reads flag", "propagate")),
+#: (parameter dtype, compute dtype): the compute dtype is explicit, not the CPU's default (bfloat16 only with native
+#: bfloat16 products), so every CPU runs the same cases: 16-bit parameters with an update of their own width, of
+#: the other 16-bit dtype, and of float32 (wider than the parameter: summed in float32, rounded once).
+DTYPE_PAIRS = [
+    (torch.float32, "float32"),
+    (torch.bfloat16, "bfloat16"),
+    (torch.bfloat16, "float32"),
+    (torch.float16, "bfloat16"),
+    (torch.float16, "float32"),
+]
+CASES = [  # every dtype pair with the selecting commit (no host read), the other policies in float32
+    *((cls, dtype, compute, "selects") for cls in OPTIMIZERS for dtype, compute in DTYPE_PAIRS),
+    *((cls, torch.float32, "float32", policy) for cls in OPTIMIZERS for policy in ("reads flag", "propagate")),
 ]
 
 
-@pytest.mark.parametrize(("cls", "dtype", "policy"), CASES, ids=[f"{c}-{str(d)[6:]}-{p}" for c, d, p in CASES])
+@pytest.mark.parametrize(
+    ("cls", "dtype", "compute", "policy"), CASES, ids=[f"{c}-{str(d)[6:]}-{x}-{p}" for c, d, x, p in CASES]
+)
 @pytest.mark.parametrize(("nesterov", "mu"), [(True, 0.95), (False, 0.95), (True, 0.3)])
 def test_the_step_with_the_kernels_gives_the_same_bits(
-    cls: str, dtype: torch.dtype, policy: str, nesterov: bool, mu: float, monkeypatch: pytest.MonkeyPatch
+    cls: str,
+    dtype: torch.dtype,
+    compute: str,
+    policy: str,
+    nesterov: bool,
+    mu: float,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The optimizer's device step with the fused kernels and without (torch's foreach and stacked ops), forced on
     the CPU: every parameter and state tensor bit for bit after four steps — one skipped by a NaN gradient
     (except under "propagate"), gradients reallocated every step (the address tables follow), weight decay on.
-    lr 2⁻⁴ and √(m/n) ∈ {1, 2} keep α = −lr·√(m/n) exact in 16 bits, where torch's CPU add rounds it."""
+
+    Bit equality holds by construction on every CPU: both runs feed the same orthogonalization (the same torch
+    products on the same inputs), and each elementwise operation around it is one IEEE float32 operation (or an
+    exact one) rounded once into the stored dtype on both sides — no reduction order, no ISA-dependent rounding.
+    lr 2⁻⁴ and √(m/n) ∈ {1, 2} keep α = −lr·√(m/n) exact in 16 bits, where torch's CPU add would round it, and
+    make α·U exact, so a fused multiply-add and a multiply then add agree."""
     monkeypatch.setattr(paths, "CPU_PATH_DEVICES", ())
     monkeypatch.setattr(polar_devices, "FLOAT32_COPY_DEVICES", ())
     launches: list[str] = []
@@ -260,9 +283,9 @@ def test_the_step_with_the_kernels_gives_the_same_bits(
         monkeypatch.setattr(fused, "FUSED_DEVICES", ("cuda", "cpu") if with_kernels else ("cuda",))
         gen = torch.Generator().manual_seed(0)
         ps = [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
-        options: dict[str, object] = {"warn_nonfinite": policy == "reads flag"}
+        options: dict[str, object] = {"warn_nonfinite": policy == "reads flag", "compute_dtype": compute}
         if policy == "propagate":
-            options = {"nonfinite": "propagate"}
+            options = {"nonfinite": "propagate", "compute_dtype": compute}
         if cls != "PolarGrad":  # PolarGrad's update carries lr·‖M‖_* itself (α = 1)
             options["scale_mode"] = "original"
         opt = getattr(orthoptim, cls)(ps, lr=2.0**-4, weight_decay=0.2, momentum=mu, nesterov=nesterov, **options)

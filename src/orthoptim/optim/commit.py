@@ -41,9 +41,9 @@ def _decay_params(params: list[Tensor], decay: float | Tensor, flag: StepFlag, s
 
 
 def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float | Tensor, scratch: Workspace) -> None:
-    """``θ ← θ + alpha·U`` for every parameter. A CPU update in another dtype (bfloat16 into float32) is converted
-    into the scratch buffer first: torch's CPU kernels would convert it into a fresh tensor per parameter (the
-    GPU ones cast on the fly). Same values either way: the conversion to the wider dtype is exact.
+    """``θ ← θ + alpha·U`` for every parameter. A CPU update in another dtype goes through the scratch buffer: torch's
+    CPU kernels would convert into a fresh tensor per parameter (the GPU ones cast on the fly). Same values as
+    ``θ.add_(U, alpha)`` either way: the sum is taken in the wider of the two dtypes and rounded once into θ's.
 
     A tensor ``alpha`` (a tensor learning rate) is read on the device: on the CPU it is read on the host (free
     there); elsewhere each parameter gets ``addcmul_(U, alpha)`` — one launch per parameter, which a captured
@@ -60,8 +60,13 @@ def _add_update(params: list[Tensor], parts: list[Tensor], alpha: float | Tensor
                 t.addcmul_(u, alpha)
             return
     if parts and parts[0].device.type == "cpu" and parts[0].dtype != params[0].dtype:
+        wide = torch.promote_types(parts[0].dtype, params[0].dtype)
         for t, u in zip(params, parts, strict=True):
-            t.add_(scratch.like("update", u, t.dtype).copy_(u), alpha=alpha)
+            if wide == t.dtype:  # a narrower update (bfloat16 into float32): its conversion is exact
+                t.add_(scratch.like("update", u, t.dtype).copy_(u), alpha=alpha)
+            else:  # a wider one (float32 into bfloat16): summed in the wider dtype, then rounded into θ's, as
+                # torch's add and the fused commit compute it; rounding U to θ's dtype first would round twice
+                t.copy_(scratch.like("widened", t, wide).copy_(t).add_(u, alpha=alpha))
         return
     torch._foreach_add_(params, parts, alpha=alpha)
 

@@ -38,8 +38,13 @@ GRAM_MIN_SAVING = 0.15
 
 
 def _probe_cpu_native_bf16() -> bool:
+    """The hardware probes, and whether torch runs its AVX-512 kernels at all: ``ATEN_CPU_CAPABILITY=avx2`` (with
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` for the products) makes an AVX-512 machine compute as an AVX2 one does, and then
+    orthoptim chooses as it would there."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, private but present since 2.1
     try:
+        if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+            return False
         return any(bool(getattr(torch.cpu, name)()) for name in probes if hasattr(torch.cpu, name))
     except Exception:  # a probe failing at runtime means "unknown": the portable choice is float32
         return False
