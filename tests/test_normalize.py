@@ -39,12 +39,18 @@ def test_exact_pow2_matches_python() -> None:
         assert torch.equal(exact_pow2(k, dtype), torch.tensor([2.0 ** int(v) for v in k], dtype=dtype))
 
 
-def test_prescale_puts_max_in_half_open_unit_interval() -> None:
-    X = torch.tensor([[[3e-45, -1e-45]], [[-3.0e38, 1.0]], [[0.0, 0.0]]], dtype=torch.float32)
+def test_prescale_puts_max_in_two_to_four_exactly() -> None:
+    """From float32's smallest subnormal to its largest value the max-abs entry lands in [2, 4), each entry scaled
+    by exactly the power of two that does so for the max (checked in float64), underflow aside."""
+    X = torch.tensor([[[3e-45, -1e-45]], [[-3.0e38, 1.0]], [[1.7e38, 2.0**-140]], [[0.0, 0.0]]], dtype=torch.float32)
     scaled, amax = pow2_prescale(X)
     top = scaled.abs().amax(dim=(-2, -1))
-    assert torch.all((top[:2] >= 0.5) & (top[:2] < 1.0)) and top[2] == 0
+    assert torch.all((top[:3] >= 2.0) & (top[:3] < 4.0)) and top[3] == 0
     assert torch.equal(amax.reshape(-1), X.abs().amax(dim=(-2, -1)))
+    X64 = X.double()
+    power = 2.0 ** (2 - torch.frexp(X64.abs().amax(dim=(-2, -1), keepdim=True))[1].double())
+    # One rounding of the exact product (2^-140·2^-126 underflows to 0 at the top binade, as it must).
+    assert torch.equal(scaled[:3], (X64[:3] * power[:3]).float())
 
 
 @pytest.mark.parametrize("normalization", ["schatten4", "aol"])

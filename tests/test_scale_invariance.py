@@ -7,6 +7,7 @@ every scale the output must match the float64-SVD picture (gains from the closed
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import orthoptim
-from orthoptim.polar import composite, get_schedule, polar
+from orthoptim.polar import composite, devices, get_schedule, polar
 
 # The matrix has max-abs entry exactly 1, so t·G stays finite for t up to the dtype's max.
 DTYPE_EXPONENTS = {
@@ -109,3 +110,102 @@ def test_torch_muon_routine_fails_where_we_do_not() -> None:
         ours = float(orthoptim.orthogonalize(G * t, schedule=coeffs, steps=5, normalization="frobenius").norm())
         assert theirs < 0.05 * ref_norm  # collapsed (eps floor below, fp32/bf16 norm overflow above)
         assert math.isclose(ours, ref_norm, rel_tol=0.02)
+
+
+# The exact-exponent sweeps: for each input dtype, two matrices whose every power-of-two scale in a range is exact.
+# "deep": max-abs 1.75 (so 2^k·G reaches the dtype's top binade) and entries down to odd multiples of the smallest
+# subnormal s, 22+ binades and more below the max (exact for k ≥ 0 up to the top); "subnormal": max-abs 7·s·2^20,
+# every entry a multiple of s (exact from k = 0, a matrix of subnormals, to the top).
+SWEEP_DTYPES = {
+    # dtype: (compute dtypes, largest k with 1.75·2^k finite)
+    torch.float32: ((torch.float32, torch.bfloat16), 127),
+    torch.bfloat16: ((torch.float32, torch.bfloat16), 127),
+    torch.float16: ((torch.float32, torch.float16), 15),
+    torch.float64: ((torch.float64, torch.float32), 1023),
+}
+
+
+def sweep_matrices(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    finfo = torch.finfo(dtype)
+    s = finfo.tiny * finfo.eps  # the smallest subnormal
+    gen = torch.Generator().manual_seed(30)
+    ints = torch.randint(1, 56, (8, 14), generator=gen, dtype=torch.int64).double()
+    signs = torch.randint(0, 2, (8, 14), generator=gen).double() * 2 - 1
+    deep = signs * ints / 32.0  # six significant bits: exact in every dtype, below 1.75
+    deep[2] = signs[2] * (2 * ints[2] + 1) * s  # a row of odd multiples of s, far below the rest
+    deep[:, 5] = (2 * ints[:, 5] + 1) * s  # and a column
+    deep[0, 0] = 1.75
+    subnormal = signs * ints * 2.0**14 * s
+    subnormal[1] = signs[1] * (2 * ints[1] + 1) * s  # down to the last bit of the subnormals
+    subnormal[0, 0] = 7 * 2.0**20 * s
+    out = {"deep": deep.to(dtype), "subnormal": subnormal.to(dtype)}
+    for name, G in out.items():
+        assert torch.equal(G.double(), {"deep": deep, "subnormal": subnormal}[name]), name  # the values are exact
+    return out
+
+
+def times_pow2(G: torch.Tensor, k: int) -> torch.Tensor:
+    """2^k·G, rounded once into G's dtype: via float64 for narrower dtypes (a tensor-scalar product of a float32 or
+    bfloat16 tensor takes the scalar as float32, where 2^128 is inf); for float64 in steps of at most 2^±1000
+    (2^2075 is not a float64; each step is exact as long as the result is, the entries only grow or only shrink)."""
+    if G.dtype != torch.float64:
+        return (G.double() * 2.0**k).to(G.dtype)
+    while k != 0:
+        step = max(-1000, min(1000, k))
+        G, k = G * 2.0**step, k - step
+    return G
+
+
+def exact_exponents(G: torch.Tensor, top: int) -> list[int]:
+    """The k ≥ 0 with 2^k·G exact in G's dtype (every one up to where the max-abs reaches the top binade)."""
+    e_max = int(torch.frexp(G.abs().max().double())[1]) - 1  # max-abs = m·2^e_max, m ∈ [1, 2)
+    return list(range(0, top - e_max + 1))
+
+
+@pytest.mark.parametrize("normalization", ["frobenius", "schatten4", "aol"])
+@pytest.mark.parametrize("dtype", list(SWEEP_DTYPES), ids=str)
+def test_power_of_two_scales_are_bit_identical_over_the_whole_range(
+    dtype: torch.dtype, normalization: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """orthogonalize(2^k·G) is bit for bit orthogonalize(G) for every k that keeps 2^k·G exact in G's dtype, from a
+    matrix of subnormals to a max-abs in the dtype's top binade (float32's 2^127, float64's 2^1023).
+
+    Why bit equality is right, by construction: the prescale multiplies each matrix by the power of two that puts
+    its max-abs entry in [2, 4), so 2^k·G and G are both brought to the very same real values, and each one is then
+    rounded once, to the same float — a product with a power of two is exact unless it overflows or underflows,
+    and an underflowed product rounds the same real value the same way at every k. From there on the inputs are
+    the same bits, and so are the outputs, whatever the kernels' summation order or FMA use (the same ops run on
+    the same bits). Where the largest entry is so small that one factor cannot bring it up (2^150 is not a float32),
+    the remaining power of two is folded into the norm and the final factor, both exactly (all intermediate values
+    normal), so the quotient is the same real value again. It must hold on every x86 CPU (AVX2 and AVX-512 builds
+    sum in different orders, but each sums the same bits at every k). The accelerators' way of normalizing the
+    optimizers' input (``overwrite_input`` off ``devices.FLOAT32_COPY_DEVICES``: the norm accumulated in float64, no
+    prescale) is exact for another reason: float32 squares, sums and quotients stay normal float64 numbers.
+
+    The "deep" matrix's row and column of odd multiples of the smallest subnormal are ~126 binades below its max
+    at the top: they become subnormals in the prescaled matrix, which is where 2^126·G and 2^127·G used to differ
+    (the prescale 2^-127 or 2^-128 was applied as 2^-126 and then 2^-1 or 2^-2, rounding those entries twice).
+    """
+    compute_dtypes, top = SWEEP_DTYPES[dtype]
+    for name, G in sweep_matrices(dtype).items():
+        ks = exact_exponents(G, top)
+        if dtype == torch.float64:  # up to 2076 exponents: every one at both ends, every 13th between
+            ks = sorted({*ks[:48], *ks[48:-48:13], *ks[-48:]})
+        for compute_dtype in compute_dtypes:
+            # The CPU's way, its in-place variant, and the accelerators' way (which may differ from the CPU's in the
+            # last bit, so each is compared with itself at k = 0).
+            for overwrite_input, copy_devices in ((False, ("cpu",)), (True, ("cpu",)), (True, ())):
+                monkeypatch.setattr(devices, "FLOAT32_COPY_DEVICES", copy_devices)
+
+                run = functools.partial(
+                    orthoptim.orthogonalize,
+                    normalization=normalization,  # type: ignore[arg-type]
+                    compute_dtype=compute_dtype,
+                    overwrite_input=overwrite_input,
+                )
+                ref = run(G.clone())  # a copy: overwrite_input scales its input in place
+                assert bool(torch.isfinite(ref).all()) and bool((ref != 0).any())
+                for k in ks:
+                    X = times_pow2(G, k)
+                    assert torch.equal(times_pow2(X, -k), G), (name, k)  # 2^k·G is exact
+                    assert torch.equal(run(X.clone()), ref), (name, k, compute_dtype, overwrite_input, copy_devices)

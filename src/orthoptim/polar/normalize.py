@@ -2,16 +2,22 @@
 
 Two steps, both per matrix of a batch:
 
-1. **Exact power-of-two prescale.** Each matrix is multiplied by ``2^-e`` where ``e`` is the binary exponent
-   of its max-abs entry, so the largest entry lands in ``[0.5, 1)``. Multiplying by a power of two is
-   exact in binary floating point (barring entries so far below the maximum that they underflow, which
-   are below the working precision relative to it anyway), so it changes no rounding: ``G`` and ``2^k·G``
-   give bit-identical results. It is done in float32 (float64 for float64 input), whose range covers every
-   float16/bfloat16/float32 value, subnormals included; the factor is applied as two halves so that even
-   ``2^149`` (for the smallest float32 subnormal) never has to be represented.
-2. **Norm in float32 on the prescaled matrix.** With entries in ``[-1, 1]`` and at least one ≥ 0.5 in
-   magnitude, ``‖X‖_F ∈ [0.5, √(mn)]``: no overflow, no underflow, no ``eps`` floor. The zero matrix has
-   norm 0 and is divided by the floor 0.5, which every nonzero matrix already exceeds, giving exact zeros.
+1. **Exact power-of-two prescale.** Each matrix is multiplied by ``2^(2-e)`` where ``e`` is the binary exponent
+   of its max-abs entry (``amax = f·2^e``, f ∈ [0.5, 1)), so the largest entry lands in ``[2, 4)``. Multiplying
+   by a power of two is exact in binary floating point unless the product under- or overflows, and an
+   underflowing product of ``2^k·G`` and of ``G`` is the same real number, rounded the same way: ``G`` and
+   ``2^k·G`` give bit-identical results for every ``k`` that keeps ``2^k·G`` exact, over the input dtype's whole
+   range. It is done in float32 (float64 for float64 input), whose range covers every float16/bfloat16/float32
+   value, subnormals included. Why ``[2, 4)`` and not ``[0.5, 1)``: the top binade (``e = 128`` in float32,
+   1024 in float64) then needs ``2^-126`` (``2^-1022``), still a normal number, so every matrix but those of
+   the tiniest scale gets its whole prescale as one factor; ``[0.5, 1)`` needed ``2^-128``, which was applied
+   as ``2^-126`` and ``2^-2`` and rounded the entries that underflow twice — not bit-exact once
+   ``amax ≥ 2^126`` (``2^1022``). At the bottom the factor can exceed the range (``2^150`` for the smallest
+   float32 subnormal); there the remainder is folded into the norm and the final factor, exactly
+   (:func:`normalize`).
+2. **Norm in float32 on the prescaled matrix.** With entries in ``[-4, 4]`` and at least one ≥ 2 in
+   magnitude, ``‖X‖_F ∈ [2, 4√(mn)]``: no overflow, no underflow, no ``eps`` floor. The zero matrix has
+   norm 0 and is divided by the floor 2, which every nonzero matrix already reaches, giving exact zeros.
 
 Why ``σmax ≤ 1`` after dividing by ``margin·‖X‖_F``: ``‖X‖_F² = Σσᵢ² ≥ σmax²`` and ``margin ≥ 1``.
 
@@ -52,8 +58,11 @@ NonFinitePolicy: TypeAlias = Literal["raise", "propagate"]
 NORMALIZATIONS: tuple[str, ...] = ("frobenius", "schatten4", "aol")
 NONFINITE_POLICIES: tuple[str, ...] = ("raise", "propagate")
 
-# After the prescale every nonzero matrix has max-abs entry ≥ 0.5, hence norm ≥ 0.5.
-_NORM_FLOOR = 0.5
+#: The prescale puts each nonzero matrix's max-abs entry in [2^(PRESCALE_TOP - 1), 2^PRESCALE_TOP) = [2, 4): the
+#: smallest target the largest finite binade reaches with a normal power of two (module docstring).
+PRESCALE_TOP = 2
+# After the prescale every nonzero matrix has max-abs entry ≥ 2, hence norm ≥ 2.
+_NORM_FLOOR = 2.0
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -92,24 +101,26 @@ def max_abs_by_extremes(X: torch.Tensor) -> torch.Tensor:
 
 
 def _prescale_exponents(amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split the prescale exponent ``-e`` (``amax = m·2^e``, m ∈ [0.5, 1)) into a part whose power of two is a
-    normal number of ``dtype`` and the rest, which is nonzero only at the ends of the range: ≤ 22 (float32;
-    51 float64) for matrices of subnormal scale, -1 or -2 for the largest values (e = 128 needs 2^-128)."""
+    """Split the prescale exponent ``PRESCALE_TOP - e`` (``amax = f·2^e``, f ∈ [0.5, 1)) into a part whose power of
+    two is a normal number of ``dtype`` and the rest, which is 0 but for matrices of the tiniest scale (max-abs
+    below 2^-126 in float32, 2^-1022 in float64) and then in [1, 23] (float32; [1, 52] float64). Never negative:
+    the top binade (e = 128; 1024) needs 2^-126 (2^-1022), a normal number."""
     _, exp = torch.frexp(amax)  # exp = 0 for zero (and for inf/nan, which the non-finite policy handles)
-    neg = -exp
+    total = PRESCALE_TOP - exp
     emin, emax = (-1022, 1023) if dtype == torch.float64 else (-126, 127)
-    first = neg.clamp(min=emin, max=emax)
-    return first, neg - first
+    first = total.clamp(min=emin, max=emax)
+    return first, total - first
 
 
 def pow2_prescale(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale each matrix of ``X`` (..., m, n) by an exact power of two so its max-abs entry is in [0.5, 1).
+    """Scale each matrix of ``X`` (..., m, n) by an exact power of two so its max-abs entry is in [2, 4).
 
     ``X`` must be float32 or float64. Returns the scaled tensor (a new one) and the per-matrix max-abs of
     the *input* (shape (..., 1, 1)), which is NaN/Inf exactly when the matrix holds a NaN/Inf.
     """
     amax = max_abs(X)
-    # Two factors: the full one can be 2^149 (float32 subnormals) or 2^1074 (float64), beyond range.
+    # Two factors: the full one can be 2^150 (float32 subnormals) or 2^1075 (float64), beyond range. Both scale up
+    # there, exactly; elsewhere the second is 1.
     first, rest = _prescale_exponents(amax, X.dtype)
     return X * exact_pow2(first, X.dtype) * exact_pow2(rest, X.dtype), amax
 
@@ -178,11 +189,12 @@ def normalize(
     # four. The prescale writes a contiguous float32 (float64) copy whatever X's dtype and strides — the cast and, for
     # a transposed view, the transposition ride along with the multiply — so the norm is summed in one memory order
     # and a tall matrix and the transpose of its wide twin give bit-identical results. The prescale 2^first is the
-    # exact one of ``pow2_prescale`` except at the ends of the range, where the remaining 2^rest (≤ 2^22 in float32,
-    # ≤ 2^51 in float64, ≥ 2^-2) is folded into the final factor instead. Every nonzero entry is ≥ the smallest
-    # subnormal (2^-149), so after 2^first it is ≥ 2^-22 and its square cannot underflow: the norm of the partly
-    # scaled matrix is exactly 2^-rest times the fully scaled one's, and every power-of-two scale of a matrix still
-    # meets the same roundings and gives the same bits.
+    # exact one of ``pow2_prescale`` except for matrices of the tiniest scale, where the remaining 2^rest (≤ 2^23 in
+    # float32, ≤ 2^52 in float64) is folded into the final factor instead. Every nonzero entry is then ≥ the
+    # smallest subnormal (2^-149) times 2^first = 2^127, ≥ 2^-22 (2^-51 in float64), and its square cannot
+    # underflow: the norm of the partly scaled matrix is exactly 2^-rest times the fully scaled one's, the factor
+    # exactly 2^rest times its factor, and every power-of-two scale of a matrix meets the same roundings and gives
+    # the same bits.
     first, rest = _prescale_exponents(amax, work)
     if overwrite_input and X.dtype == work:
         scaled = X.mul_(exact_pow2(first, work))

@@ -137,9 +137,11 @@ def orthogonalize(
 ) -> torch.Tensor:
     """Approximate the polar factor ``U Vᵀ`` of each matrix in ``G`` (..., m, n) by Newton–Schulz.
 
-    Exactly scale-invariant: ``orthogonalize(t·G)`` equals ``orthogonalize(G)`` for every ``t > 0`` with
-    ``t·G`` finite and nonzero (bit for bit when ``t`` is a power of two), from float32 subnormals to
-    float32's largest values; the zero matrix maps to zeros.
+    Exactly scale-invariant: ``orthogonalize(2^k·G)`` is bit for bit ``orthogonalize(G)`` for every ``k`` that
+    keeps ``2^k·G`` exact in ``G``'s dtype (no entry over- or underflowing), over each dtype's whole range — from
+    a matrix of subnormals to one whose max-abs entry is in the top binade (float32/bfloat16 ``2^127``, float64
+    ``2^1023``, float16 ``2^15``); for any other ``t > 0`` with ``t·G`` finite and nonzero, ``orthogonalize(t·G)``
+    differs from ``orthogonalize(G)`` only by the rounding of ``t·G`` itself. The zero matrix maps to zeros.
 
     Args:
         G: real floating tensor (..., m, n), any m, n ≥ 1, any float dtype, any strides. Not differentiable: a
