@@ -9,7 +9,9 @@ linear decay to zero, weight decay 0; ``orthoptim.demo.train.train_one``, the de
 by final validation loss:
 
 1. Seed 0, per optimizer: its learning rate × the warmup fraction (``LRS`` × ``WARMUPS``); hybrid and torch_muon
-   sweep the hidden matrices' lr with their AdamW half at ``ADAMW_HALF_LR``.
+   sweep the hidden matrices' lr with their AdamW half at ``ADAMW_HALF_LR``. While the best point has the largest
+   lr or the longest warmup tried, the next lr (× ``EDGE_LR_FACTOR``) or warmup (+ ``EDGE_WARMUP_STEP``) is run
+   too (at most ``EDGE_ROUNDS`` rounds), so the chosen point is not merely the grid's edge.
 2. Seed 0, hybrid and torch_muon: the AdamW half's lr at ``ADAMW_HALF_ALTERNATIVES`` around the best point of 1.
 3. Confirmation (``--confirm-seeds``, default 1,2): the best ``--confirm-top`` points (default 1) per optimizer on
    seed 0 rerun on those seeds; with more than one, the one with the lowest mean over all its seeds is chosen.
@@ -54,6 +56,11 @@ LRS: dict[str, tuple[float, ...]] = {
     "adamw": (2e-3, 3e-3, 4e-3),
     "torch_muon": (0.02, 0.03, 0.04),
 }
+# Edges: when the best point so far has the largest lr tried (at its warmup), it is rerun at EDGE_LR_FACTOR × that lr;
+# when it has the longest warmup tried (at its lr), at EDGE_WARMUP_STEP more; at most EDGE_ROUNDS times.
+EDGE_LR_FACTOR = 1.5
+EDGE_WARMUP_STEP = 0.1
+EDGE_ROUNDS = 3
 ADAMW_HALF_LR = 4e-3  # the 2026-11-23 default of the Muon variants' AdamW half
 ADAMW_HALF_ALTERNATIVES = (2e-3, 8e-3)  # stage 2: half and twice the default
 QUICK_LRS: dict[str, tuple[float, ...]] = {"hybrid": (0.03,), "adamw": (3e-3,), "torch_muon": (0.03,)}
@@ -102,6 +109,22 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def edge_neighbours(p: Point, tried: Sequence[Point]) -> list[Point]:
+    """The points one step past ``p`` along each axis on which ``p`` is the largest value tried."""
+    lrs = dict(p.lrs)
+    same_warmup = [
+        dict(q.lrs)["lr"] for q in tried if q.name == p.name and q.warmup == p.warmup and q.lrs[1:] == p.lrs[1:]
+    ]
+    same_lr = [q.warmup for q in tried if q.name == p.name and q.lrs == p.lrs]
+    out = []
+    if lrs["lr"] >= max(same_warmup):
+        lr = float(f"{lrs['lr'] * EDGE_LR_FACTOR:.3g}")  # 3 significant digits, so cache keys stay stable
+        out.append(replace(p, lrs=tuple((k, lr if k == "lr" else v) for k, v in p.lrs)))
+    if p.warmup >= max(same_lr) and p.warmup + EDGE_WARMUP_STEP < 1:
+        out.append(replace(p, warmup=round(p.warmup + EDGE_WARMUP_STEP, 6)))
+    return out
 
 
 def lrs_of(name: str, lr: float, adamw_lr: float = ADAMW_HALF_LR) -> tuple[tuple[str, float], ...]:
@@ -200,6 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for lr in lrs[n]:
             for w in WARMUPS:
                 run(Point(n, lrs_of(n, lr), w), 0)
+        for _ in range(EDGE_ROUNDS):  # a best point on the grid's upper edge: step past it before calling it best
+            extra = [p for p in edge_neighbours(best(n)[0], list(runs)) if p not in runs]
+            if not extra:
+                break
+            bar.total += len(extra)
+            for p in extra:
+                run(p, 0)
     for n in muons:  # stage 2
         first = best(n)[0]
         for a in ADAMW_HALF_ALTERNATIVES:
@@ -253,8 +283,9 @@ Config: GPT {m.layers}×{m.width} ({m.heads} heads, context {m.context}), batch 
 warmup (the fraction below) then linear decay to zero, weight decay 0, validation every {cfg.eval_every} steps on
 fixed windows. Final validation loss in nats/byte, deterministic for a seed on this machine and torch. ms/step is
 training time only and noisy (a 2-core machine shared with other jobs while this ran): a rough guide, not a
-measurement to quote. Stages: lr × warmup (the Muon variants' AdamW half at {ADAMW_HALF_LR:g}), then the AdamW half
-at {" and ".join(f"{a:g}" for a in ADAMW_HALF_ALTERNATIVES)} around the best point, then the best
+measurement to quote. Stages: lr × warmup (the Muon variants' AdamW half at {ADAMW_HALF_LR:g}), stepping past the
+best point while it lies on the largest lr (× {EDGE_LR_FACTOR:g}) or warmup (+ {EDGE_WARMUP_STEP:g}) tried; then the
+AdamW half at {" and ".join(f"{a:g}" for a in ADAMW_HALF_ALTERNATIVES)} around the best point; then the best
 {args.confirm_top} per optimizer on seeds {", ".join(map(str, confirm)) or "(none)"}.
 
 ## Seed 0, every point run (** = chosen default)
