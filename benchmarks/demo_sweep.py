@@ -12,7 +12,8 @@ by final validation loss:
    sweep the hidden matrices' lr with their AdamW half at ``ADAMW_HALF_LR``. While the best point has the largest
    lr or the longest warmup tried, the next lr (× ``EDGE_LR_FACTOR``) or warmup (+ ``EDGE_WARMUP_STEP``) is run
    too (at most ``EDGE_ROUNDS`` rounds), so the chosen point is not merely the grid's edge.
-2. Seed 0, hybrid and torch_muon: the AdamW half's lr at ``ADAMW_HALF_ALTERNATIVES`` around the best point of 1.
+2. Seed 0, hybrid and torch_muon: the AdamW half's lr at ``ADAMW_HALF_ALTERNATIVES`` around the best point of 1,
+   doubled (or halved) again while the best AdamW-half lr is the largest (or smallest) tried, up to ``EDGE_ROUNDS``.
 3. Confirmation (``--confirm-seeds``, default 1,2): the best ``--confirm-top`` points (default 1) per optimizer on
    seed 0 rerun on those seeds; with more than one, the one with the lowest mean over all its seeds is chosen.
 
@@ -232,8 +233,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run(p, 0)
     for n in muons:  # stage 2
         first = best(n)[0]
+        lr = dict(first.lrs)["lr"]
         for a in ADAMW_HALF_ALTERNATIVES:
-            run(Point(n, lrs_of(n, dict(first.lrs)["lr"], a), first.warmup), 0)
+            run(Point(n, lrs_of(n, lr, a), first.warmup), 0)
+        for _ in range(EDGE_ROUNDS):  # the AdamW half's best lr on an edge of those tried: double (or halve) it
+            line = [p for p in runs if p.name == n and p.warmup == first.warmup and dict(p.lrs)["lr"] == lr]
+            halves = sorted(dict(p.lrs)["adamw_lr"] for p in line)
+            half = dict(min(line, key=lambda p: runs[p][0].final).lrs)["adamw_lr"]
+            if half not in (halves[0], halves[-1]):
+                break
+            bar.total += 1
+            run(Point(n, lrs_of(n, lr, float(f"{half * 2 if half == halves[-1] else half / 2:.3g}")), first.warmup), 0)
     chosen: dict[str, Point] = {}
     for n in names:  # stage 3
         top = best(n)[: args.confirm_top]
