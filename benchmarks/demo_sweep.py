@@ -1,6 +1,6 @@
 """Learning-rate × warmup sweep behind ``orthoptim demo``'s tuned defaults (``TUNED_LRS``, ``TUNED_WARMUP``).
 
-    .venv/bin/python benchmarks/demo_sweep.py --threads 1 --cache /tmp/sweep.jsonl   # as recorded: 37 runs
+    .venv/bin/python benchmarks/demo_sweep.py --threads 1 --cache /tmp/sweep.jsonl   # as recorded: 44 runs, ~1 h
     .venv/bin/python benchmarks/demo_sweep.py --confirm-seeds ""         # seed 0 only
     .venv/bin/python benchmarks/demo_sweep.py --steps 10 --quick         # a smoke run of the script (tiny model)
 
@@ -17,10 +17,10 @@ by final validation loss:
 3. Confirmation (``--confirm-seeds``, default 1,2): the best ``--confirm-top`` points (default 1) per optimizer on
    seed 0 rerun on those seeds; with more than one, the one with the lowest mean over all its seeds is chosen.
 
-The grid is staged (the AdamW half's lr is a tie-breaker in the 2026-11-23 sweep recorded in train.py) to keep the
-sweep near half an hour on two cores. Final validation loss is deterministic for a seed on one machine and torch, so
-each point runs once. Wall times (ms/step) are not: they move with the machine's load and are reported only as a
-rough guide.
+The grid is staged rather than full (the AdamW half's lr came out nearly a tie in the demo's earlier sweep, of
+2026-11-23) to keep it near 40 runs of 30–90 s each on two cores. Final validation loss is deterministic for a seed on
+one machine, torch and thread count, so each point runs once. Wall times (ms/step) are not: they move with the
+machine's load and are reported only as a rough guide.
 
 Prints a line per run (and a progress bar over all runs) and writes a markdown report (``--out``, default
 ``benchmarks/demo_sweep_<date>_<device>.md``) with the date, commit, machine (CPU model and whether it has AVX-512,
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out or f"benchmarks/demo_sweep_{date}_{cfg.device}.md")
     cache_path = Path(args.cache) if args.cache else None
     cache = load_cache(cache_path)
-    env = f"{date}, commit {commit()}, {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    env = f"{date}, commit {commit()}, {machine()}, torch {torch.__version__}, CPU threads: {torch.get_num_threads()}"
     print(env, flush=True)
 
     muons = [n for n in names if n != "adamw"]
@@ -285,18 +285,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     m = cfg.model
     command = " ".join(["python benchmarks/demo_sweep.py", *(sys.argv[1:] if argv is None else argv)])
+    confirm_text = ", ".join(map(str, confirm)) or "(none)"
     report = f"""# `orthoptim demo` learning-rate × warmup sweep — {cfg.device}
 
 {env}. `{command}`
 
 Config: GPT {m.layers}×{m.width} ({m.heads} heads, context {m.context}), batch {cfg.batch}, {cfg.steps} steps, linear
 warmup (the fraction below) then linear decay to zero, weight decay 0, validation every {cfg.eval_every} steps on
-fixed windows. Final validation loss in nats/byte, deterministic for a seed on this machine and torch. ms/step is
-training time only and noisy (a 2-core machine shared with other jobs while this ran): a rough guide, not a
-measurement to quote. Stages: lr × warmup (the Muon variants' AdamW half at {ADAMW_HALF_LR:g}), stepping past the
-best point while it lies on the largest lr (× {EDGE_LR_FACTOR:g}) or warmup (+ {EDGE_WARMUP_STEP:g}) tried; then the
-AdamW half at {" and ".join(f"{a:g}" for a in ADAMW_HALF_ALTERNATIVES)} around the best point; then the best
-{args.confirm_top} per optimizer on seeds {", ".join(map(str, confirm)) or "(none)"}.
+fixed windows. Final validation loss in nats/byte, deterministic for a seed on this machine, torch and thread
+count. ms/step is training time only and noisy (a 2-core machine shared with other jobs while this ran): a rough
+guide, not a measurement to quote.
+Stages: lr × warmup (the Muon variants' AdamW half at {ADAMW_HALF_LR:g}), stepping past the best point while it
+lies on the largest lr (× {EDGE_LR_FACTOR:g}) or warmup (+ {EDGE_WARMUP_STEP:g}) tried; then the AdamW half at
+{" and ".join(f"{a:g}" for a in ADAMW_HALF_ALTERNATIVES)} around the best point (doubled or halved again while
+its best is an edge); then the best {args.confirm_top} per optimizer on seeds {confirm_text}.
 
 ## Seed 0, every point run (** = chosen default)
 
