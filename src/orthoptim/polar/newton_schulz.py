@@ -377,28 +377,44 @@ def _gram_form(
     row_scale: torch.Tensor | None,
     restart_at: frozenset[int],
     out: torch.Tensor | None = None,
-    work: Workspace | None = None,  # accepted for the shared loop; the Gram form's m×m chain allocates its own
+    work: Workspace | None = None,
 ) -> torch.Tensor:
-    """The Gram form on one matrix (2-D) or a batch (3-D); the last product is written into ``out`` if given."""
-    R = gram_product(X) if first_gram is None else first_gram.to(X.dtype)
+    """The Gram form on one matrix (2-D) or a batch (3-D); the last product is written into ``out`` if given, the
+    m×m chain (roles ``"gram"``, ``"poly"``, ``"rp"``, ``"q0"``/``"q1"``, ``"factor"``) and ``X`` formed at a restart
+    (``"x0"``/``"x1"``) into ``work`` if given: the CPU loop runs this for every matrix of every step, and fresh
+    m×m and m×n temporaries there are page-faulted in again each time (``workspace``)."""
+    square = (*X.shape[:-1], X.shape[-2])
+
+    def buffer(role: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        return None if work is None else work.get(role, shape, X.dtype, X.device)
+
+    if first_gram is None:
+        R = gram_product(X, out=buffer("gram", square))
+    elif first_gram.dtype == X.dtype or work is None:
+        R = first_gram.to(X.dtype)  # never written into: the caller's
+    else:
+        R = work.get("gram", square, X.dtype, X.device).copy_(first_gram)
     scale = row_scale
     Q: torch.Tensor | None = None  # None stands for the identity (times diag(scale) while that is pending)
+    q_next = x_next = 0  # which of two buffers the next Q (X) goes to: a product never writes into its own input
     last = len(coefficients) - 1
     for i, (a, b, c) in enumerate(coefficients):
         if i in restart_at and Q is not None:
-            X = _mm(Q, X)
-            R = gram_product(X)
-            Q = None
-        Z = _poly_part(R, b, c)  # P = aI + Z
+            X = _mm(Q, X, out=buffer(f"x{x_next}", tuple(X.shape)))
+            R = gram_product(X, out=buffer("gram", square))  # the old R is spent: Q has absorbed it
+            Q, x_next = None, 1 - x_next
+        Z = _poly_part(R, b, c, out=buffer("poly", square))  # P = aI + Z
+        target = buffer(f"q{q_next}", square)
         if Q is None:
-            Q, scale = _plus_identity(Z, a, scale), None
+            Q, scale = _plus_identity(Z, a, scale, out=target, work=work), None
         else:
             # P·Q = aQ + ZQ, multiplied on the left: Q may hold diag(row_scale), which does not commute with P.
-            Q = _addmm(Q, Z, Q, beta=a)
+            Q = _addmm(Q, Z, Q, beta=a, out=target)
+        q_next = 1 - q_next
         if i < last and (i + 1) not in restart_at:
             # R·P and P·R·P are symmetric (polynomials in R₀ commute): half-products where that pays.
             sym = _symmetric_addmm if _blocked_symmetric(R) else _addmm
-            RP = sym(R, R, Z, beta=a)  # R·P
-            R = sym(RP, Z, RP, beta=a)  # P·R·P
+            RP = sym(R, R, Z, beta=a, out=buffer("rp", square))  # R·P
+            R = sym(RP, Z, RP, beta=a, out=buffer("gram", square))  # P·R·P (reads RP and Z only)
     assert Q is not None  # at least one step always runs
     return _mm(Q, X, out=out)
