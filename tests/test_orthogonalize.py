@@ -227,12 +227,24 @@ def test_auto_compute_dtype_follows_the_cpu() -> None:
 @pytest.mark.parametrize("tall", [False, True])
 @pytest.mark.parametrize("iteration", ["standard", "gram"])
 @pytest.mark.parametrize("normalization", ["frobenius", "schatten4"])
-def test_out_and_workspace_give_the_float64_polar_factor(tall: bool, iteration: str, normalization: str) -> None:
+def test_out_and_workspace_give_the_float64_polar_factor(
+    tall: bool, iteration: str, normalization: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``out=`` and ``workspace=`` (what the optimizers pass on the CPU): the result is written into ``out``,
     equals the float64 SVD polar factor to the compute dtype's accuracy and the plain call bit for bit, and a
-    later call through the same workspace leaves the earlier result alone. 520 rows: the CPU's row-block path."""
-    s = torch.logspace(0, -1, 520, dtype=torch.float64)
-    G = torch.stack([with_spectrum(520, 600, s, seed=k)[0] for k in (3, 4)])
+    later call through the same workspace leaves the earlier result alone. The CPU's large-matrix paths (matrix
+    by matrix through the workspace, row-block symmetric products with an uneven last block) taken at 70 rows by
+    lowering their thresholds: at their real sizes (≥ 512 rows) bfloat16 products cost seconds where the CPU
+    emulates them."""
+    from orthoptim.polar import newton_schulz
+
+    monkeypatch.setattr(newton_schulz, "SYMMETRIC_MIN_ROWS", 64)
+    monkeypatch.setattr(newton_schulz, "PER_MATRIX_MIN_ROWS", 32)
+    monkeypatch.setattr(newton_schulz, "PER_MATRIX_MIN_ENTRIES", 1024)
+    m, n = 70, 90
+    assert newton_schulz.iterates_matrix_by_matrix((m, n), torch.device("cpu"))
+    s = torch.logspace(0, -1, m, dtype=torch.float64)
+    G = torch.stack([with_spectrum(m, n, s, seed=k)[0] for k in (3, 4)])
     if tall:
         G = G.mT.contiguous()
     P = polar(G)
@@ -241,7 +253,7 @@ def test_out_and_workspace_give_the_float64_polar_factor(tall: bool, iteration: 
     for dtype, tol in ((torch.bfloat16, 0.03), (torch.float32, 5e-5)):
         plain = orthoptim.orthogonalize(G.float(), compute_dtype=dtype, **kw)
         for out_dtype in (dtype, torch.float32):  # the compute dtype (written directly) or a copy into out
-            wide = torch.empty(2, 520, 600, dtype=out_dtype)
+            wide = torch.empty(2, m, n, dtype=out_dtype)
             out = wide.mT if tall else wide
             got = orthoptim.orthogonalize(
                 G.float(), compute_dtype=dtype, out_dtype=out_dtype, out=out, workspace=ws, **kw
