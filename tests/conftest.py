@@ -62,3 +62,21 @@ def with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0) -> tuple[torch
 def gains(O: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """UᵀOV in float64: its diagonal is the gain along each input singular direction."""
     return U.T @ O.to(torch.float64) @ V
+
+
+#: Shapes that take the CPU's large-matrix paths once ``cpu_paths_at_small_sizes`` has lowered their thresholds:
+#: matrix by matrix, symmetric row blocks (70 rows: an uneven last block), a megabatch of two, a tall one.
+SMALL_LARGE = [(40, 130), (130, 40), (40, 130), (70, 70)]
+
+
+@pytest.fixture
+def cpu_paths_at_small_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lower the sizes from which the CPU iterates matrix by matrix and computes symmetric products in row blocks
+    (``newton_schulz.PER_MATRIX_MIN_*``, ``SYMMETRIC_MIN_ROWS``), so a test takes those paths on small matrices:
+    at their real sizes a bfloat16 product costs seconds on CPUs that emulate bfloat16."""
+    from orthoptim.polar import newton_schulz
+
+    monkeypatch.setattr(newton_schulz, "SYMMETRIC_MIN_ROWS", 64)
+    monkeypatch.setattr(newton_schulz, "PER_MATRIX_MIN_ROWS", 32)
+    monkeypatch.setattr(newton_schulz, "PER_MATRIX_MIN_ENTRIES", 1024)
+    assert all(newton_schulz.iterates_matrix_by_matrix(s, torch.device("cpu")) for s in SMALL_LARGE)

@@ -86,6 +86,7 @@ def _results(world: int, paths: str) -> dict[str, list[str]] | str:
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize(("world", "paths"), LAUNCHES)
+@pytest.mark.slow  # spawned ranks; `make test-fast` leaves them out
 def test_scenario(world: int, paths: str, scenario: str) -> None:
     """One scenario of ``_dist_worker`` (see its docstring) on every rank of a ``world``-rank gloo group."""
     if not torch.distributed.is_available():

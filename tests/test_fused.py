@@ -22,6 +22,8 @@ from orthoptim.polar import devices as polar_devices
 
 from .conftest import require_interpreted_fused_kernels
 
+pytestmark = pytest.mark.slow  # Triton's interpreter; `make test-fast` leaves it out
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

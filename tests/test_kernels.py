@@ -22,10 +22,13 @@ from orthoptim.polar import kernels
 from orthoptim.polar.kernels import sym_gram, sym_poly, symmetric, triton_available, use_triton
 from orthoptim.polar.newton_schulz import newton_schulz
 
-pytestmark = pytest.mark.skipif(
-    not symmetric.INTERPRETED,
-    reason="orthoptim.polar.kernels.symmetric was imported before TRITON_INTERPRET=1 was set: GPU kernels",
-)
+pytestmark = [
+    pytest.mark.slow,  # Triton's interpreter; `make test-fast` leaves it out
+    pytest.mark.skipif(
+        not symmetric.INTERPRETED,
+        reason="orthoptim.polar.kernels.symmetric was imported before TRITON_INTERPRET=1 was set: GPU kernels",
+    ),
+]
 
 BLOCK = 32
 JORDAN = (3.4445, -4.7750, 2.0315)  # KellerJordan/Muon muon.py (torch.optim.Muon's defaults)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiling; `make test-fast` leaves it out
+
 pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compile_kernels.py"

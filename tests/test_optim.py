@@ -17,7 +17,7 @@ import orthoptim
 from orthoptim.optim import fused, lr_scale
 from orthoptim.polar import devices as polar_devices
 
-from .conftest import require_interpreted_fused_kernels, with_spectrum
+from .conftest import SMALL_LARGE, require_interpreted_fused_kernels, with_spectrum
 
 JORDAN = (3.4445, -4.7750, 2.0315)
 
@@ -509,8 +509,9 @@ def test_large_shapes_take_the_cpu_paths() -> None:
     assert max(min(s) for s in LARGE) >= SYMMETRIC_MIN_ROWS
 
 
-def test_large_cpu_matrices_match_torch_optim_muon(unfused_step_paths: str) -> None:
-    ours, theirs = make_params(LARGE), make_params(LARGE)
+def test_large_cpu_matrices_match_torch_optim_muon(unfused_step_paths: str, cpu_paths_at_small_sizes: None) -> None:
+    """The CPU's large-matrix paths (taken here at small sizes) against the real torch.optim.Muon."""
+    ours, theirs = make_params(SMALL_LARGE), make_params(SMALL_LARGE)
     start = [p.detach().clone() for p in ours]
     run(torch.optim.Muon(theirs, lr=0.02), theirs, 3)
     run(orthoptim.Muon(ours, lr=0.02, ns_coefficients=JORDAN, ns_steps=5, compute_dtype="bfloat16"), ours, 3)

@@ -6,10 +6,13 @@ native ones), every spectrum, shape and scale of the set; ``benchmarks/stress.py
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from orthoptim import list_schedules
 from orthoptim.stress import NORMALIZATIONS, SHAPES, SPECTRA, adversarial_batch, run_stress
+
+pytestmark = pytest.mark.slow  # thousands of matrices per configuration; `make test-fast` leaves it out
 
 
 def test_adversarial_batch_covers_what_it_claims() -> None:
