@@ -546,13 +546,14 @@ def test_momentum_buffer_is_torch_lerp_bit_for_bit(nonfinite: str, nesterov: boo
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts minor page faults with getrusage")
-@pytest.mark.parametrize("compute_dtype", ["bfloat16", "float32"])
-def test_cpu_step_reuses_its_buffers_in_steady_state(compute_dtype: str) -> None:
+@pytest.mark.parametrize("compute_dtype", [None, "float32"], ids=["default", "float32"])
+def test_cpu_step_reuses_its_buffers_in_steady_state(compute_dtype: str | None) -> None:
     """After the first steps a CPU step allocates nothing large afresh (optim/prepare.py ``_held_update``): fresh
     large allocations are page-faulted in on every step. Before the optimizer kept its buffers, this
-    configuration faulted 7k–10k pages per step (measured 2026-11-23); now it faults none. Both compute dtypes, the
-    CPU default with and without native bfloat16 products: float32 runs the rectangular matrices in the Gram form,
-    whose m×m chain faulted ~13.7k pages per step until it took the workspace too (2026-12-07)."""
+    configuration faulted 7k–10k pages per step (measured 2026-11-23); now it faults none. This CPU's default
+    compute dtype (bfloat16 with native bfloat16 products, else float32: emulated bfloat16 would take minutes at
+    these sizes) and float32, which runs the rectangular matrices in the Gram form, whose m×m chain faulted ~13.7k
+    pages per step until it took the workspace too (2026-12-07)."""
     import resource
 
     params = make_params([(768, 3072), (3072, 768), (768, 768)] * 2)
