@@ -278,3 +278,60 @@ def test_split_params_sends_raw_embedding_parameters_to_adamw() -> None:
     assert {id(vit.cls_token), id(vit.pos_embed), id(vit.head.weight)} <= {id(p) for p in others}
     kept, _ = orthoptim.split_params(vit, embedding_name_parts=())
     assert any(p is vit.pos_embed for p in kept)
+
+
+def test_split_params_on_classifier_heads_and_depthwise_convolutions() -> None:
+    """Laid out as torchvision's ResNet (a top-level ``fc``), timm's ConvNeXt (``head`` holding ``norm`` and
+    ``fc``, depthwise 7×7 convolutions) and transformers' BERT (each layer's ``attention.output.dense`` is hidden):
+    heads and depthwise filters go to AdamW, hidden layers stay matrices."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dwconv = nn.Conv2d(16, 16, 7, padding=3, groups=16)  # depthwise: weight (16, 1, 7, 7)
+            self.pwconv1 = nn.Linear(16, 64)
+            self.mlp = nn.Sequential()
+            self.mlp.add_module("fc", nn.Linear(64, 16))  # a nested ``fc`` is hidden
+
+    class ConvNeXtLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 4, stride=4)
+            self.grouped = nn.Conv2d(16, 16, 3, groups=4)  # grouped, not depthwise: 4 input channels per filter
+            self.block = Block()
+            self.head = nn.Sequential()
+            self.head.add_module("norm", nn.LayerNorm(16))
+            self.head.add_module("fc", nn.Linear(16, 10))
+
+    class ResNetLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 7)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 10)
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.output = nn.Module()
+            self.output.add_module("dense", nn.Linear(16, 16))
+
+    class BertLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embeddings = nn.Embedding(30, 16)
+            self.layer = nn.ModuleList([Attention()])
+            self.classifier = nn.Linear(16, 2)
+
+    def matrix_ids(model: nn.Module) -> set[int]:
+        return {id(p) for p in orthoptim.split_params(model)[0]}
+
+    convnext = ConvNeXtLike()
+    want = {id(convnext.stem.weight), id(convnext.grouped.weight), id(convnext.block.pwconv1.weight)}
+    assert matrix_ids(convnext) == want | {id(convnext.block.mlp.fc.weight)}
+    resnet = ResNetLike()
+    assert matrix_ids(resnet) == {id(resnet.conv1.weight)}
+    bert = BertLike()
+    assert matrix_ids(bert) == {id(bert.layer[0].output.dense.weight)}
+    kept = orthoptim.split_params(resnet, exclude_head=False)[0]
+    assert {id(p) for p in kept} == {id(resnet.conv1.weight), id(resnet.fc.weight)}

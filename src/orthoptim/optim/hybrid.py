@@ -10,8 +10,13 @@ from torch import nn
 
 from .muon import Muon
 
-#: Module names treated as the output head by :func:`split_params` (the last component of the module path).
+#: Module names treated as the output head by :func:`split_params` (the last component of the module path). A
+#: head module that is a direct child of the model is taken whole (ConvNeXt's ``head.fc``); a nested one only
+#: its own parameters (BERT's per-layer ``attention.output`` holds hidden ``dense`` layers).
 HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "output", "classifier", "decoder")
+#: Direct children of the model with these names are classifier heads too: torchvision's ResNet, RegNet,
+#: Inception and GoogLeNet end in a top-level ``fc``.
+TOP_LEVEL_HEAD_NAMES: tuple[str, ...] = ("fc",)
 #: Parameters registered directly (not an ``nn.Embedding``'s weight) whose own name contains one of these are
 #: embeddings too: a ViT's ``pos_embed``, ``cls_token``, ``register_tokens``, a GPT's raw ``wpe``-style tables named
 #: ``*embed*``. Matched against the last component of the parameter's name, lower-cased.
@@ -31,8 +36,10 @@ def split_params(
     Hidden matrices are weights with ≥ 2 dims (Linear, conv, stacked experts). Excluded by default, as Muon's
     authors recommend: embedding tables (``nn.Embedding``/``nn.EmbeddingBag``, and parameters whose own name
     contains one of ``embedding_name_parts``, e.g. ``pos_embed``, ``cls_token``), the output head (a module
-    whose name is in ``head_names``), and any weight shared with an embedding (tied heads). Each parameter
-    appears once (shared parameters are deduplicated).
+    whose name is in ``head_names`` — all of it when it is a direct child of ``model``, e.g. ConvNeXt's
+    ``head.fc`` — or a direct child named ``fc``, torchvision's classifier), and any weight shared with an
+    embedding (tied heads). Depthwise convolution weights (``groups > 1``, one input channel per filter) are never
+    matrices. Each parameter appears once (shared parameters are deduplicated).
     """
     excluded = _excluded_ids(
         model,
@@ -58,7 +65,8 @@ def _excluded_ids(
     embedding_name_parts: Iterable[str] = EMBEDDING_NAME_PARTS,
 ) -> set[int]:
     """``id``s of ``model``'s parameters that :func:`split_params` keeps off the orthogonalized update whatever
-    their shape: embeddings (by type, and by their own name) and head weights (by their module's name)."""
+    their shape: embeddings (by type, and by their own name), head weights (by their module's name) and
+    depthwise convolution weights."""
     excluded: set[int] = set()
     if exclude_embeddings:
         parts = tuple(part.lower() for part in embedding_name_parts)
@@ -72,8 +80,19 @@ def _excluded_ids(
     if exclude_head:
         heads = set(head_names)
         for name, mod in model.named_modules():
-            if name and name.rsplit(".", 1)[-1] in heads:
+            top_level = bool(name) and "." not in name
+            if top_level and (name in heads or name in TOP_LEVEL_HEAD_NAMES):
+                excluded.update(id(p) for p in mod.parameters())
+            elif name and name.rsplit(".", 1)[-1] in heads:
                 excluded.update(id(p) for p in mod.parameters(recurse=False))
+    # Depthwise convolutions (groups = in_channels: weight (C, 1, *k)): each output channel filters one input
+    # channel, so the C × k matrix holds C unrelated filters, not one linear map to orthogonalize (timm's Muon
+    # sends them to AdamW as well).
+    excluded.update(
+        id(mod.weight)
+        for mod in model.modules()
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.groups > 1 and mod.weight.shape[1] == 1
+    )
     return excluded
 
 
