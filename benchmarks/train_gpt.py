@@ -2,8 +2,9 @@
 
 The same comparison, table, ``results.json`` and PNG as ``orthoptim demo`` (same flags; see ``--help``), with
 defaults sized for one GPU: 8 layers × 512 wide (8 heads, ~25M parameters), context 512, batch 64, 2000 steps.
-The learning rates are the demo's tuned defaults (``orthoptim.demo.train.TUNED_LRS``), tuned at the demo's size
-only; at this size they are a starting point, not a tuned comparison.
+The learning rates and warmup fractions are the demo's tuned defaults (``orthoptim.demo.train.TUNED_LRS`` and
+``TUNED_WARMUP``; ``--warmup`` overrides them), tuned at the demo's size only; at this size they are a starting
+point, not a tuned comparison.
 
     python benchmarks/train_gpt.py                                   # GPU size, on cuda if available
     python benchmarks/train_gpt.py --steps 20 --layers 2 --width 64 --context 64 --batch 8   # a CPU smoke run
