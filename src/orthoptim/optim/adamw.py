@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._compile import _disable_dynamo
 
 from .validation import check_number, check_param_dtypes
 
@@ -48,35 +49,48 @@ class AdamWStep:
     steps: list[Tensor]  # float32 0-d counters, as torch.optim.AdamW keeps them
     group: dict[str, Any]
 
-    # Run eagerly inside a compiled step, as torch.optim.AdamW(fused=True) does (torch.optim.optimizer's
-    # _disable_dynamo_if_unsupported): Inductor cannot functionalize the in-place fused kernel (torch 2.13, CPU).
-    @torch.compiler.disable
     def commit(self, ok: Tensor | None) -> None:
-        group = self.group
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]  # a tensor lr (a scheduler's, say) stays a tensor on the parameters' device: no host read
-        lr = lr.to(self.params[0].device) if isinstance(lr, Tensor) else float(lr)
-        found_inf = None if ok is None else (~ok).to(torch.float32)
-        # The kernel reads the coming step t from the counters: advance them first (by 0 on a skipped step).
-        torch._foreach_add_(self.steps, 1.0 if ok is None else ok.to(torch.float32))
-        for idx in _by_dtype(self.params):  # the kernel takes one dtype per call (as torch.optim.AdamW groups)
-            torch._fused_adamw_(
-                [self.params[i] for i in idx],
-                [self.grads[i] for i in idx],
-                [self.exp_avg[i] for i in idx],
-                [self.exp_avg_sq[i] for i in idx],
-                [],
-                [self.steps[i] for i in idx],
-                lr=lr,
-                beta1=float(beta1),
-                beta2=float(beta2),
-                weight_decay=float(group["weight_decay"]),
-                eps=float(group["eps"]),
-                amsgrad=False,
-                maximize=False,
-                grad_scale=None,
-                found_inf=found_inf,
-            )
+        # Run eagerly inside a compiled step, as torch.optim.AdamW(fused=True) does (torch.optim.optimizer's
+        # _disable_dynamo_if_unsupported): Inductor cannot functionalize the in-place fused kernel (torch 2.13,
+        # CPU). Not ``@torch.compiler.disable`` on the method: that imports torch._dynamo with orthoptim (1.3 s).
+        if torch.compiler.is_compiling():
+            _commit_eagerly(self, ok)
+        else:
+            _commit(self, ok)
+
+
+def _commit(step: AdamWStep, ok: Tensor | None) -> None:
+    """``AdamWStep.commit``'s work: the fused kernel per dtype, counters first."""
+    group = step.group
+    beta1, beta2 = group["betas"]
+    lr = group["lr"]  # a tensor lr (a scheduler's, say) stays a tensor on the parameters' device: no host read
+    lr = lr.to(step.params[0].device) if isinstance(lr, Tensor) else float(lr)
+    found_inf = None if ok is None else (~ok).to(torch.float32)
+    # The kernel reads the coming step t from the counters: advance them first (by 0 on a skipped step).
+    torch._foreach_add_(step.steps, 1.0 if ok is None else ok.to(torch.float32))
+    for idx in _by_dtype(step.params):  # the kernel takes one dtype per call (as torch.optim.AdamW groups)
+        torch._fused_adamw_(
+            [step.params[i] for i in idx],
+            [step.grads[i] for i in idx],
+            [step.exp_avg[i] for i in idx],
+            [step.exp_avg_sq[i] for i in idx],
+            [],
+            [step.steps[i] for i in idx],
+            lr=lr,
+            beta1=float(beta1),
+            beta2=float(beta2),
+            weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]),
+            amsgrad=False,
+            maximize=False,
+            grad_scale=None,
+            found_inf=found_inf,
+        )
+
+
+#: ``_commit`` hidden from Dynamo; torch's lazy wrapper imports torch._dynamo at its first call (inside a compile,
+#: where it is loaded already), not at ``import orthoptim``.
+_commit_eagerly = _disable_dynamo(_commit)
 
 
 def _by_dtype(params: list[Tensor]) -> list[list[int]]:
