@@ -41,5 +41,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow"
 
+# The integration tier: installs the `integrations` extra (transformers, accelerate, lightning, by name) into
+# $(VENV), then runs tests/integrations (skipped by `make test` where those are not installed) with the tests of
+# the chained clip and of the integrations' import errors.
+INTEGRATIONS_STAMP := $(VENV)/.orthoptim-integrations-installed
+
+$(INTEGRATIONS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,integrations]"
+	@touch $(INTEGRATIONS_STAMP)
+
+.PHONY: test-integrations
+test-integrations: $(INTEGRATIONS_STAMP)
+	$(BIN)/python -m pytest -q tests/integrations tests/test_clip_chained.py tests/test_integrations_import.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .hypothesis
