@@ -135,8 +135,10 @@ class OrthoptimCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]
         stats = self.stats(kwargs.get("optimizer"))
         # Trainer.log appended a copy of `logs` (plus "step") to the history before calling the callbacks:
         # amend that entry too, so trainer_state.json and log_history carry the values.
-        if state.log_history and all(state.log_history[-1].get(k) == v for k, v in logs.items()):
-            state.log_history[-1].update(stats)
+        # (Compared by identity first: the copy holds the same objects, and a NaN loss equals nothing.)
+        last = state.log_history[-1] if state.log_history else {}
+        if last and all(last.get(k) is v or last.get(k) == v for k, v in logs.items()):
+            last.update(stats)
         logs.update(stats)
 
 
