@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import orthoptim
-import orthoptim.optim.update as update
+import orthoptim.optim.backends.torch as update  # the torch backend: its orthogonalize calls are counted
 from orthoptim.distributed import assign_owners, gather_bytes, matrix_flops, rank_counts, shard_sizes
 
 SHAPES = ((768, 2304), (768, 768), (3072, 768), (768, 3072))

@@ -21,7 +21,7 @@ each call on the GPU, ``time.perf_counter`` on the CPU):
 4. The optimizer step on GPT-2-small's 48 hidden matrices (12 × {768×2304, 768×768, 3072×768, 768×3072},
    ``nn.Parameter`` with random gradients): ``orthoptim.Muon(params, lr=0.02)`` (defaults; without the skip
    warning's host read, eagerly and, on CUDA, as a captured CUDA graph's replay; torch's math; with the fused
-   elementwise kernels off, and with ``ORTHOPTIM_TRITON=0``) vs
+   elementwise kernels, ``backend="triton"``; and with ``ORTHOPTIM_TRITON=0``, no Triton at all) vs
    ``torch.optim.Muon(params, lr=0.02)``, and microsoft/dion's Muon when ``--dion-path`` points at a checkout
    that imports (never vendored here).
 
@@ -53,15 +53,12 @@ from torch import nn
 
 import orthoptim
 from orthoptim.bench import captured, gpt2_small_shapes, matrix_params
-from orthoptim.optim import fused
 from orthoptim.polar import kernels
 from orthoptim.timing import median_ms
 
 # KellerJordan/Muon muon.py (and torch.optim._muon DEFAULT_A/B/C): the quintic torch.optim.Muon runs 5 times.
 JORDAN = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
-#: Marks the step row run with the fused elementwise kernels off (``optim/fused.py``; the symmetric ones stay on).
-NO_FUSED = "fused elementwise kernels off"
 TORCH_EPS = 1e-7  # torch.optim._muon.EPS
 
 Shape = tuple[int, int, int]  # (batch, m, n)
@@ -305,8 +302,10 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> list[Result]:
         ),
     ]
     if device.type == "cuda" and kernels.triton_available():
-        # torch's ops for the elementwise work (the fused kernels' gain), then no Triton at all (cuBLAS products too)
-        configs.append((f"orthoptim.Muon(lr=0.02) defaults, {NO_FUSED}", lambda ps: orthoptim.Muon(ps, lr=0.02), False))
+        # The fused elementwise kernels (backend="triton": their gain over the default torch backend), then no
+        # Triton at all (cuBLAS for the symmetric products too).
+        triton: Maker = lambda ps: orthoptim.Muon(ps, lr=0.02, backend="triton")  # noqa: E731
+        configs.append(("orthoptim.Muon(lr=0.02, backend='triton')", triton, False))
         configs.append(
             ("orthoptim.Muon(lr=0.02) defaults, ORTHOPTIM_TRITON=0", lambda ps: orthoptim.Muon(ps, lr=0.02), False)
         )
@@ -334,9 +333,6 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> list[Result]:
     for name, make, graph in configs:
         params = gpt2_params(args.layers, device, args.dtype)
         no_triton, before = "ORTHOPTIM_TRITON=0" in name, os.environ.get("ORTHOPTIM_TRITON")
-        fused_devices = fused.FUSED_DEVICES
-        if NO_FUSED in name:
-            fused.FUSED_DEVICES = ()
         try:
             if no_triton:
                 os.environ["ORTHOPTIM_TRITON"] = "0"  # read by kernels.use_triton at every call
@@ -347,7 +343,6 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> list[Result]:
             print(f"| {name} | failed: {type(exc).__name__}: {exc} | |", flush=True)
             continue
         finally:
-            fused.FUSED_DEVICES = fused_devices
             if no_triton and before is None:
                 os.environ.pop("ORTHOPTIM_TRITON", None)
             elif no_triton and before is not None:

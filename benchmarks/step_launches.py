@@ -34,10 +34,10 @@ torch.optim.Muon is counted the same way (a Python loop of per-matrix ops). One 
 decomposes ``_foreach_add_(tensors, 0-d tensor)`` into a host read, where CUDA has a kernel that reads the scalar
 on the device; that call is counted as the one launch it is on CUDA (``CountOps``).
 
-The step's fused Triton kernels (``orthoptim/optim/fused.py``: the momentum input and the commit, one launch
-each per megabatch) run on CUDA when triton is installed; on meta they are counted instead of run — one launch
-each, and the bytes they read and write (B and G in, M out; θ, B, G and the update in, θ and B out). Rows marked
-``ORTHOPTIM_TRITON=0`` count the torch ops that replace them. Not a test; counts only (no timing).
+The ``triton`` backend's fused kernels (``orthoptim/optim/backends/triton.py``: the momentum input and the commit,
+one launch each per megabatch) run on CUDA; on meta they are counted instead of run — one launch each, and the
+bytes they read and write (B and G in, M out; θ, B, G and the update in, θ and B out). The other rows (the default
+``torch`` backend) count the torch ops that replace them. Not a test; counts only (no timing).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import orthoptim
-from orthoptim.optim import fused
+from orthoptim.optim.backends import triton as fused
 
 SHAPES = ((768, 2304), (768, 768), (3072, 768), (768, 3072))  # GPT-2 small, per layer
 JORDAN = (3.4445, -4.7750, 2.0315)  # KellerJordan/Muon muon.py, torch.optim._muon DEFAULT_A/B/C
@@ -76,7 +76,11 @@ Maker = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 CONFIGS: list[tuple[str, Maker]] = [
     ("torch.optim.Muon", lambda ps: torch.optim.Muon(ps, lr=0.02)),
     ("orthoptim.Muon defaults", lambda ps: orthoptim.Muon(ps, lr=0.02)),
-    ("orthoptim.Muon defaults, ORTHOPTIM_TRITON=0", lambda ps: orthoptim.Muon(ps, lr=0.02)),
+    ("orthoptim.Muon(backend='triton')", lambda ps: orthoptim.Muon(ps, lr=0.02, backend="triton")),
+    (
+        "orthoptim.Muon(backend='triton', warn_nonfinite=False)",
+        lambda ps: orthoptim.Muon(ps, lr=0.02, backend="triton", warn_nonfinite=False),
+    ),
     ("orthoptim.Muon, warn_nonfinite=False", lambda ps: orthoptim.Muon(ps, lr=0.02, warn_nonfinite=False)),
     ("orthoptim.Muon, nonfinite='propagate'", lambda ps: orthoptim.Muon(ps, lr=0.02, nonfinite="propagate")),
     (
@@ -84,6 +88,7 @@ CONFIGS: list[tuple[str, Maker]] = [
         lambda ps: orthoptim.Muon(ps, lr=0.02, ns_coefficients=JORDAN, ns_steps=5, compute_dtype="bfloat16"),
     ),
     ("orthoptim.NorMuon defaults", lambda ps: orthoptim.NorMuon(ps, lr=0.02)),
+    ("orthoptim.NorMuon(backend='triton')", lambda ps: orthoptim.NorMuon(ps, lr=0.02, backend="triton")),
     ("orthoptim.PolarGrad defaults", lambda ps: orthoptim.PolarGrad(ps, lr=0.02)),
 ]
 
@@ -118,9 +123,9 @@ class CountOps(TorchDispatchMode):
         super().__init__()
         self.counts = Counts()
         self.sites = sites
-        self.kernels = kernels  # count the fused Triton kernels where CUDA would run them
+        self.kernels = kernels  # count the fused Triton kernels (backend="triton") instead of running them
         self._foreach_add_ = torch._foreach_add_
-        self._fused = (fused.FUSED_DEVICES, fused._launch)
+        self._launch = fused._launch
 
     def __enter__(self) -> CountOps:
         def foreach_add_(tensors: Any, other: Any, **kwargs: Any) -> None:
@@ -131,15 +136,12 @@ class CountOps(TorchDispatchMode):
 
         torch._foreach_add_ = foreach_add_
         if self.kernels:
-            fused.FUSED_DEVICES = (*fused.FUSED_DEVICES, "meta")
             fused._launch = self._fused_launch
-        else:
-            fused.FUSED_DEVICES = ()
         return super().__enter__()  # type: ignore[no-any-return]
 
     def __exit__(self, *exc: object) -> None:
         torch._foreach_add_ = self._foreach_add_
-        fused.FUSED_DEVICES, fused._launch = self._fused
+        fused._launch = self._launch
         super().__exit__(*exc)
 
     def _fused_launch(self, kernel: Any, grid: Any, device: Any, *args: Any, **meta: Any) -> None:
@@ -220,7 +222,10 @@ def _torch_pair(model: nn.Module) -> list[torch.optim.Optimizer]:
 MODEL_CONFIGS: list[tuple[str, ModelMaker]] = [
     ("torch.optim.Muon + torch.optim.AdamW (foreach)", _torch_pair),
     ("orthoptim.Hybrid defaults", lambda m: [orthoptim.Hybrid(m, adamw_weight_decay=0.01)]),
-    ("orthoptim.Hybrid defaults, ORTHOPTIM_TRITON=0", lambda m: [orthoptim.Hybrid(m, adamw_weight_decay=0.01)]),
+    (
+        "orthoptim.Hybrid(backend='triton')",
+        lambda m: [orthoptim.Hybrid(m, adamw_weight_decay=0.01, backend="triton")],
+    ),
     ("orthoptim.Hybrid, warn_nonfinite=False", lambda m: [orthoptim.Hybrid(m, warn_nonfinite=False)]),
     ("orthoptim.Hybrid, nonfinite='propagate'", lambda m: [orthoptim.Hybrid(m, nonfinite="propagate")]),
 ]
@@ -275,9 +280,8 @@ def main() -> None:
     print("-" * (len(header) + 9))
     base: int | None = None
     for name, make in configs:
-        kernels = "ORTHOPTIM_TRITON=0" not in name
-        counts = count_step(make, args.layers, model=args.model, kernels=kernels)
-        double = count_step(make, 2 * args.layers, model=args.model, kernels=kernels)
+        counts = count_step(make, args.layers, model=args.model)
+        double = count_step(make, 2 * args.layers, model=args.model)
         base = counts.launches if base is None else base
         growth = (double.launches - counts.launches) / matrices
         gb = counts.other_bytes / 1e9
@@ -289,8 +293,7 @@ def main() -> None:
         for name, make in configs:
             if args.where in name:
                 print(f"\n{name}: launches and host reads by call site")
-                kernels = "ORTHOPTIM_TRITON=0" not in name
-                counts = count_step(make, args.layers, sites=True, model=args.model, kernels=kernels)
+                counts = count_step(make, args.layers, sites=True, model=args.model)
                 print(f"{'count':>6}  {'MB moved':>9}  {'op':28} call site")
                 for (op, where), n in counts.sites.most_common():
                     print(f"{n:6d}  {counts.site_bytes[(op, where)] / 1e6:9.0f}  {op:28} {where}")

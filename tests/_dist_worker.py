@@ -450,18 +450,15 @@ SCENARIOS: dict[str, Callable[[int, int, str], None]] = {
 def run_rank(rank: int, world: int, port: int, names: list[str], outdir: str, paths: str = "cpu") -> None:
     """Entry point of one spawned rank: run ``names`` in order, record results, always tear the group down.
 
-    ``paths="cuda"`` forces the step's CUDA ways on these CPU ranks (stacked momentum held to the commit,
-    device-side skip selects), which the CPU would not otherwise take; ``paths="fused"`` those with the fused
-    elementwise kernels (``optim/fused.py``) under Triton's interpreter (TRITON_INTERPRET=1 from the parent)."""
-    if paths in ("cuda", "fused"):
-        import orthoptim.optim.paths as step_paths
-
-        step_paths.CPU_PATH_DEVICES = ()
+    ``paths="cuda"`` runs every optimizer with ``backend="torch@cuda"``, the torch backend's CUDA choices (stacked
+    momentum held to the commit, device-side skip selects), which the CPU would not otherwise take; ``paths="fused"``
+    with ``backend="triton"``, the fused elementwise kernels under Triton's interpreter (TRITON_INTERPRET=1 from the
+    parent)."""
+    if paths == "cuda":
+        F32["backend"] = "torch@cuda"
     if paths == "fused":
-        import orthoptim.optim.fused as fused
-
         assert os.environ.get("TRITON_INTERPRET") == "1", "the fused ranks need Triton's interpreter"
-        fused.FUSED_DEVICES = ("cuda", "cpu")
+        F32["backend"] = "triton"
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)  # ranks share two cores

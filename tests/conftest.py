@@ -15,12 +15,12 @@ if not torch.cuda.is_available():
 
 
 def require_interpreted_fused_kernels() -> None:
-    """Skip unless the step's fused kernels (``orthoptim.optim.fused_kernels``) run under Triton's interpreter,
-    the only way they run on CPU tensors, and that interpreter evaluates ``tl.fma`` with one rounding as a GPU
-    does (Triton 3.9's does; 3.6's multiplies and adds, rounding twice: bit-for-bit tests would fail there for
-    the interpreter's sake, not the kernels')."""
+    """Skip unless the step's fused kernels (``orthoptim.optim.backends.triton_kernels``) run under Triton's
+    interpreter, the only way they run on CPU tensors, and that interpreter evaluates ``tl.fma`` with one rounding
+    as a GPU does (Triton 3.9's does; 3.6's multiplies and adds, rounding twice: bit-for-bit tests would fail there
+    for the interpreter's sake, not the kernels')."""
     pytest.importorskip("triton")
-    from orthoptim.optim import fused_kernels
+    from orthoptim.optim.backends import triton_kernels as fused_kernels
 
     if not fused_kernels.INTERPRETED:
         pytest.skip("the fused kernels were compiled for a GPU (TRITON_INTERPRET was not set at their import)")

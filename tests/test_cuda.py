@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 import orthoptim
-from orthoptim.optim import fused
+from orthoptim.optim.backends import torch as torch_backend
+from orthoptim.optim.backends import triton as fused
 from orthoptim.polar import kernels, polar
+from orthoptim.polar.workspace import Workspace
 
 from .conftest import with_spectrum
 
@@ -144,7 +146,7 @@ def test_the_cuda_step_matches_the_cpu_step(cls: type) -> None:
 def test_the_fused_kernels_give_the_bits_of_torchs_cuda_ops(
     dtype: torch.dtype, warn: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The step's fused elementwise kernels compiled for this GPU (``optim/fused.py``) against the same step by
+    """The triton backend's fused kernels compiled for this GPU (``optim/backends/triton.py``) against the step by
     torch's CUDA ops (foreach lerp, mul by the decay factor, add with α: the same roundings, each lerp and the add
     one fused multiply-add as nvcc contracts them): parameters and buffers bit for bit after four steps, one
     skipped (NaN). lr 2⁻⁴ and √(m/n) ∈ {1, 2} keep α exact in bfloat16. On a mismatch the message gives the
@@ -160,10 +162,11 @@ def test_the_fused_kernels_give_the_bits_of_torchs_cuda_ops(
 
     monkeypatch.setattr(fused, "_launch", counted)
     results = []
-    for devices in ((), (CUDA.type,)):
-        monkeypatch.setattr(fused, "FUSED_DEVICES", devices)
+    for backend in ("torch", "triton"):
         ps = [nn.Parameter(p.detach().to(dtype)) for p in _params(shapes, CUDA)]
-        opt = orthoptim.Muon(ps, lr=2.0**-4, weight_decay=0.1, scale_mode="original", warn_nonfinite=warn)
+        opt = orthoptim.Muon(
+            ps, lr=2.0**-4, weight_decay=0.1, scale_mode="original", warn_nonfinite=warn, backend=backend
+        )
         for k in range(4):
             for p, g in zip(ps, _grads(shapes, k), strict=True):
                 p.grad = g.to(CUDA, dtype)
@@ -185,7 +188,7 @@ def test_fused_tables_built_on_one_stream_serve_another() -> None:
     compiled_kernels()
     shapes = SHAPES[:4]
     one, two = _params(shapes, CUDA), _params(shapes, CUDA)
-    opts = [orthoptim.Muon(ps, lr=0.02, warn_nonfinite=False) for ps in (one, two)]
+    opts = [orthoptim.Muon(ps, lr=0.02, warn_nonfinite=False, backend="triton") for ps in (one, two)]
     side = torch.cuda.Stream()
     for k in range(3):
         for ps in (one, two):
@@ -211,21 +214,19 @@ def test_the_torch_commit_decays_16_bit_parameters_in_float32(dtype: torch.dtype
     """Without the fused kernels, 16-bit parameters on CUDA are decayed by the float32 factor (on CUDA a 0-d
     float32 CUDA tensor would be cast to 16 bits first: 0.99 → 0.98828125 in bfloat16), with a host float, a
     device flag and a tensor decay alike."""
-    from orthoptim.optim import commit
-
     gen = torch.Generator().manual_seed(0)
     ts = [torch.randn(64, 48, generator=gen).to(CUDA, dtype) for _ in range(3)]
     want = [(t.float() * torch.tensor(0.99, dtype=torch.float32, device=CUDA)).to(dtype) for t in ts]
     rounded = [t * torch.tensor(0.99, device=CUDA).to(dtype) for t in ts]  # the factor rounded to 16 bits first
     assert not all(torch.equal(a, b) for a, b in zip(want, rounded, strict=True))  # the test can tell them apart
-    scratch = commit.Workspace()
-    flags = [commit.StepFlag(None), commit.StepFlag(torch.tensor(True, device=CUDA))]
+    scratch = Workspace()
+    flags = [torch_backend.StepFlag(None), torch_backend.StepFlag(torch.tensor(True, device=CUDA))]
     for flag, decay in [(flags[0], 0.99), (flags[1], 0.99), (flags[0], torch.tensor(0.99, device=CUDA))]:
         got = [t.clone() for t in ts]
-        commit._decay_params(got, decay, flag, scratch)
+        torch_backend._decay_params(got, decay, flag, scratch)
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (flag.ok, decay)
     got = [t.clone() for t in ts]
-    commit._decay_params(got, 0.99, commit.StepFlag(torch.tensor(False, device=CUDA)), scratch)
+    torch_backend._decay_params(got, 0.99, torch_backend.StepFlag(torch.tensor(False, device=CUDA)), scratch)
     assert all(torch.equal(a, b) for a, b in zip(got, ts, strict=True))  # a skipped step: factor 1
 
 
@@ -245,12 +246,14 @@ def test_muon_on_cuda_matches_torch_optim_muon() -> None:
         assert float(((a - b).norm() / (b - w).norm()).detach()) < 0.03  # same math, bf16 rounding apart
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
-def test_no_host_sync_in_the_step_without_the_warning(nonfinite: str) -> None:
+def test_no_host_sync_in_the_step_without_the_warning(nonfinite: str, backend: str) -> None:
     """``warn_nonfinite=False`` (and ``"propagate"``): not one synchronizing CUDA call in a steady-state step —
     torch raises on any under ``set_sync_debug_mode("error")``. Hybrid covers the fused AdamW half too."""
     model = nn.Sequential(nn.Embedding(100, 64), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 100)).to(CUDA)
-    opt = orthoptim.Hybrid(model, lr=torch.tensor(0.02, device=CUDA), nonfinite=nonfinite, warn_nonfinite=False)
+    lr = torch.tensor(0.02, device=CUDA)
+    opt = orthoptim.Hybrid(model, lr=lr, nonfinite=nonfinite, warn_nonfinite=False, backend=backend)
     x = torch.randint(0, 100, (8, 16), device=CUDA)
     for step in range(3):
         opt.zero_grad(set_to_none=False)
@@ -266,13 +269,17 @@ def test_no_host_sync_in_the_step_without_the_warning(nonfinite: str) -> None:
             torch.cuda.set_sync_debug_mode("default")
 
 
-def test_a_captured_step_replays_the_eager_step_and_follows_a_tensor_lr() -> None:
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_captured_step_replays_the_eager_step_and_follows_a_tensor_lr(backend: str) -> None:
     """The step captured in a CUDA graph (warn_nonfinite=False, a tensor lr on the device): each replay gives the
     bits of an eager step on the same state, and a scheduler's in-place lr change reaches the replay."""
     shapes = SHAPES[:4]
     eager, captured = _params(shapes, CUDA), _params(shapes, CUDA)
     lrs = [torch.tensor(0.02, device=CUDA) for _ in range(2)]
-    opts = [orthoptim.Muon(ps, lr=lr, warn_nonfinite=False) for ps, lr in zip((eager, captured), lrs, strict=True)]
+    opts = [
+        orthoptim.Muon(ps, lr=lr, warn_nonfinite=False, backend=backend)
+        for ps, lr in zip((eager, captured), lrs, strict=True)
+    ]
     for ps in (eager, captured):
         for p, g in zip(ps, _grads(shapes, 0), strict=True):
             p.grad = g.to(CUDA)

@@ -1,4 +1,5 @@
-"""The step's fused elementwise kernels (optim/fused.py, optim/fused_kernels.py) under Triton's interpreter.
+"""The ``triton`` backend's fused elementwise kernels (optim/backends/triton.py, triton_kernels.py) under Triton's
+interpreter.
 
 References: torch's own ops for what torch computes exactly as a GPU does (``lerp``, float32 adds, the float32
 decay factor), and a float64 emulation of one fused multiply-add where torch's CPU kernels differ from its CUDA
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 import orthoptim
-from orthoptim.optim import fused, momentum, paths
+from orthoptim.optim.backends import torch as torch_backend
+from orthoptim.optim.backends import triton as fused
 from orthoptim.polar import devices as polar_devices
 
 from .conftest import require_interpreted_fused_kernels
@@ -28,9 +30,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(autouse=True)
-def interpreted(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def interpreted() -> Iterator[None]:
     require_interpreted_fused_kernels()
-    monkeypatch.setattr(fused, "FUSED_DEVICES", ("cuda", "cpu"))
     with np.errstate(all="ignore"):  # the interpreter's numpy warns on Inf − Inf; a GPU computes NaN silently
         yield
 
@@ -77,13 +78,14 @@ def fma_reference(p: torch.Tensor, u: torch.Tensor, alpha: float) -> torch.Tenso
 @pytest.mark.parametrize("mu", [0.95, 0.3])
 def test_momentum_input_is_torch_lerp_bit_for_bit(dtype: torch.dtype, nesterov: bool, mu: float) -> None:
     """M = lerp(G, lerp(B, G, 1−μ), μ) (or the new momentum), each lerp rounded to the state's dtype: against
-    ``momentum.momentum_input`` (torch.lerp per parameter); 3-D parameters, ragged tiles; buffers untouched."""
+    ``backends.torch._momentum_per_param`` (torch.lerp per parameter); 3-D parameters, ragged tiles; buffers
+    untouched."""
     shapes = [(2, 37, 70), (37, 70), (3, 37, 70)]
     params, bufs, grads, counts = megabatch(shapes, dtype)
     before = [b.clone() for b in bufs]
     out = torch.empty(sum(counts), 37, 70, dtype=dtype)
     assert fused.momentum_input(table_of(params, bufs, grads, counts), mu, nesterov, out)
-    want = momentum.momentum_input(bufs, grads, mu, nesterov, torch.empty_like(out))
+    want = torch_backend._momentum_per_param(bufs, grads, mu, nesterov, torch.empty_like(out))
     assert torch.equal(out, want)
     assert all(torch.equal(a, b) for a, b in zip(bufs, before, strict=True))
 
@@ -185,7 +187,7 @@ def test_commit_writes_nothing_where_the_flag_is_false(ok: bool) -> None:
 
 
 def test_what_the_kernels_do_not_take_goes_to_torch() -> None:
-    """float64 state, empty matrices, a non-contiguous parameter, mixed dtypes, a GPU-only device list,
+    """float64 state, empty matrices, a non-contiguous parameter, mixed dtypes,
     ORTHOPTIM_TRITON=0 and a float64 decay factor are refused (False, nothing written): the caller takes torch's
     ops."""
     tables = fused.PointerTables()
@@ -202,9 +204,6 @@ def test_what_the_kernels_do_not_take_goes_to_torch() -> None:
     assert not fused.commit(table_of(p, b, g, c), 0.9, randn(2, 30, 20), 0.1, None, None)  # not its matrices
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ORTHOPTIM_TRITON", "0")
-        assert fused.table(tables, p, b, g, c, 600) is None
-        mp.setattr(fused, "FUSED_DEVICES", ("cuda",))
-        mp.delenv("ORTHOPTIM_TRITON")
         assert fused.table(tables, p, b, g, c, 600) is None
     assert torch.equal(p[0], megabatch([(30, 20)], torch.float32)[0][0])  # nothing written by the refusals
 
@@ -270,8 +269,7 @@ def test_the_step_with_the_kernels_gives_the_same_bits(
     exact one) rounded once into the stored dtype on both sides — no reduction order, no ISA-dependent rounding.
     lr 2⁻⁴ and √(m/n) ∈ {1, 2} keep α = −lr·√(m/n) exact in 16 bits, where torch's CPU add would round it, and
     make α·U exact, so a fused multiply-add and a multiply then add agree."""
-    monkeypatch.setattr(paths, "CPU_PATH_DEVICES", ())
-    monkeypatch.setattr(polar_devices, "FLOAT32_COPY_DEVICES", ())
+    monkeypatch.setattr(polar_devices, "FLOAT32_COPY_DEVICES", ())  # the polar engine's CUDA arithmetic
     launches: list[str] = []
     real_launch = fused._launch
 
@@ -282,12 +280,13 @@ def test_the_step_with_the_kernels_gives_the_same_bits(
     monkeypatch.setattr(fused, "_launch", counted)
 
     def train(with_kernels: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(fused, "FUSED_DEVICES", ("cuda", "cpu") if with_kernels else ("cuda",))
         gen = torch.Generator().manual_seed(0)
         ps = [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
+        backend = "triton" if with_kernels else "torch@cuda"
         options: dict[str, object] = {"warn_nonfinite": policy == "reads flag", "compute_dtype": compute}
         if policy == "propagate":
             options = {"nonfinite": "propagate", "compute_dtype": compute}
+        options["backend"] = backend
         if cls != "PolarGrad":  # PolarGrad's update carries lr·‖M‖_* itself (α = 1)
             options["scale_mode"] = "original"
         opt = getattr(orthoptim, cls)(ps, lr=2.0**-4, weight_decay=0.2, momentum=mu, nesterov=nesterov, **options)
@@ -317,13 +316,12 @@ def test_a_non_finite_gradient_reaches_the_checked_update(bad: float, monkeypatc
     """In one process the matrices' gradients are not checked on their own under "skip": a NaN/±Inf entry must
     pass through the fused momentum input into the update, so the step is skipped with nothing changed — for
     each matrix of the step (a batch of two, a tall one, a ragged one), each optimizer."""
-    monkeypatch.setattr(paths, "CPU_PATH_DEVICES", ())
     monkeypatch.setattr(polar_devices, "FLOAT32_COPY_DEVICES", ())
     shapes = [(24, 40), (24, 40), (40, 24), (33, 70)]
     for cls in (orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad):
         gen = torch.Generator().manual_seed(0)
         params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-        opt = cls(params, lr=0.02, weight_decay=0.1, warn_nonfinite=False)
+        opt = cls(params, lr=0.02, weight_decay=0.1, warn_nonfinite=False, backend="triton")
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
         opt.step()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import orthoptim
-from orthoptim.optim import fused, lr_scale
+from orthoptim.optim import lr_scale
 from orthoptim.polar import devices as polar_devices
 
 from .conftest import SMALL_LARGE, require_interpreted_fused_kernels, with_spectrum
@@ -50,7 +50,9 @@ def test_muon_matches_torch_optim_muon(kw: dict[str, object], step_paths: str) -
     ours, theirs = make_params(SHAPES), make_params(SHAPES)
     start = [p.detach().clone() for p in ours]
     run(torch.optim.Muon(theirs, lr=0.02, **kw), theirs, 6)  # type: ignore[arg-type]
-    opt = orthoptim.Muon(ours, lr=0.02, ns_coefficients=JORDAN, ns_steps=5, compute_dtype="bfloat16", **kw)  # type: ignore[arg-type]
+    opt = orthoptim.Muon(
+        ours, lr=0.02, ns_coefficients=JORDAN, ns_steps=5, compute_dtype="bfloat16", **kw, backend=step_paths
+    )  # type: ignore[arg-type]
     run(opt, ours, 6)
     for a, b, w in zip(ours, theirs, start, strict=True):
         rel = float(((a - b).norm() / (b - w).norm()).detach())
@@ -88,7 +90,7 @@ def test_muon_float64_matches_float64_definition_on_both_paths(step_paths: str) 
     """Float64 parameters and compute: equal to the definition to float64 rounding, weight decay included (CUDA's
     select once built the decay factor in float32: 0.999 became 0.99900001, a 5e-8 error here)."""
     ours = [nn.Parameter(p.detach().double()) for p in make_params(SHAPES)]
-    run(orthoptim.Muon(ours, lr=0.02, ns_coefficients=JORDAN, compute_dtype="float64"), ours, 4)
+    run(orthoptim.Muon(ours, lr=0.02, ns_coefficients=JORDAN, compute_dtype="float64", backend=step_paths), ours, 4)
     for a, b in zip(ours, reference_muon(SHAPES, 4, 0.02, 0.95, 0.1), strict=True):  # type: ignore[arg-type]
         assert torch.allclose(a, b, rtol=0.0, atol=1e-11), float((a - b).abs().max())
 
@@ -101,7 +103,10 @@ def test_weight_decay_equals_torch_optim_muon_in_every_dtype(dtype: torch.dtype,
     theirs = [nn.Parameter(p.detach().to(dtype)) for p in make_params([(24, 40), (40, 24)])]
     ours = [nn.Parameter(p.detach().clone()) for p in theirs]
     expected = [p.detach().clone().mul_(1 - 0.1 * 0.1) for p in theirs]
-    for opt, ps in ((torch.optim.Muon(theirs, lr=0.1, weight_decay=0.1), theirs), (orthoptim.Muon(ours, lr=0.1), ours)):
+    for opt, ps in (
+        (torch.optim.Muon(theirs, lr=0.1, weight_decay=0.1), theirs),
+        (orthoptim.Muon(ours, lr=0.1, backend=step_paths), ours),
+    ):
         for p in ps:
             p.grad = torch.zeros_like(p)
         opt.step()
@@ -174,7 +179,7 @@ def test_polargrad_in_float64_is_the_closed_form(step_paths: str, param_dtype: t
     s = torch.linspace(1.0, 0.1, 24, dtype=torch.float64)
     G, _, _ = with_spectrum(24, 56, s, seed=11)
     p = nn.Parameter(torch.zeros(24, 56, dtype=param_dtype))
-    opt = orthoptim.PolarGrad([p], lr=1e-3, momentum=0.0, weight_decay=0.0, compute_dtype="float64")
+    opt = orthoptim.PolarGrad([p], lr=1e-3, momentum=0.0, weight_decay=0.0, compute_dtype="float64", backend=step_paths)
     p.grad = G.to(param_dtype)
     opt.step()
     want = -1e-3 * orthoptim.nuclear_norm(G) * orthoptim.polar(G)
@@ -190,7 +195,15 @@ def test_normuon_matches_published_formula(step_paths: str, compute: str) -> Non
     w0 = p.detach().clone()
     g = torch.randn(16, 40, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     opt = orthoptim.NorMuon(
-        [p], lr=0.01, momentum=0.0, weight_decay=0.0, ns_steps=10, beta2=0.95, row_eps=1e-8, compute_dtype=compute
+        [p],
+        lr=0.01,
+        momentum=0.0,
+        weight_decay=0.0,
+        ns_steps=10,
+        beta2=0.95,
+        row_eps=1e-8,
+        compute_dtype=compute,
+        backend=step_paths,
     )
     p.grad = g.float()
     opt.step()
@@ -242,37 +255,36 @@ def assert_same_state(a: dict, b: dict, ignore: tuple[str, ...] = ("nonfinite_sk
 
 
 def _step_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Run a test through every way the step is taken: the CPU's (momentum input per parameter, recomputed at the
-    commit; the skip flag read on the host; float32 copies in the normalization, the Gram scalings and NorMuon's
-    rows), CUDA's without Triton (foreach or stacked momentum; device-side selects unless the warning reads the
-    flag; float64 factors and row sums instead of float32 copies, ``polar/devices.py``) and CUDA's with Triton
-    (the same, the momentum input and the commit by the fused kernels, ``optim/fused.py``, run by Triton's
-    interpreter), forced here on the CPU."""
-    if request.param != "cpu paths":
-        monkeypatch.setattr("orthoptim.optim.paths.CPU_PATH_DEVICES", ())
-        monkeypatch.setattr(polar_devices, "FLOAT32_COPY_DEVICES", ())
-    if request.param != "fused paths":
+    """The backend a test's optimizers take (``backend=``), so the test runs through every way the step is taken:
+    ``"torch@cpu"``, the torch backend's CPU choices (momentum input per parameter, recomputed at the commit; the
+    skip flag read on the host; float32 copies in the normalization, the Gram scalings and NorMuon's rows);
+    ``"torch@cuda"``, its CUDA choices (foreach or stacked momentum; device-side selects unless the warning reads
+    the flag; float64 factors and row sums instead of float32 copies, ``polar/devices.py``); and ``"triton"``, the
+    same with the momentum input and the commit by the fused kernels (``optim/backends/triton.py``) run by Triton's
+    interpreter — all on the CPU."""
+    if request.param != "torch@cpu":
+        monkeypatch.setattr(polar_devices, "FLOAT32_COPY_DEVICES", ())  # the polar engine's CUDA arithmetic
+    if request.param != "triton":
         yield str(request.param)
         return
     require_interpreted_fused_kernels()
-    monkeypatch.setattr(fused, "FUSED_DEVICES", ("cuda", "cpu"))
     # The interpreter computes with numpy, which warns where a GPU silently makes Inf − Inf = NaN; the tests
     # that turn warnings into errors mean the optimizer's warning, not those.
     with np.errstate(all="ignore"):
         yield str(request.param)
 
 
-step_paths = pytest.fixture(params=["cpu paths", "cuda paths", "fused paths"], name="step_paths")(_step_paths)
+step_paths = pytest.fixture(params=["torch@cpu", "torch@cuda", "triton"], name="step_paths")(_step_paths)
 # Tests on matrices of ~10⁵–10⁶ entries take the first two only: Triton's interpreter runs ~3 ms per program
 # (2048 entries), ~20 s per such test; tests/test_fused.py covers the kernels on small matrices (tiles, the
 # non-finite gradient reaching the checked update).
-unfused_step_paths = pytest.fixture(params=["cpu paths", "cuda paths"], name="unfused_step_paths")(_step_paths)
+unfused_step_paths = pytest.fixture(params=["torch@cpu", "torch@cuda"], name="unfused_step_paths")(_step_paths)
 
 
 def test_hybrid_skip_covers_the_adamw_half(step_paths: str) -> None:
     """A NaN in an AdamW parameter's gradient skips the whole Hybrid step, matrices included (both commit paths)."""
     params = make_params([*SHAPES, (48,)])
-    opt = orthoptim.Hybrid((params[:3], params[3:]), lr=0.02)
+    opt = orthoptim.Hybrid((params[:3], params[3:]), lr=0.02, backend=step_paths)
     run(opt, params, 2)
     before, state = snapshot(opt, params)
     for p in params:
@@ -290,7 +302,7 @@ def test_hybrid_skip_covers_the_adamw_half(step_paths: str) -> None:
 @pytest.mark.parametrize("cls", [orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad])
 def test_nonfinite_skip_leaves_everything_bit_identical(cls: type, step_paths: str) -> None:
     params = make_params(SHAPES)
-    opt = cls(params, lr=0.02)
+    opt = cls(params, lr=0.02, backend=step_paths)
     run(opt, params, 2)
     before, state = snapshot(opt, params)
     for p in params:
@@ -514,7 +526,13 @@ def test_large_cpu_matrices_match_torch_optim_muon(unfused_step_paths: str, cpu_
     ours, theirs = make_params(SMALL_LARGE), make_params(SMALL_LARGE)
     start = [p.detach().clone() for p in ours]
     run(torch.optim.Muon(theirs, lr=0.02), theirs, 3)
-    run(orthoptim.Muon(ours, lr=0.02, ns_coefficients=JORDAN, ns_steps=5, compute_dtype="bfloat16"), ours, 3)
+    run(
+        orthoptim.Muon(
+            ours, lr=0.02, ns_coefficients=JORDAN, ns_steps=5, compute_dtype="bfloat16", backend=unfused_step_paths
+        ),
+        ours,
+        3,
+    )
     for a, b, w in zip(ours, theirs, start, strict=True):
         rel = float(((a - b).norm() / (b - w).norm()).detach())
         assert rel < 0.03, rel
@@ -532,9 +550,9 @@ def test_large_cpu_matrices_float32_match_float64_definition() -> None:
 def test_momentum_buffer_is_torch_lerp_bit_for_bit(nonfinite: str, nesterov: bool, step_paths: str) -> None:
     """The commit recomputes the momentum in place (it is not held across the step): it must be exactly
     ``lerp(B, G, 1−μ)``, as torch.optim.Muon writes it, for stacked, tall, conv and 3-D parameters."""
-    large = LARGE if step_paths != "fused paths" else [(60, 110), (110, 60), (60, 110), (53, 53)]  # interpreter
+    large = LARGE if step_paths != "triton" else [(60, 110), (110, 60), (60, 110), (53, 53)]  # interpreter
     params = make_params([*large, (16, 8, 3, 3), (3, 40, 24)])
-    opt = orthoptim.Muon(params, lr=0.02, momentum=0.9, nesterov=nesterov, nonfinite=nonfinite)  # type: ignore[arg-type]
+    opt = orthoptim.Muon(params, lr=0.02, momentum=0.9, nesterov=nesterov, nonfinite=nonfinite, backend=step_paths)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
         old = [opt.state[p]["momentum_buffer"].clone() if p in opt.state else torch.zeros_like(p) for p in params]
@@ -581,7 +599,7 @@ def test_normuon_and_polargrad_on_large_cpu_matrices_match_their_formulas(unfuse
     kw = {"lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "compute_dtype": "float32"}
     ours = make_params(shapes)
     start = [p.detach().clone() for p in ours]
-    opt = orthoptim.NorMuon(ours, ns_steps=10, beta2=0.95, row_eps=1e-8, **kw)  # type: ignore[arg-type]
+    opt = orthoptim.NorMuon(ours, ns_steps=10, beta2=0.95, row_eps=1e-8, **kw, backend=unfused_step_paths)  # type: ignore[arg-type]
     for _ in range(2):  # the second step runs on kept buffers
         for p, g in zip(ours, grads, strict=True):
             p.grad = g.float()
@@ -598,7 +616,7 @@ def test_normuon_and_polargrad_on_large_cpu_matrices_match_their_formulas(unfuse
         assert diff < 1e-5, diff
     polar_params = make_params(shapes)
     start = [p.detach().clone() for p in polar_params]
-    opt = orthoptim.PolarGrad(polar_params, **kw)  # type: ignore[arg-type]
+    opt = orthoptim.PolarGrad(polar_params, **kw, backend=unfused_step_paths)  # type: ignore[arg-type]
     for _ in range(2):
         for p, g in zip(polar_params, grads, strict=True):
             p.grad = g.float()
@@ -620,7 +638,9 @@ def test_hybrid_adamw_half_is_torch_fused_adamw_bit_for_bit(step_paths: str, dty
         model = nn.Sequential(nn.Embedding(300, 64), nn.Linear(64, 96), nn.ReLU(), nn.LayerNorm(96), nn.Linear(96, 8))
         model = model.to(dtype)
         twin = copy.deepcopy(model)
-        opt = orthoptim.Hybrid(model, lr=0.02, adamw_lr=lr, adamw_weight_decay=0.2, warn_nonfinite=False)
+        opt = orthoptim.Hybrid(
+            model, lr=0.02, adamw_lr=lr, adamw_weight_decay=0.2, warn_nonfinite=False, backend=step_paths
+        )
         rest, twin_rest = orthoptim.split_params(model)[1], orthoptim.split_params(twin)[1]
         ref = torch.optim.AdamW(twin_rest, lr=lr, betas=(0.9, 0.95), weight_decay=0.2, fused=True)
         x = torch.randint(0, 300, (16, 4))
@@ -670,14 +690,11 @@ def test_cpu_and_cuda_step_paths_give_the_same_bits(
     shapes = [(600, 450), (450, 600), (16, 8, 3, 3), (3, 40, 24), (64, 64)]  # per-matrix, tall, conv, 3-D, batched
 
     def train(cuda_paths: bool) -> list[torch.Tensor]:
-        if cuda_paths:
-            monkeypatch.setattr("orthoptim.optim.paths.CPU_PATH_DEVICES", ())
-        else:
-            monkeypatch.undo()
         gen = torch.Generator().manual_seed(0)
         ps = [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
         policy = {"nonfinite": "propagate"} if commit == "propagate" else {"warn_nonfinite": commit == "reads flag"}
-        opt = cls(ps, lr=0.05, weight_decay=0.2, nesterov=nesterov, **policy)
+        backend = "torch@cuda" if cuda_paths else "torch@cpu"
+        opt = cls(ps, lr=0.05, weight_decay=0.2, nesterov=nesterov, backend=backend, **policy)
         for k in range(3):
             for p in ps:
                 p.grad = torch.randn(p.shape, generator=gen).to(dtype)
@@ -695,13 +712,11 @@ def test_cpu_and_cuda_step_paths_give_the_same_bits(
 
 
 @pytest.mark.parametrize("paths", ["cpu", "device"])
-def test_each_finite_flags_exactly_the_non_finite_tensors(paths: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_finite_flags_exactly_the_non_finite_tensors(paths: str) -> None:
     """The skip policy's per-gradient check (foreach max-abs norm off the CPU, max and min on it) against
     ``torch.isfinite(t).all()``: NaN, +Inf, −Inf, the largest finite values (no overflow), mixed dtypes."""
     from orthoptim.optim.base import _each_finite
 
-    if paths == "device":
-        monkeypatch.setattr("orthoptim.optim.paths.CPU_PATH_DEVICES", ())
     gen = torch.Generator().manual_seed(3)
     tensors = [
         torch.randn(5, 7, generator=gen, dtype=torch.float64).to(dt)
@@ -723,9 +738,9 @@ def test_each_finite_flags_exactly_the_non_finite_tensors(paths: str, monkeypatc
     tensors[6].fill_(float("-inf"))
     expected = torch.stack([torch.isfinite(t).all() for t in tensors])
     assert expected.tolist() == [True, False, False, True, False, True, False]
-    assert torch.equal(_each_finite(tensors), expected)
+    assert torch.equal(_each_finite(tensors, paths == "cpu"), expected)
     with_empty = [*tensors, torch.empty(0, 3)]
-    assert torch.equal(_each_finite(with_empty), torch.cat([expected, torch.tensor([True])]))
+    assert torch.equal(_each_finite(with_empty, paths == "cpu"), torch.cat([expected, torch.tensor([True])]))
 
 
 def test_hybrid_adamw_half_takes_a_tensor_lr() -> None:
@@ -759,7 +774,7 @@ def test_a_non_finite_gradient_always_reaches_the_checked_update(
     for cls in (orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad):
         params = make_params(shapes)
         kw = {"iteration": iteration, "normalization": normalization, "warn_nonfinite": False}
-        opt = cls(params, lr=0.02, weight_decay=0.1, **kw)
+        opt = cls(params, lr=0.02, weight_decay=0.1, **kw, backend=unfused_step_paths)
         run(opt, params, 1)
         before, state = snapshot(opt, params)
         for k in range(len(shapes)):
@@ -785,9 +800,11 @@ def test_a_tensor_lr_is_read_live_and_gives_the_float_lr_bits(cls: type, step_pa
         lr: float | torch.Tensor = torch.tensor(0.02) if tensor else 0.02
         if cls is orthoptim.Hybrid:
             adamw_lr: float | torch.Tensor = torch.tensor(1e-3) if tensor else 1e-3
-            opt = cls((ps[:2], ps[2:]), lr=lr, weight_decay=0.1, adamw_lr=adamw_lr, adamw_weight_decay=0.1)
+            opt = cls(
+                (ps[:2], ps[2:]), lr=lr, weight_decay=0.1, adamw_lr=adamw_lr, adamw_weight_decay=0.1, backend=step_paths
+            )
         else:
-            opt = cls(ps[:2], lr=lr, weight_decay=0.1)
+            opt = cls(ps[:2], lr=lr, weight_decay=0.1, backend=step_paths)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
         gen = torch.Generator().manual_seed(1)
         for _ in range(5):

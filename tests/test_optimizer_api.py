@@ -16,7 +16,7 @@ from torch import nn
 
 import orthoptim
 from orthoptim.distributed.group import GroupRef
-from orthoptim.optim.shapes import matrix_layout
+from orthoptim.optim.options import matrix_layout
 
 Maker = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 

@@ -3,7 +3,7 @@
 ``torch.distributed.fsdp.fully_shard`` places every parameter as a DTensor sharded on dim 0 over a 1-D mesh,
 ``torch.chunk``-style: rank r holds rows ``[r·c, min((r+1)·c, d0))`` with ``c = ceil(d0 / world)`` — possibly
 none when d0 < world. Seen as a stack of rows of length n (a parameter is ``count`` matrices m×n, i.e.
-``count·m`` rows, ``shapes.matrix_layout``), each rank's shard is a contiguous range of whole rows.
+``count·m`` rows, ``optim.options.matrix_layout``), each rank's shard is a contiguous range of whole rows.
 
 Scheme (per step, per param group): every rank computes the momentum of its own rows (elementwise, exact); one
 ``all_to_all_single`` sends each parameter's rows to its owner, which then holds the whole matrix — and whole

@@ -1,17 +1,17 @@
-"""Thin torch.optim.Optimizer shells over one functional update (``base.py``: the shell; ``prepare.py`` and
-``commit.py``: its two phases)."""
+"""Thin torch.optim.Optimizer shells over one step path (``base.py``: the shell; ``options.py``: the typed
+options; ``backends/``: the ways of executing the update; ``executor.py``: the same over a process group)."""
 
 from .base import OrthogonalizedOptimizer
 from .clip import clip_grad_norm_
 from .hybrid import Hybrid, split_params
 from .muon import Muon
 from .normuon import NorMuon
+from .options import BACKENDS, NONFINITE_MODES, SCALE_MODES, lr_scale, matrix_layout
 from .polargrad import PolarGrad
 from .registry import available, create
-from .shapes import SCALE_MODES, lr_scale, matrix_layout
-from .validation import NONFINITE_MODES
 
 __all__ = [
+    "BACKENDS",
     "NONFINITE_MODES",
     "SCALE_MODES",
     "Hybrid",

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch._compile import _disable_dynamo
 
-from .validation import check_number, check_param_dtypes
+from .options import check_number, check_param_dtypes
 
 
 def validate_adamw_group(group: dict[str, Any]) -> None:
@@ -37,7 +37,7 @@ def validate_adamw_group(group: dict[str, Any]) -> None:
 
 @dataclass
 class AdamWStep:
-    """One group's AdamW step, taken by the commit (``commit(ok)``) with torch's fused kernel.
+    """One group's AdamW step, taken by the commit (``commit(flag)``) with torch's fused kernel.
 
     ``ok`` None: commit unconditionally. Otherwise a 0-d bool on the parameters' device: where false the kernel
     writes nothing (parameters and moments keep their bits) and the step counters do not advance."""
@@ -49,7 +49,9 @@ class AdamWStep:
     steps: list[Tensor]  # float32 0-d counters, as torch.optim.AdamW keeps them
     group: dict[str, Any]
 
-    def commit(self, ok: Tensor | None) -> None:
+    def commit(self, flag: Any, scratch: Any = None) -> None:
+        """Take the step where ``flag.ok`` (a ``backends.torch.StepFlag``) allows; ``scratch`` is not needed."""
+        ok: Tensor | None = flag.ok
         # Run eagerly inside a compiled step, as torch.optim.AdamW(fused=True) does (torch.optim.optimizer's
         # _disable_dynamo_if_unsupported): Inductor cannot functionalize the in-place fused kernel (torch 2.13,
         # CPU). Not ``@torch.compiler.disable`` on the method: that imports torch._dynamo with orthoptim (1.3 s).

@@ -1,44 +1,28 @@
-"""The shared step of every orthogonalized optimizer: one functional update, one thin ``Optimizer`` shell.
+"""The shell every orthogonalized optimizer shares (Muon, NorMuon, PolarGrad, Hybrid): a ``torch.optim.Optimizer``
+whose ``step`` reads straight down —
 
-Per parameter group (all options live in the group, so ``state_dict()`` carries them):
+1. **gather** each group's parameters with gradients and their state (made at the first step);
+2. **check** gradients under the non-finite policy (``"skip"``: AdamW's, and every gradient when distributed;
+   ``"raise"``: all, raising :class:`NonFiniteError` naming the parameter; ``"propagate"``: none);
+3. **prepare** every group's update with its backend (``optim/backends``: ``reference``, ``torch``, ``triton``,
+   chosen per group from ``backend=`` and the device), over megabatches of same-shape matrices — locally, or
+   over a process group by the executor (``optim/executor.py``: replicated DDP parameters split by owner,
+   FSDP2 shards gathered to theirs) — writing nothing;
+4. **decide** once for the whole step: kept iff every update is finite (``"skip"``; with many ranks one MAX
+   all-reduce makes every rank decide alike);
+5. **commit** every pending update (parameters, momentum, second moments), or, for a skipped step, nothing —
+   ``nonfinite_skips`` counts it and rank 0 warns.
 
-1. momentum ``B ← B + (1−μ)(G − B)`` (``lerp``, as torch.optim.Muon), Nesterov input ``M = G + μ(B − G)``;
-2. ``O = orthogonalize(M)`` — one batched call per megabatch of same-shape matrices;
-3. optional per-row second-moment normalization (NorMuon) and the scale mode (``shapes.lr_scale``; ``"nuclear"``
-   multiplies each matrix by ``⟨O, M⟩ ≈ ‖M‖_*``);
-4. decoupled weight decay ``θ ← (1 − lr·wd)θ`` with the unadjusted lr, then ``θ ← θ − lr·scale·O``.
+Where the skip flag is read on the host anyway — the CPU's choices (``Backend.host_ways``), where a read is
+free, and rank 0 when the skip warning is on — it is read before the commit: a kept step commits without
+selects, a skipped one writes nothing. Elsewhere the commit selects on the device flag: no host sync,
+capturable. Hybrid's AdamW half is taken by the commit too, with torch's fused AdamW kernel (``optim/adamw.py``).
 
-Non-finite policy (optimizer-wide): ``"skip"`` checks AdamW's gradients (every gradient when distributed: a rank
-updates the momentum of matrices others orthogonalize) before any state changes and every orthogonalized matrix
-after (in one process a NaN/Inf gradient of a matrix reaches its update, so that check covers it), and
-commits the whole step — parameters, momentum, second moments, step counters — only if all are finite. The
-decision is a device-side flag. Where it is read on the host anyway — on the CPU (``paths.CPU_PATH_DEVICES``), where a
-read is free, and on rank 0 when the skip warning is on (its one read per step) — it is read before the commit:
-a kept step commits without selects, a skipped one writes nothing. Elsewhere (``warn_nonfinite=False``, other
-ranks) the commit selects on the flag: no host sync, capturable. ``"raise"`` checks every gradient first and
-raises :class:`NonFiniteError` naming the parameter (host syncs). ``"propagate"`` checks nothing. Every policy
-computes all updates before writing any state (two phases), so the updates (in the compute dtype) are held until
-the commit. The new momentum is held too where the commit selects (stacked); elsewhere it is recomputed in place
-at the commit, so nothing but the updates outlives phase 1. Hybrid's AdamW half is taken entirely by the commit,
-in place, with torch's fused AdamW kernel, which reads the flag on the device (``optim/adamw.py``).
-
-On CUDA with triton installed (``ORTHOPTIM_TRITON=0`` turns it off) the elementwise work around the
-orthogonalization is two Triton launches per megabatch (``optim/fused.py``): the momentum input from B and G in
-one pass, and the commit — momentum, weight decay, update — in one pass masked by the device flag (so it never
-selects and holds nothing); the same bits as the torch ops it replaces.
-
-Distributed (``process_group``; ``orthoptim.distributed`` moves the tensors): plain parameters are taken to be
-replicated (DDP): every rank computes the momentum of every matrix, but orthogonalizes only the matrices it owns
-(owners balance FLOPs over all megabatches of all groups; the plan is cached) and the results are all-gathered.
-DTensor parameters sharded ``Shard(0)`` (FSDP2) send their rows to the owner, which computes the whole update
-(NorMuon's row statistics and Frobenius rescale, PolarGrad's nuclear norm: on whole matrices, exact) and sends
-each rank its rows back; their optimizer state stays sharded (DTensors). Every step issues the same collectives
-in the same order on every rank: first one fixed-size all-reduce checks that all ranks hold the same parameters
-(count, shapes, dtypes) and have gradients for the same ones (a mismatch raises ``RuntimeError`` on every rank,
-at the first step, instead of aborting or hanging; it costs one host read), and under
-``"skip"``/``"raise"`` one MAX all-reduce of the finite flag makes every rank take the same decision. The
-skip warning is printed by rank 0 only. The process group is kept on the optimizer, not in the param groups:
-it is not part of ``state_dict()``.
+Distributed (``process_group``): every step issues the same collectives in the same order on every rank. First
+one fixed-size all-reduce checks that all ranks hold the same parameters and have gradients for the same ones
+(a mismatch raises ``RuntimeError`` on every rank instead of hanging), then the executor's exchanges, then the
+skip flag's all-reduce. The process group is kept on the optimizer, not in the param groups: it is not part of
+``state_dict()``.
 """
 
 from __future__ import annotations
@@ -48,7 +32,6 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,24 +43,21 @@ from ..distributed import (
     ParamLayout,
     agree_ok,
     agree_params,
-    assign_owners,
     check_sharded,
     is_dtensor,
-    matrix_flops,
-    rank_counts,
     resolve_process_group,
     zeros_row_state,
 )
 from ..polar import NonFiniteError
 from ..polar.workspace import Workspace
-from . import fused, paths
 from .adamw import adamw_prepare, validate_adamw_group
+from .backends import reference, select_backend
+from .backends import torch as torch_backend
+from .backends.triton import PointerTables
 from .checkpoint import ALGORITHM_OPTIONS, converted_groups, normalize_loaded_state
-from .commit import StepFlag, commit_megabatch
+from .executor import DistributedExecutor, local_shards
 from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
-from .prepare import Pending, local_shards, orthogonalized_prepare, sharded_prepare, split_starter
-from .shapes import matrix_layout
-from .validation import NONFINITE_MODES, NonFiniteMode, validate_orthogonalized_group
+from .options import NONFINITE_MODES, MatrixOptions, NonFiniteMode, OptionsCache, matrix_layout
 
 #: Source trees whose frames a warning skips to reach the user's line: torch's step wrappers (``no_grad``, the
 #: optimizer's hooks, an lr scheduler's counter) and ours.
@@ -93,34 +73,23 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _each_finite(tensors: list[Tensor]) -> Tensor:
+def _each_finite(tensors: list[Tensor], host_ways: bool) -> Tensor:
     """Per tensor (plain tensors or local shards): True iff every entry is finite, as a bool vector on the device.
 
     Max-abs per tensor: NaN and ±Inf survive it (``max_propagate_nan`` in torch's CUDA norm and block reductions),
-    large finite values cannot overflow it, and ``< inf`` is false for both Inf and NaN. Outside
-    ``paths.CPU_PATH_DEVICES`` one ``_foreach_norm(·, inf)`` (a few launches for all tensors; one ``amin`` per tensor
+    large finite values cannot overflow it, and ``< inf`` is false for both Inf and NaN. Without ``host_ways``
+    (the CPU's choices) one ``_foreach_norm(·, inf)`` (a few launches for all tensors; one ``amin`` per tensor
     would be 48 launches for GPT-2 small); on the CPU, where torch computes that norm tensor by tensor and ~10×
     slower (121 vs 13 ms for GPT-2-small's 48 gradients, measured 2026-11-23), a foreach max and a min per tensor.
     Empty tensors have no max: they count as finite.
     """
     if any(t.numel() == 0 for t in tensors):
         return torch.stack([torch.isfinite(t).all() for t in tensors])
-    if not paths.cpu_path(tensors[0].device):
+    if not host_ways:
         return torch.stack(torch._foreach_norm(tensors, math.inf)) < math.inf
     hi = torch.stack(torch._foreach_max(tensors))
     lo = torch.stack([t.amin() for t in tensors])  # torch has no foreach min; one small reduction per tensor
     return (hi < math.inf) & (lo > -math.inf)
-
-
-@dataclass
-class _GroupSplit:
-    """One orthogonalized group's part of the distributed plan (indices are positions in the step's lists)."""
-
-    plain: list[Megabatch] = field(default_factory=list)  # replicated parameters
-    counts: list[tuple[int, ...]] = field(default_factory=list)  # per plain megabatch: matrices per rank
-    sharded: list[Megabatch] = field(default_factory=list)  # DTensor parameters, by whole-matrix shape
-    owners: dict[int, int] = field(default_factory=dict)  # sharded position → owner rank
-    rows: dict[int, list[int]] = field(default_factory=dict)  # sharded position → stacked rows held per rank
 
 
 class OrthogonalizedOptimizer(torch.optim.Optimizer):
@@ -158,12 +127,14 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self._world = 1 if group is None else group.size
         # The distributed step also runs for DTensor parameters on a one-rank mesh (without collectives).
         self._distributed = group is not None
-        self._dist_plans: dict[tuple[Any, ...], list[_GroupSplit | None]] = {}
+        self._executor = DistributedExecutor(group)
         self._plans: dict[tuple[Any, ...], list[Megabatch]] = {}
-        # The CPU's phase-1 update buffers, kept between steps (``prepare._held_update``); not optimizer state.
+        # Each orthogonalized group's typed options, validated when built (``options.OptionsCache``).
+        self._options = OptionsCache()
+        # The CPU's update buffers, kept between steps (``backends.torch._held_update``); not optimizer state.
         self._held = Workspace()
-        # Address tables of the fused elementwise kernels (``optim/fused.py``), kept between steps; not state.
-        self._tables = fused.PointerTables()
+        # Address tables of the fused elementwise kernels (``backends/triton.py``), kept between steps; not state.
+        self._tables = PointerTables()
 
     #: Attributes that ``copy.deepcopy`` and pickling keep besides torch's (defaults, state, param_groups): the
     #: options ``__init__`` takes outside the param groups. The process group survives a deep copy as the same
@@ -194,9 +165,16 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         if group.get("algorithm", "orthogonalized") == "adamw":
             validate_adamw_group(group)
         else:
-            validate_orthogonalized_group(group)
+            opts = self._options.build(group)
+            for device in {p.device for p in group["params"]}:
+                select_backend(opts.backend, device)  # "triton" without triton: refused here
             for p in group["params"]:
                 if is_dtensor(p):
+                    if opts.backend == "reference":
+                        raise ValueError(
+                            'backend="reference" computes whole parameters on one process; it does not take '
+                            'DTensor (FSDP2) parameters: use backend="torch"'
+                        )
                     check_sharded(p, None if self._pg_ref is None else self._pg_ref.ranks, self._rank)
         if any(is_dtensor(p) for p in group["params"]):
             self._distributed = True
@@ -275,10 +253,13 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 return int(state["nonfinite_skips"])
         return 0
 
-    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor]]]:
+    def _gather(
+        self, group: dict[str, Any], opts: MatrixOptions | None
+    ) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor]]]:
+        """The group's parameters with gradients, their gradients, and their state by key (made at the first
+        step: ``opts`` None for an AdamW group)."""
         params, grads = [], []
         lists: dict[str, list[Tensor]] = {}
-        adamw = group.get("algorithm", "orthogonalized") == "adamw"
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -289,15 +270,15 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 # AdamW keeps a float32 step (as torch.optim.AdamW does) for its bias correction.
-                state["step"] = torch.zeros((), dtype=torch.float32 if adamw else torch.int64, device=p.device)
+                state["step"] = torch.zeros((), dtype=torch.float32 if opts is None else torch.int64, device=p.device)
                 state["nonfinite_skips"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                if adamw:
+                if opts is None:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 else:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["row_norm"]:
-                        count, m, _ = matrix_layout(tuple(p.shape), group["shape_policy"])
+                    if opts.row_norm:
+                        count, m, _ = matrix_layout(tuple(p.shape), opts.shape_policy)
                         if is_dtensor(p):  # sharded like p's rows: (d0, count·m/d0), see distributed.fsdp
                             state["second_moment"] = zeros_row_state(p, count * m)
                         else:
@@ -307,14 +288,14 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                     lists.setdefault(key, []).append(state[key])
         return params, grads, lists
 
-    def _layouts(self, group: dict[str, Any], params: list[Tensor]) -> list[tuple[int, int, int]]:
+    def _layouts(self, group: dict[str, Any], opts: MatrixOptions, params: list[Tensor]) -> list[tuple[int, int, int]]:
         """Each parameter as (matrices, m, n) under the group's ``shape_policy`` (which may have been changed since
         the last plan: plans are keyed by it); NorMuon's second moments, made for the layout of the first step,
         must still fit."""
-        policy = group["shape_policy"]
+        policy = opts.shape_policy
         layouts = [matrix_layout(tuple(p.shape), policy) for p in params]
         for p, (count, m, _) in zip(params, layouts, strict=True):
-            second = self.state[p].get("second_moment") if group["row_norm"] else None
+            second = self.state[p].get("second_moment") if opts.row_norm else None
             if second is not None and second.numel() != count * m:
                 raise ValueError(
                     f"shape_policy={policy!r} makes the parameter of shape {tuple(p.shape)} {count} matrices of {m} "
@@ -323,14 +304,15 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 )
         return layouts
 
-    def _plan(self, group: dict[str, Any], params: list[Tensor]) -> list[Megabatch]:
-        key = (id(group), group["shape_policy"], *(id(p) for p in params))
+    def _plan(self, group: dict[str, Any], opts: MatrixOptions, params: list[Tensor]) -> list[Megabatch]:
+        """The group's megabatches (cached per parameter set and shape policy). On the CPU each stays under
+        ``CPU_MEGABATCH_BYTES``: the buffers kept between steps are sized by the largest."""
+        key = (id(group), opts.shape_policy, *(id(p) for p in params))
         plan = self._plans.get(key)
         if plan is None:
-            layouts = self._layouts(group, params)
             on_cpu = all(p.device.type == "cpu" for p in params)
             plan = plan_megabatches(
-                layouts,
+                self._layouts(group, opts, params),
                 [p.dtype for p in params],
                 [p.device for p in params],
                 max_bytes=CPU_MEGABATCH_BYTES if on_cpu else None,
@@ -339,143 +321,35 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         return plan
 
     def _prepare_local(self, gathered: list[Any], need_flags: bool, selects: bool) -> list[Any]:
-        """Phase 1 on one process: every group's update, nothing committed (``selects``: see
-        ``orthogonalized_prepare``)."""
+        """Every group's pending update on one process (``selects``: the commit selects on a device flag)."""
         pending: list[Any] = []
-        for g, (group, params, grads, lists) in enumerate(gathered):
+        for g, (group, opts, params, grads, lists) in enumerate(gathered):
             if not params:
                 continue
-            on_cpu = paths.cpu_path(grads[0].device)
-            if group.get("algorithm", "orthogonalized") == "adamw":
+            if opts is None:
                 pending.append(adamw_prepare(params, grads, lists, group))  # the commit takes the step
-            else:
-                plan = self._plan(group, params)
-                pending.extend(
-                    orthogonalized_prepare(
-                        params,
-                        grads,
-                        lists["momentum_buffer"],
-                        lists.get("second_moment"),
-                        lists["step"],
-                        plan,
-                        group,
-                        need_flags=need_flags,
-                        held=self._held if on_cpu and not torch.compiler.is_compiling() else None,
-                        role=f"update{g}.",
-                        selects=selects,
-                        tables=None if on_cpu else self._tables,
-                    )
-                )
-        return pending
-
-    def _prepare_distributed(self, gathered: list[Any], need_flags: bool, selects: bool) -> list[Any]:
-        """Phase 1 over the process group: replicated matrices split by owner, sharded ones gathered to theirs.
-
-        The collectives depend only on the (cached) plan, which every rank builds from the same shapes, so they
-        are issued in the same order everywhere whatever the data.
-        """
-        splits = self._dist_plan(gathered)
-        local, rank = self._pg_ref is None, self._rank
-        pg = None if self._pg_ref is None else self._pg_ref.group  # None: the default group (or no collective)
-        pending: list[Any] = []
-        for (group, params, grads, lists), split in zip(gathered, splits, strict=True):
-            if not params:
-                continue
-            if split is None:  # AdamW: elementwise, so each rank updates its own shards (or replicas)
-                local_lists = {k: local_shards(v) for k, v in lists.items()}
-                pending.append(adamw_prepare(local_shards(params), local_shards(grads), local_lists, group))
                 continue
             state = (lists["momentum_buffer"], lists.get("second_moment"), lists["step"])
-            if split.plain:
-                start = None if local else split_starter(split.counts, rank, pg)
-                pending.extend(
-                    orthogonalized_prepare(
-                        params,
-                        grads,
-                        *state,
-                        split.plain,
-                        group,
-                        need_flags=need_flags,
-                        start=start,
-                        selects=selects,
-                        tables=self._tables,
-                    )
-                )
-            if split.sharded:
-                pending.extend(
-                    sharded_prepare(
-                        params,
-                        grads,
-                        *state,
-                        split.sharded,
-                        split.owners,
-                        split.rows,
-                        group,
-                        need_flags=need_flags,
-                        rank=rank,
-                        process_group=pg,
-                        selects=selects,
-                    )
-                )
-        return pending
-
-    def _dist_plan(self, gathered: list[Any]) -> list[_GroupSplit | None]:
-        """Megabatches and owners for this set of parameters with gradients (cached; identical on all ranks).
-
-        Owners balance the orthogonalization FLOPs over all groups at once: every replicated matrix and every
-        sharded parameter is one item, assigned largest first to the least-loaded rank.
-        """
-        key = tuple(
-            x
-            for group, params, _, _ in gathered
-            for x in (id(group), group.get("shape_policy"), len(params), *map(id, params))
-        )
-        cached = self._dist_plans.get(key)
-        if cached is not None:
-            return cached
-        splits: list[_GroupSplit | None] = []
-        costs: list[int] = []
-        refs: list[tuple[_GroupSplit, int, int]] = []  # (split, plain megabatch k or -1, sharded position)
-        for group, params, _, _ in gathered:
-            if group.get("algorithm", "orthogonalized") == "adamw":
-                splits.append(None)
+            if opts.backend == "reference":
+                pending.append(reference.prepare(params, grads, *state, self._layouts(group, opts, params), opts))
                 continue
-            layouts = self._layouts(group, params)
-            split = _GroupSplit()
-            for sharded in (False, True):
-                pos = [i for i, p in enumerate(params) if is_dtensor(p) == sharded]
-                sub = plan_megabatches(
-                    [layouts[i] for i in pos], [params[i].dtype for i in pos], [params[i].device for i in pos]
-                )
-                mbs = [Megabatch(tuple(pos[j] for j in mb.indices), mb.matrix_shape, mb.counts) for mb in sub]
-                if sharded:
-                    split.sharded = mbs
-                else:
-                    split.plain = mbs
-            for k, mb in enumerate(split.plain):
-                costs += [matrix_flops(*mb.matrix_shape)] * mb.matrices
-                refs += [(split, k, -1)] * mb.matrices
-            for mb in split.sharded:
-                for i, count in zip(mb.indices, mb.counts, strict=True):
-                    p = params[i]
-                    per_row = layouts[i][0] * layouts[i][1] // p.shape[0]  # stacked matrix rows per dim-0 index
-                    sizes = check_sharded(p, None if self._pg_ref is None else self._pg_ref.ranks, self._rank)
-                    split.rows[i] = [r * per_row for r in sizes]
-                    costs.append(count * matrix_flops(*mb.matrix_shape))
-                    refs.append((split, -1, i))
-            splits.append(split)
-        owners, _ = assign_owners(costs, self._world)
-        plain_owners: dict[tuple[int, int], list[int]] = {}
-        for (target, k, i), owner in zip(refs, owners, strict=True):
-            if k >= 0:
-                plain_owners.setdefault((id(target), k), []).append(owner)
-            else:
-                target.owners[i] = owner
-        for done in splits:
-            if done is not None:
-                done.counts = [rank_counts(plain_owners[(id(done), k)], self._world) for k in range(len(done.plain))]
-        self._dist_plans[key] = splits
-        return splits
+            backend = select_backend(opts.backend, grads[0].device)
+            # A compiled step keeps no buffers: inductor refuses persistent views of one buffer as graph inputs.
+            held = backend.host_ways and not torch.compiler.is_compiling()
+            pending += torch_backend.prepare(
+                backend,
+                params,
+                grads,
+                *state,
+                self._plan(group, opts, params),
+                opts,
+                need_flags=need_flags,
+                selects=selects,
+                held=self._held if held else None,
+                role=f"update{g}.",
+                tables=self._tables if backend.fused else None,
+            )
+        return pending
 
     @property
     def _reads_skip_flag(self) -> bool:
@@ -533,16 +407,25 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        gathered = [(group, *self._gather(group)) for group in self.param_groups]
-        all_params = [p for _, params, _, _ in gathered for p in params]
-        all_grads = [g for _, _, grads, _ in gathered for g in grads]
+        options = [None if group.get("algorithm") == "adamw" else self._options(group) for group in self.param_groups]
+        gathered = [
+            (group, opts, *self._gather(group, opts)) for group, opts in zip(self.param_groups, options, strict=True)
+        ]
+        all_params = [p for _, _, params, _, _ in gathered for p in params]
+        all_grads = [g for _, _, _, grads, _ in gathered for g in grads]
         local = self._pg_ref is None
         if not local:
             self._check_presence()  # before any other collective, and before a rank may return early
         if not all_grads:
             return loss
         device = all_grads[0].device
-        adamw = [group.get("algorithm") == "adamw" for group, params, _, _ in gathered for _ in params]
+        adamw = [opts is None for _, opts, params, _, _ in gathered for _ in params]
+        # The CPU's choices (a free host read of the flag, per-tensor finite checks) where every group takes them.
+        host_ways = all(
+            select_backend(opts.backend, grads[0].device).host_ways if opts is not None else device.type == "cpu"
+            for _, opts, _, grads, _ in gathered
+            if grads
+        )
         if self._distributed:  # the finite check reads this rank's shards (empty ones have no max-abs)
             kept = [t for t in zip(all_params, local_shards(all_grads), adamw, strict=True) if t[1].numel()]
             all_params, all_grads, adamw = [t[0] for t in kept], [t[1] for t in kept], [t[2] for t in kept]
@@ -550,7 +433,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         grads_finite: Tensor | None = None  # per gradient, "raise" only
         ok: Tensor | None = None
         if policy == "raise":
-            grads_finite = _each_finite(all_grads) if all_grads else torch.ones(0, dtype=torch.bool, device=device)
+            grads_finite = (
+                _each_finite(all_grads, host_ways) if all_grads else torch.ones(0, dtype=torch.bool, device=device)
+            )
             if local and not bool(grads_finite.all()):
                 bad = all_params[int((~grads_finite).nonzero()[0])]
                 raise NonFiniteError(f"non-finite gradient for the parameter of shape {tuple(bad.shape)}")
@@ -562,18 +447,19 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             # updates are checked below (tested for every form, normalization and bad value on both step paths).
             # Distributed, every gradient: a rank updates the momentum of matrices another rank orthogonalizes.
             checked = all_grads if self._distributed else [g for g, a in zip(all_grads, adamw, strict=True) if a]
-            ok = _each_finite(checked).all() if checked else torch.ones((), dtype=torch.bool, device=device)
+            ok = _each_finite(checked, host_ways).all() if checked else torch.ones((), dtype=torch.bool, device=device)
         # Under "skip" the flag is read on the host before the commit where that read is free (the CPU) or done
         # anyway (the skip warning's, rank 0): a kept step then commits without selects (on a GPU ~16 fewer bytes
         # per matrix entry, and the commit's kernels overlap what follows), a skipped one writes nothing. Elsewhere
         # the commit selects on the device flag (no host sync, capturable). Same state either way (tested).
-        reads_flag = policy == "skip" and (paths.cpu_path(device) or self._reads_skip_flag)
+        reads_flag = policy == "skip" and (host_ways or self._reads_skip_flag)
         selects = policy == "skip" and not reads_flag
+        need_flags = policy != "propagate"
         if self._distributed:
-            pending = self._prepare_distributed(gathered, need_flags=policy != "propagate", selects=selects)
+            pending = self._executor.prepare(gathered, self._layouts, need_flags, selects, self._tables)
         else:
-            pending = self._prepare_local(gathered, need_flags=policy != "propagate", selects=selects)
-        out_sums = [p.out_sum for p in pending if isinstance(p, Pending) and p.out_sum is not None]
+            pending = self._prepare_local(gathered, need_flags, selects)
+        out_sums = [p.out_sum for p in pending if getattr(p, "out_sum", None) is not None]
         if out_sums:
             out_ok = (torch.stack(out_sums).abs() < math.inf).all()
             if policy == "raise" and local and not bool(out_ok):
@@ -593,23 +479,19 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         # The commit's per-parameter temporaries (roles "momentum", "update"), kept too; a compiled step keeps none
         # (inductor refuses persistent views of one buffer as graph inputs; it plans its own memory anyway).
         scratch = Workspace() if torch.compiler.is_compiling() else self._held
-        flag, steps = StepFlag(commit_ok), []
+        flag, steps = torch_backend.StepFlag(commit_ok), list[Tensor]()
         for p in pending if keep else ():
-            if isinstance(p, Pending):
-                commit_megabatch(p, flag, scratch)
-                assert p.steps is not None
-                steps += p.steps
-            else:  # Hybrid's AdamW half (optim/adamw.py)
-                p.commit(commit_ok)
+            p.commit(flag, scratch)  # a backend's Pending, or Hybrid's AdamW half (optim/adamw.py)
+            steps += getattr(p, "step_counters", None) or []
         if steps:  # int64 counters; one foreach for all megabatches, +0 on a skipped step
             torch._foreach_add_(steps, 1 if commit_ok is None else commit_ok.to(torch.int64))
         if policy == "skip":
             assert ok is not None
-            skips = [s for _, _, _, lists in gathered for s in lists.get("nonfinite_skips", [])]
+            skips = [s for *_, lists in gathered for s in lists.get("nonfinite_skips", [])]
             torch._foreach_add_(skips, (~ok).to(torch.float32))
             # The one read of the flag, once per step; with many ranks only rank 0 reads and warns.
             if self._reads_skip_flag and not (keep if reads_flag else bool(ok)):
-                what = self._nonfinite_cause(all_params, _each_finite(all_grads) if all_grads else None)
+                what = self._nonfinite_cause(all_params, _each_finite(all_grads, host_ways) if all_grads else None)
                 warnings.warn(
                     f"orthoptim: step skipped for every parameter because of {what}; state is unchanged. "
                     "Pass warn_nonfinite=False to silence this (and drop its host sync).",

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import is_dtensor, zeros_row_state
-from .shapes import matrix_layout
+from .options import matrix_layout
 
 #: The options that make an orthogonalized group one algorithm rather than another. When a checkpoint of another
 #: algorithm is converted (``load_state_dict(..., convert=True)``), the group keeps this optimizer's values of these.

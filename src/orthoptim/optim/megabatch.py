@@ -1,6 +1,6 @@
 """Group parameters' matrices by (matrix shape, dtype, device) so each group is orthogonalized in one call.
 
-A parameter contributes ``count`` matrices of shape (m, n) (see ``shapes.matrix_layout``); parameters whose
+A parameter contributes ``count`` matrices of shape (m, n) (see ``options.matrix_layout``); parameters whose
 matrices share shape, dtype and device are stacked into one batch. The same plan is what the distributed path
 splits among ranks (issue "Distributed"), so it is computed once per set of parameters and cached.
 """
@@ -27,8 +27,8 @@ class Megabatch:
 
 
 #: On the CPU a megabatch's stacked tensors stay below this size. Why: the step's temporaries are sized by the
-#: largest megabatch, and the optimizer keeps them between steps on the CPU (``prepare._held_update``: fresh large
-#: blocks would be page-faulted in on every step), so this bounds that memory (~70 MiB for GPT-2 small's 48
+#: largest megabatch, and the optimizer keeps them between steps on the CPU (``backends.torch._held_update``: fresh
+#: large blocks would be page-faulted in on every step), so this bounds that memory (~70 MiB for GPT-2 small's 48
 #: matrices). Nothing is lost: the iteration runs matrix by matrix on the CPU anyway (polar/newton_schulz.py), and
 #: 16, 32, 64 and 128 MiB gave the same step time within noise (±3%, GPT-2-small step, 2-core CPU, 2026-11-23).
 CPU_MEGABATCH_BYTES = 16 * 2**20

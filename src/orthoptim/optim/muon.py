@@ -12,8 +12,7 @@ from ..polar import DEFAULT_NORMALIZATION, DEFAULT_SCHEDULE
 from ..polar.orthogonalize import Iteration
 from ..polar.schedules import ScheduleSpec
 from .base import OrthogonalizedOptimizer
-from .shapes import ScaleMode, ShapePolicy
-from .validation import NonFiniteMode, check_number
+from .options import BackendName, NonFiniteMode, ScaleMode, ShapePolicy, check_number
 
 _TORCH_ADJUST = (None, "original", "match_rms_adamw")
 _TORCH_DEFAULT_STEPS = 5  # torch/optim/_muon.py DEFAULT_NS_STEPS
@@ -60,7 +59,7 @@ class Muon(OrthogonalizedOptimizer):
         iteration: ``"auto"`` | ``"standard"`` | ``"gram"`` — the form of Newton–Schulz (``orthoptim.orthogonalize``;
             "auto" runs the Gram form for rectangular matrices in float32, where it needs fewer operations).
         scale_mode: ``"original"`` | ``"match_rms_adamw"`` | ``"unit_rms"`` | ``"nuclear"`` (see README table).
-        shape_policy: ``"auto"`` | ``"flatten"`` | ``"batch"`` (``orthoptim.optim.shapes.matrix_layout``).
+        shape_policy: ``"auto"`` | ``"flatten"`` | ``"batch"`` (``orthoptim.optim.options.matrix_layout``).
         nonfinite: ``"skip"`` (default) | ``"raise"`` | ``"propagate"`` (``orthoptim.optim.base``'s docstring).
         warn_nonfinite: warn when a step is skipped (reads the device flag once per step; rank 0 only).
         process_group: a ``torch.distributed`` group to split the orthogonalization over and agree on skips
@@ -69,6 +68,10 @@ class Muon(OrthogonalizedOptimizer):
             param groups: it is not part of ``state_dict()``.
         row_norm, beta2, row_eps: NorMuon's per-row second-moment normalization (off by default;
             :class:`orthoptim.NorMuon` turns it on, and documents ``beta2`` and ``row_eps``).
+        backend: how the update is executed (``orthoptim.optim.backends``): ``"auto"`` (default: ``"torch"``),
+            ``"reference"`` (float64, one parameter at a time, the formulas as printed: slow, for checking),
+            ``"torch"`` (megabatches of stacked matrices, torch ops, any device) or ``"triton"`` (the torch
+            backend with fused Triton elementwise kernels; opt-in until measured on a GPU). A param group option.
 
     Any other keyword raises ``TypeError``, as torch.optim.Muon's would: a misspelt option is never ignored.
     """
@@ -97,6 +100,7 @@ class Muon(OrthogonalizedOptimizer):
         row_norm: bool = False,
         beta2: float = 0.95,
         row_eps: float = 1e-8,
+        backend: BackendName = "auto",
     ) -> None:
         if adjust_lr_fn not in _TORCH_ADJUST:
             raise ValueError(f"adjust_lr_fn must be one of {_TORCH_ADJUST}, got {adjust_lr_fn!r}")
@@ -120,5 +124,6 @@ class Muon(OrthogonalizedOptimizer):
             "row_norm": row_norm,
             "beta2": beta2,
             "row_eps": row_eps,
+            "backend": backend,
         }
         super().__init__(params, defaults, nonfinite, warn_nonfinite, process_group=process_group)

@@ -39,7 +39,7 @@ def triton_available() -> bool:
 def triton_enabled() -> bool:
     """Whether orthoptim's Triton kernels may run: triton importable and the environment variable
     ``ORTHOPTIM_TRITON`` not set to ``"0"`` (read at every call). Also the switch of the optimizers' fused step
-    kernels (``orthoptim.optim.fused``)."""
+    kernels (``orthoptim.optim.backends.triton``)."""
     return os.environ.get("ORTHOPTIM_TRITON", "1") != "0" and triton_available()
 
 

@@ -1,11 +1,13 @@
-"""The step's fused elementwise passes (``fused_kernels.py``): when they apply, address tables, launches.
+"""The ``triton`` backend: the torch backend (``torch.py``) with its two elementwise passes per megabatch — the
+momentum input and the commit — as fused Triton kernels (``triton_kernels.py``); here: when they apply, address
+tables, launches. Opt-in (``backend="triton"``) until a GPU run shows them correct and faster there; on the CPU
+they run under Triton's interpreter (``TRITON_INTERPRET=1``), which is how they are tested.
 
-``table`` says whether the kernels apply to a megabatch — on a device in ``FUSED_DEVICES`` (CUDA; tests add the
-CPU under Triton's interpreter) with ``kernels.triton_enabled()``, float32/bfloat16/float16 state (one dtype for θ,
-B and G), contiguous plain tensors, non-empty matrices below 2³¹ entries — by returning its address table, or
-None. The step looks it up once per megabatch and hands it to ``momentum_input`` and ``commit``, which return
-False when the tensors they are given do not fit (the caller then takes the torch path, ``momentum.momentum_foreach``
-/ ``commit.commit_megabatch``, which computes the same bits).
+``table`` says whether the kernels apply to a megabatch — ``kernels.triton_enabled()`` (``ORTHOPTIM_TRITON=0``
+turns them off), float32/bfloat16/float16 state (one dtype for θ, B and G), contiguous plain tensors, non-empty
+matrices below 2³¹ entries — by returning its address table, or None. The torch backend looks it up once per
+megabatch and hands it to ``momentum_input`` and ``commit``, which return False when the tensors they are given
+do not fit (the torch backend then takes its own ops, which compute the same bits).
 
 Address tables: a megabatch's parameters, buffers and gradients are separate tensors; the kernels read each
 matrix's address from an int64 table (3 × matrices) on the device. Tables are built on the host, copied without a
@@ -27,10 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..polar.kernels import triton_enabled
-
-#: Devices whose steps take the fused kernels. Tests add "cpu" to run them under TRITON_INTERPRET=1.
-FUSED_DEVICES: tuple[str, ...] = ("cuda",)
+from ...polar.kernels import triton_enabled
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT32_LIMIT = 2**31 - 1
@@ -38,9 +37,9 @@ _INT32_LIMIT = 2**31 - 1
 
 @functools.cache
 def _kernels() -> ModuleType:
-    from . import fused_kernels
+    from . import triton_kernels
 
-    return fused_kernels
+    return triton_kernels
 
 
 def _triton_dtype(dtype: torch.dtype) -> Any:
@@ -52,7 +51,7 @@ def _triton_dtype(dtype: torch.dtype) -> Any:
 def applies(params: list[Tensor], bufs: list[Tensor], grads: list[Tensor], matrix_numel: int) -> bool:
     """Whether the fused kernels take this megabatch (see the module docstring)."""
     t = params[0]
-    if t.device.type not in FUSED_DEVICES or t.dtype not in _STATE_DTYPES or not 0 < matrix_numel <= _INT32_LIMIT:
+    if t.dtype not in _STATE_DTYPES or not 0 < matrix_numel <= _INT32_LIMIT:
         return False
     if not triton_enabled():
         return False
@@ -165,7 +164,7 @@ def _fits(table: Table, stacked: Tensor) -> bool:
 
 def momentum_input(table: Table, mu: float, nesterov: bool, out: Tensor) -> bool:
     """Write the optimizer's input ``M`` into ``out`` (matrices, m, n; contiguous, the state's dtype), as
-    ``momentum.momentum_input`` does, in one launch; the buffers are not changed. False (nothing written) when
+    ``backends.torch.momentum_input`` does, in one launch; the buffers are not changed. False (nothing written) when
     ``out`` does not fit."""
     _, m, n = out.shape
     if out.dtype != table.dtype or not out.is_contiguous() or not _fits(table, out):
@@ -200,12 +199,12 @@ def commit(
     factor: Tensor | None = None,
 ) -> bool:
     """``B ← lerp(B, G, 1−μ)``, ``θ ← round(θ·decay) + alpha·U`` for every matrix of the megabatch, where ``ok``
-    (always when None), in one launch — ``commit.commit_megabatch``'s momentum, weight decay and update. ``update``:
-    (matrices, m, n), any strides, float32/bfloat16/float16; ``decay``: the 0-d float32 factor or None (no weight
-    decay); a tensor ``alpha`` is read on the device; ``factor``: (matrices, m, 1) or (matrices, 1, 1), float32
-    or U's dtype (NorMuon's rows', PolarGrad's −lr·⟨O, M⟩), applied to U first in float32 and rounded to U's
-    dtype, as ``U.mul_(factor)`` does. Every tensor on the parameters' device. False (nothing written) when the
-    tensors given do not fit."""
+    (always when None), in one launch — ``backends.torch.Pending.commit``'s momentum, weight decay and update.
+    ``update``: (matrices, m, n), any strides, float32/bfloat16/float16; ``decay``: the 0-d float32 factor or
+    None (no weight decay); a tensor ``alpha`` is read on the device; ``factor``: (matrices, m, 1) or
+    (matrices, 1, 1), float32 or U's dtype (NorMuon's rows', PolarGrad's −lr·⟨O, M⟩), applied to U first in
+    float32 and rounded to U's dtype, as ``U.mul_(factor)`` does. Every tensor on the parameters' device. False
+    (nothing written) when the tensors given do not fit."""
     _, m, n = update.shape
     if update.dtype not in _STATE_DTYPES or not _fits(table, update):
         return False

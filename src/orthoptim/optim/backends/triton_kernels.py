@@ -14,13 +14,13 @@ weight decay and adds the update in three more (30 bytes) — ``benchmarks/step_
   skipped step loads and stores nothing (masked), so no select pass and no NaN can leak (22 bytes per entry with
   a bfloat16 update).
 
-Each is bit for bit what the torch ops they replace compute (``momentum.momentum_input``,
-``commit.commit_megabatch``): the same roundings in the same order, and ``lerp`` and the update's add written as
+Each is bit for bit what the torch ops they replace compute (``backends.torch.momentum_input``,
+``backends.torch.Pending.commit``): the same roundings in the same order, and ``lerp`` and the update's add written as
 the single fused multiply-adds that torch's CPU kernels (``vec::fmadd``) and CUDA kernels (contracted by nvcc)
 evaluate — tested on the CPU under Triton's interpreter, which evaluates ``tl.fma`` with one rounding.
 
 The parameters, buffers and gradients of a megabatch are separate tensors: each kernel takes a table of their
-matrices' addresses (int64, one row per role, one column per stacked matrix) built by ``optim/fused.py``, and a
+matrices' addresses (int64, one row per role, one column per stacked matrix) built by ``backends/triton.py``, and a
 program handles one tile of one matrix. The stacked ``M`` and ``U`` are addressed through their strides (a tall
 matrix's update is a transposed view). This module imports triton at import time: import it only where
 ``orthoptim.polar.kernels.triton_available()`` is true.

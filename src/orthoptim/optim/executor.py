@@ -1,0 +1,282 @@
+"""Phase 1 of the step over a process group: who orthogonalizes what, and the torch backend run on each share.
+
+``orthoptim.distributed`` moves the tensors (owners, gathers, all-to-alls); this module plans the work and hands
+the backend's computation to it:
+
+- **replicated** parameters (DDP): every rank computes the momentum of every matrix but orthogonalizes only
+  the matrices it owns; the results are all-gathered (``distributed.orthogonalize_split``);
+- **sharded** DTensor ``Shard(0)`` parameters (FSDP2): each rank computes the momentum of its rows and sends
+  them to the matrix's owner, which computes the whole update — NorMuon's row statistics and Frobenius rescale,
+  PolarGrad's nuclear norm, on whole matrices, as on one device — and sends each rank its rows back.
+
+Owners balance the orthogonalization FLOPs over all groups at once (largest first to the least-loaded rank).
+The plan depends only on the parameters' shapes, so every rank builds the same one and issues the same
+collectives in the same order whatever the data. It is cached per set of parameters with gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..distributed import (
+    GroupRef,
+    assign_owners,
+    check_sharded,
+    gather_to_owners,
+    is_dtensor,
+    matrix_flops,
+    orthogonalize_split,
+    rank_counts,
+    scatter_from_owners,
+)
+from . import backends
+from .adamw import adamw_prepare
+from .backends import reference
+from .backends import torch as torch_backend
+from .megabatch import Megabatch, plan_megabatches
+from .options import MatrixOptions
+
+
+def local_shards(tensors: list[Tensor]) -> list[Tensor]:
+    """DTensors replaced by their local shards (views of the same storage under no_grad), others unchanged."""
+    return [t.to_local() if is_dtensor(t) else t for t in tensors]  # type: ignore[attr-defined]
+
+
+@dataclass
+class _GroupSplit:
+    """One orthogonalized group's part of the plan (indices are positions in the step's lists)."""
+
+    plain: list[Megabatch] = field(default_factory=list)  # replicated parameters
+    counts: list[tuple[int, ...]] = field(default_factory=list)  # per plain megabatch: matrices per rank
+    sharded: list[Megabatch] = field(default_factory=list)  # DTensor parameters, by whole-matrix shape
+    owners: dict[int, int] = field(default_factory=dict)  # sharded position → owner rank
+    rows: dict[int, list[int]] = field(default_factory=dict)  # sharded position → stacked rows held per rank
+
+
+class DistributedExecutor:
+    """Runs phase 1 over a process group (``pg_ref``; None: DTensor parameters on a one-rank mesh)."""
+
+    def __init__(self, pg_ref: GroupRef | None) -> None:
+        self.pg_ref = pg_ref
+        self.rank = 0 if pg_ref is None else pg_ref.rank
+        self.world = 1 if pg_ref is None else pg_ref.size
+        self._plans: dict[tuple[Any, ...], list[_GroupSplit | None]] = {}
+
+    def prepare(
+        self,
+        gathered: list[Any],
+        layouts: Callable[[dict[str, Any], MatrixOptions, list[Tensor]], list[tuple[int, int, int]]],
+        need_flags: bool,
+        selects: bool,
+        tables: Any,
+    ) -> list[Any]:
+        """Every group's pending update (``gathered``: (group, options or None for AdamW, params, grads, state
+        lists) per group; ``layouts``: each parameter as (matrices, m, n))."""
+        splits = self._plan(gathered, layouts)
+        pg = None if self.pg_ref is None else self.pg_ref.group  # None: the default group (or no collective)
+        pending: list[Any] = []
+        for (group, opts, params, grads, lists), split in zip(gathered, splits, strict=True):
+            if not params:
+                continue
+            if opts is None:  # AdamW: elementwise, so each rank updates its own shards (or replicas)
+                local_lists = {k: local_shards(v) for k, v in lists.items()}
+                pending.append(adamw_prepare(local_shards(params), local_shards(grads), local_lists, group))
+                continue
+            state = (lists["momentum_buffer"], lists.get("second_moment"), lists["step"])
+            if opts.backend == "reference":  # every rank computes every update: identical results, no exchange
+                pending.append(reference.prepare(params, grads, *state, layouts(group, opts, params), opts))
+                continue
+            assert split is not None
+            backend = backends.select_backend(opts.backend, grads[0].device)
+            if split.plain:
+                counts, rank = split.counts, self.rank
+
+                def start(
+                    k: int, M: Tensor, fn: Callable[[Tensor], Tensor], counts: Any = counts, rank: int = rank
+                ) -> Any:
+                    return orthogonalize_split(M, counts[k], rank, pg, fn).wait
+
+                pending.extend(
+                    torch_backend.prepare(
+                        backend,
+                        params,
+                        grads,
+                        *state,
+                        split.plain,
+                        opts,
+                        need_flags=need_flags,
+                        selects=selects,
+                        tables=tables,
+                        # One rank (a DTensor mesh of one): no exchange.
+                        start=None if self.pg_ref is None else _split_starter(split.counts, self.rank, pg),
+                    )
+                )
+            if split.sharded:
+                pending.extend(self._sharded(backend, params, grads, *state, split, opts, need_flags, selects, pg))
+        return pending
+
+    def _plan(
+        self, gathered: list[Any], layouts: Callable[..., list[tuple[int, int, int]]]
+    ) -> list[_GroupSplit | None]:
+        key = tuple(
+            x
+            for group, opts, params, _, _ in gathered
+            for x in (id(group), None if opts is None else opts.shape_policy, len(params), *map(id, params))
+        )
+        cached = self._plans.get(key)
+        if cached is not None:
+            return cached
+        splits: list[_GroupSplit | None] = []
+        costs: list[int] = []
+        refs: list[tuple[_GroupSplit, int, int]] = []  # (split, plain megabatch k or -1, sharded position)
+        ranks = None if self.pg_ref is None else self.pg_ref.ranks
+        for group, opts, params, _, _ in gathered:
+            if opts is None or opts.backend == "reference":
+                splits.append(None)
+                continue
+            shapes = layouts(group, opts, params)
+            split = _GroupSplit()
+            for sharded in (False, True):
+                pos = [i for i, p in enumerate(params) if is_dtensor(p) == sharded]
+                sub = plan_megabatches(
+                    [shapes[i] for i in pos], [params[i].dtype for i in pos], [params[i].device for i in pos]
+                )
+                mbs = [Megabatch(tuple(pos[j] for j in mb.indices), mb.matrix_shape, mb.counts) for mb in sub]
+                if sharded:
+                    split.sharded = mbs
+                else:
+                    split.plain = mbs
+            for k, mb in enumerate(split.plain):
+                costs += [matrix_flops(*mb.matrix_shape)] * mb.matrices
+                refs += [(split, k, -1)] * mb.matrices
+            for mb in split.sharded:
+                for i, count in zip(mb.indices, mb.counts, strict=True):
+                    p = params[i]
+                    per_row = shapes[i][0] * shapes[i][1] // p.shape[0]  # stacked matrix rows per dim-0 index
+                    split.rows[i] = [r * per_row for r in check_sharded(p, ranks, self.rank)]
+                    costs.append(count * matrix_flops(*mb.matrix_shape))
+                    refs.append((split, -1, i))
+            splits.append(split)
+        owners, _ = assign_owners(costs, self.world)
+        plain_owners: dict[tuple[int, int], list[int]] = {}
+        for (target, k, i), owner in zip(refs, owners, strict=True):
+            if k >= 0:
+                plain_owners.setdefault((id(target), k), []).append(owner)
+            else:
+                target.owners[i] = owner
+        for done in splits:
+            if done is not None:
+                done.counts = [rank_counts(plain_owners[(id(done), k)], self.world) for k in range(len(done.plain))]
+        self._plans[key] = splits
+        return splits
+
+    def _sharded(
+        self,
+        backend: backends.Backend,
+        params: list[Tensor],
+        grads: list[Tensor],
+        bufs: list[Tensor],
+        second: list[Tensor] | None,
+        steps: list[Tensor],
+        split: _GroupSplit,
+        opts: MatrixOptions,
+        need_flags: bool,
+        selects: bool,
+        process_group: Any,
+    ) -> list[torch_backend.Pending]:
+        """Phase 1 for DTensor ``Shard(0)`` parameters, grouped by whole-matrix shape (see the module docstring).
+        The pending state is flat (1-D) over this rank's shards; ``split.rows[i][r]`` is how many stacked matrix
+        rows rank r holds."""
+        owners, rows, rank = split.owners, split.rows, self.rank
+        row_norm = opts.row_norm
+        pieces: list[Tensor] = []
+        item_owner: list[int] = []
+        item_rows: list[list[int]] = []
+        staged = []
+        for mb in split.sharded:
+            m, n = mb.matrix_shape
+            idx = mb.indices
+            p_loc, b_loc, g_loc = (local_shards([t[i] for i in idx]) for t in (params, bufs, grads))
+            numels = tuple(t.numel() for t in p_loc)
+            M, old, new = torch_backend.momentum_input(backend, b_loc, g_loc, opts, (sum(numels),), selects=selects)
+            base = len(pieces)
+            for i, part in zip(idx, M.split(numels), strict=True):
+                pieces.append(part.view(-1, n))
+                item_owner.append(owners[i])
+                item_rows.append(rows[i])
+            s_loc, old_s, s_numels = None, None, None
+            if row_norm:
+                assert second is not None
+                s_loc = local_shards([second[i] for i in idx])
+                s_numels = tuple(t.numel() for t in s_loc)
+                old_s = torch.cat([s.reshape(-1) for s in s_loc])
+                for i, part in zip(idx, old_s.split(s_numels), strict=True):
+                    pieces.append(part.view(-1, 1))
+                    item_owner.append(owners[i])
+                    item_rows.append(rows[i])
+            staged.append((mb, base, p_loc, b_loc, g_loc, numels, M, old, new, s_loc, old_s, s_numels))
+        full = gather_to_owners(pieces, item_owner, item_rows, rank, process_group)
+        orth = torch_backend.orthogonalize_megabatch(opts)
+        results: list[Tensor | None] = [None] * len(pieces)
+        like: list[tuple[tuple[int, ...], torch.dtype]] = []
+        flags: list[Tensor | None] = []
+        for mb, base, _, _, _, _, M, *_ in staged:
+            m, n = mb.matrix_shape
+            k = len(mb.indices)
+            like += [((n,), M.dtype)] * k + ([((1,), torch.float32)] * k if row_norm else [])
+            mine = [j for j, i in enumerate(mb.indices) if owners[i] == rank]
+            if not mine:
+                flags.append(None)
+                continue
+            counts = [mb.counts[j] for j in mine]
+            M_full = torch.cat([_full(full, base + j).view(c, m, n) for j, c in zip(mine, counts, strict=True)])
+            v_full = None
+            if row_norm:
+                v_full = torch.cat([_full(full, base + k + j).view(c, m) for j, c in zip(mine, counts, strict=True)])
+            update, new_v, out_sum, _ = torch_backend.finish_update(orth(M_full), M_full, v_full, opts, need_flags)
+            flags.append(out_sum)
+            for j, u in zip(mine, update.split(counts), strict=True):
+                results[base + j] = u.reshape(-1, n)
+            if new_v is not None:
+                for j, v in zip(mine, new_v.split(counts), strict=True):
+                    results[base + k + j] = v.reshape(-1, 1)
+        device = pieces[0].device if pieces else torch.device("cpu")
+        back = scatter_from_owners(results, like, item_owner, item_rows, rank, device, process_group)
+        pending = []
+        for (mb, base, p_loc, b_loc, g_loc, numels, _, old, new, s_loc, old_s, s_numels), out_sum in zip(
+            staged, flags, strict=True
+        ):
+            k = len(mb.indices)
+            update = torch.cat([back[base + j].reshape(-1) for j in range(k)])
+            alpha = opts.alpha(*mb.matrix_shape)
+            p = torch_backend.Pending(
+                backend, p_loc, b_loc, g_loc, opts.momentum, update, alpha, numels, opts.decay(), out_sum
+            )
+            p.old_bufs, p.new_bufs = old, new
+            if row_norm:
+                p.second, p.old_second, p.second_counts = s_loc, old_s, s_numels
+                p.new_second = torch.cat([back[base + k + j].reshape(-1) for j in range(k)])
+            p.step_counters = [steps[i] for i in mb.indices]
+            pending.append(p)
+        return pending
+
+
+def _split_starter(counts: list[tuple[int, ...]], rank: int, process_group: Any) -> torch_backend.StartFn:
+    """Replicated megabatch k: this rank orthogonalizes its ``counts[k][rank]`` matrices, all ranks all-gather."""
+
+    def start(k: int, M: Tensor, fn: Callable[[Tensor], Tensor]) -> Callable[[], Tensor]:
+        return orthogonalize_split(M, counts[k], rank, process_group, fn).wait
+
+    return start
+
+
+def _full(full: Sequence[Tensor | None], i: int) -> Tensor:
+    """An owner's gathered whole piece (present for every piece this rank owns)."""
+    piece = full[i]
+    assert piece is not None
+    return piece

@@ -1,0 +1,260 @@
+"""A param group's options as a typed, frozen record, validated once; what the shape and scale options mean.
+
+torch's optimizers keep options in ``param_groups`` dicts (so ``state_dict()`` carries them and schedulers edit
+``lr`` in place). orthoptim keeps them there too, and the step reads them through :class:`MatrixOptions`: built
+and checked by the constructor, ``add_param_group`` and ``load_state_dict`` (``matrix_options``), rebuilt only if
+a group's options were edited since (``OptionsCache``), so the step never re-validates and the backends read
+typed fields, not a dict. ``lr``, ``weight_decay`` and ``momentum`` are what schedulers change every step: they
+are copied from the group at each step without checks, as torch's optimizers read them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeAlias
+
+import torch
+from torch import Tensor
+
+from ..polar import as_schedule
+from ..polar.normalize import NORMALIZATIONS, Normalization
+from ..polar.orthogonalize import ITERATIONS, Iteration, resolve_compute_dtype
+from ..polar.schedules import Schedule, Triple, check_precision
+
+NonFiniteMode: TypeAlias = Literal["skip", "raise", "propagate"]
+ShapePolicy: TypeAlias = Literal["auto", "flatten", "batch"]
+ScaleMode: TypeAlias = Literal["original", "match_rms_adamw", "unit_rms", "nuclear"]
+#: How the step is executed (``optim/backends``): ``"auto"`` picks per device (``backends.select_backend``).
+BackendName: TypeAlias = Literal["auto", "reference", "torch", "triton"]
+
+NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "propagate")
+SHAPE_POLICIES: tuple[str, ...] = ("auto", "flatten", "batch")
+SCALE_MODES: tuple[str, ...] = ("original", "match_rms_adamw", "unit_rms", "nuclear")
+#: Accepted ``backend=`` values. ``"torch@cpu"`` / ``"torch@cuda"`` run the torch backend with the choices
+#: measured fastest on that device type whatever the parameters' device (tests run the GPU's choices on the CPU).
+BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "triton", "torch@cpu", "torch@cuda")
+
+
+def check_number(name: str, value: Any, lo: float, hi: float | None = None, *, lo_open: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a real number in the stated range."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    ok = (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+    if not ok or not math.isfinite(value):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else '∞'}{']' if hi is not None else ')'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
+
+
+def check_param_dtypes(params: list[Tensor]) -> None:
+    """Raise ``TypeError`` for a parameter that is not real floating point (integer, bool, complex)."""
+    for p in params:
+        if p.is_complex() or not p.is_floating_point():
+            raise TypeError(
+                f"orthoptim optimizers take real floating-point parameters; the parameter of shape {tuple(p.shape)} "
+                f"is {p.dtype}"
+            )
+
+
+def matrix_layout(shape: tuple[int, ...], policy: ShapePolicy = "auto") -> tuple[int, int, int]:
+    """``(count, m, n)``: the parameter is ``count`` matrices of shape m×n.
+
+    * 2-D: one matrix.
+    * ``"flatten"`` (``"auto"`` for ≥ 4-D, i.e. conv2d/conv3d weights ``(out, in, *kernel)``): one ``out × rest``
+      matrix — each output channel's filter is a row.
+    * ``"batch"`` (``"auto"`` for 3-D: stacked experts or per-head weights ``(..., m, n)``): the leading dims index
+      independent matrices. A Conv1d weight ``(out, in, k)`` is 3-D: give its group ``shape_policy="flatten"``.
+    """
+    if len(shape) < 2:
+        raise ValueError(
+            f"parameter of shape {tuple(shape)} has {len(shape)} dim(s): orthogonalized optimizers need matrices "
+            "(≥ 2-D). Optimize biases, gains and other vectors with AdamW — orthoptim.Hybrid does both in one "
+            "optimizer, and orthoptim.split_params(model) sorts a model's parameters for it."
+        )
+    if policy not in SHAPE_POLICIES:
+        raise ValueError(f"unknown shape_policy {policy!r}; choose one of {SHAPE_POLICIES}")
+    if any(d == 0 for d in shape):
+        raise ValueError(f"parameter of shape {tuple(shape)} is empty")
+    if len(shape) == 2:
+        return 1, shape[0], shape[1]
+    if policy == "flatten" or (policy == "auto" and len(shape) >= 4):
+        return 1, shape[0], math.prod(shape[1:])
+    return math.prod(shape[:-2]), shape[-2], shape[-1]
+
+
+def lr_scale(mode: ScaleMode, m: int, n: int) -> float:
+    """Factor applied to the learning rate for an m×n matrix (rows = outputs).
+
+    ============== ==================== =====================================================================
+    mode           factor               meaning
+    ============== ==================== =====================================================================
+    original       √max(1, m/n)         KellerJordan/Muon; torch.optim.Muon ``adjust_lr_fn=None/"original"``
+    match_rms_adamw 0.2·√max(m, n)      Moonlight (arXiv 2502.16982): update RMS ≈ AdamW's, so AdamW's lr and
+                                        weight decay carry over; torch.optim.Muon ``"match_rms_adamw"``
+    unit_rms       √max(m, n)           update RMS = 1 (an orthogonal m×n matrix has RMS 1/√max(m, n))
+    nuclear        1                    PolarGrad (arXiv 2505.21799): the update is ‖M‖_*·polar(M) instead
+    ============== ==================== =====================================================================
+    """
+    if mode == "original":
+        return math.sqrt(max(1.0, m / n))
+    if mode == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(m, n))
+    if mode == "unit_rms":
+        return math.sqrt(max(m, n))
+    if mode == "nuclear":
+        return 1.0
+    raise ValueError(f"unknown scale mode {mode!r}; choose one of {SCALE_MODES}")
+
+
+@dataclass(frozen=True)
+class MatrixOptions:
+    """One orthogonalized param group's options, checked (``matrix_options``). The backends take this record.
+
+    ``schedule`` is resolved to a :class:`~orthoptim.Schedule` and ``coefficients`` to the triples actually
+    applied (``ns_steps`` of them); ``compute_dtype`` stays as given (None: per device,
+    ``orthoptim.polar.resolve_compute_dtype``).
+    """
+
+    lr: float | Tensor
+    weight_decay: float | Tensor
+    momentum: float
+    nesterov: bool
+    schedule: Schedule
+    ns_steps: int | None
+    coefficients: tuple[Triple, ...]
+    normalization: Normalization
+    compute_dtype: torch.dtype | str | None
+    iteration: Iteration
+    scale_mode: ScaleMode
+    shape_policy: ShapePolicy
+    row_norm: bool
+    beta2: float
+    row_eps: float
+    backend: str
+
+    @property
+    def nuclear(self) -> bool:
+        """PolarGrad's scale: the update is multiplied by ⟨O, M⟩ ≈ ‖M‖_*."""
+        return self.scale_mode == "nuclear"
+
+    def alpha(self, m: int, n: int) -> float | Tensor:
+        """Factor of the final add for m×n matrices: −lr·scale (a 0-d tensor for a tensor lr), or 1 in the nuclear
+        mode (where the update carries −lr·‖M‖_*)."""
+        return 1.0 if self.nuclear else -self.lr * lr_scale(self.scale_mode, m, n)
+
+    def decay(self) -> float | Tensor:
+        """``1 − lr·wd`` (a 0-d tensor for a tensor lr), or exactly 1.0 without weight decay (nothing to apply)."""
+        wd = self.weight_decay
+        return 1.0 if not isinstance(wd, Tensor) and wd == 0 else 1.0 - self.lr * wd
+
+
+#: The group keys ``MatrixOptions`` is built from besides the three schedulers change (lr, weight_decay, momentum).
+_STATIC_KEYS = (
+    "nesterov",
+    "schedule",
+    "ns_steps",
+    "normalization",
+    "compute_dtype",
+    "iteration",
+    "scale_mode",
+    "shape_policy",
+    "row_norm",
+    "beta2",
+    "row_eps",
+    "backend",
+)
+
+
+def _static_key(group: dict[str, Any]) -> tuple[Any, ...]:
+    # Groups saved before "iteration" and "backend" existed run their defaults.
+    defaults = {"iteration": "auto", "backend": "auto"}
+    return tuple(group.get(k, defaults.get(k)) for k in _STATIC_KEYS)
+
+
+def matrix_options(group: dict[str, Any]) -> MatrixOptions:
+    """Validate an orthogonalized param group (raises ``ValueError``/``TypeError`` naming the option) and return
+    its record. Checks the parameters too: real floating dtypes, shapes the ``shape_policy`` makes matrices of,
+    and the schedule's safety in each device's compute dtype — here, so that a compiled step (which cannot run
+    that host-side check, see polar/orthogonalize.py) never runs an unvalidated configuration."""
+    check_number("lr", group["lr"], 0.0)
+    check_number("weight_decay", group["weight_decay"], 0.0)
+    check_number("momentum", group["momentum"], 0.0, 1.0)
+    (nesterov, schedule, ns_steps, normalization, compute_dtype, iteration, scale_mode, shape_policy) = _static_key(
+        group
+    )[:8]
+    row_norm, beta2, row_eps, backend = _static_key(group)[8:]
+    if not isinstance(nesterov, bool):
+        raise TypeError("nesterov must be a bool")
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"unknown scale mode {scale_mode!r}; choose one of {SCALE_MODES}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+    if iteration not in ITERATIONS:
+        raise ValueError(f"unknown iteration {iteration!r}; choose one of {ITERATIONS}")
+    if shape_policy not in SHAPE_POLICIES:
+        raise ValueError(f"unknown shape_policy {shape_policy!r}; choose one of {SHAPE_POLICIES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if not isinstance(row_norm, bool):
+        raise TypeError("row_norm must be a bool")
+    sched = as_schedule(schedule)
+    coefficients = sched.steps_coefficients(ns_steps)  # validates the step count
+    if row_norm:
+        check_number("beta2", beta2, 0.0, 1.0)
+        check_number("row_eps", row_eps, 0.0, lo_open=True)
+    params = group["params"]
+    check_param_dtypes(params)
+    for p in params:
+        matrix_layout(tuple(p.shape), shape_policy)
+    for device in {p.device for p in params}:
+        dtype = resolve_compute_dtype(compute_dtype, device)
+        check_precision(sched, ns_steps, str(dtype).replace("torch.", ""))
+    return MatrixOptions(
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        momentum=float(group["momentum"]),
+        nesterov=nesterov,
+        schedule=sched,
+        ns_steps=ns_steps,
+        coefficients=coefficients,
+        normalization=normalization,
+        compute_dtype=compute_dtype,
+        iteration=iteration,
+        scale_mode=scale_mode,
+        shape_policy=shape_policy,
+        row_norm=row_norm,
+        beta2=float(beta2),
+        row_eps=float(row_eps),
+        backend=backend,
+    )
+
+
+class OptionsCache:
+    """Each orthogonalized group's :class:`MatrixOptions`, rebuilt (and so re-validated) only when one of its
+    options other than lr, weight_decay and momentum was edited since; those three are copied in at every
+    step. A few dict lookups per group per step, none per parameter."""
+
+    def __init__(self) -> None:
+        self._records: dict[int, tuple[tuple[Any, ...], MatrixOptions]] = {}
+
+    def build(self, group: dict[str, Any]) -> MatrixOptions:
+        """Validate ``group`` and keep its record (the constructor, ``add_param_group``, ``load_state_dict``)."""
+        record = matrix_options(group)
+        self._records[id(group)] = (_static_key(group), record)
+        return record
+
+    def __call__(self, group: dict[str, Any]) -> MatrixOptions:
+        """The group's record for this step."""
+        kept = self._records.get(id(group))
+        if kept is None or kept[0] != _static_key(group):
+            record = self.build(group)
+        else:
+            record = kept[1]
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        if lr is record.lr and wd is record.weight_decay and mu == record.momentum:
+            return record
+        return replace(record, lr=lr, weight_decay=wd, momentum=float(mu))
