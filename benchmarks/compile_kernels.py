@@ -4,7 +4,7 @@
 
 Triton's interpreter (what the CPU test suite runs) accepts code the compiler may reject, and says nothing about the
 machine code. This compiles every variant the library launches — the step's fused elementwise kernels
-(``optim/fused_kernels.py``: state dtypes × flags) and the symmetric products (``polar/kernels/symmetric.py``:
+(``optim/backends/triton_kernels.py``: state dtypes × flags) and the symmetric products (``polar/kernels/symmetric.py``:
 dtypes × Gram/polynomial) — for each ``--arch`` (compute capability, e.g. 90 = H100, 80 = A100) with Triton's
 bundled ptxas, and prints per kernel: variants compiled, fused multiply-adds (``fma.rn.f32``), vectorized
 global loads (``.v2``/``.v4``), tensor-core instructions (``wgmma``/``mma``). ``--quick``: one variant per
@@ -34,14 +34,14 @@ def _count(ptx: str) -> Counter[str]:
 
 #: (kernel name, jit function, signature, constexprs, attributes, compile options)
 Variant = tuple[str, Any, dict[str, str], dict[str, Any], dict[Any, Any], dict[str, Any]]
-#: The fused kernels are launched with these (``optim/fused.py``).
+#: The fused kernels are launched with these (``optim/backends/triton.py``).
 FUSED_OPTIONS = {"num_warps": 8, "enable_fp_fusion": False}
 
 
 def fused_variants(quick: bool) -> list[Variant]:
     import triton.language as tl  # type: ignore[import-untyped]
 
-    from orthoptim.optim import fused_kernels as k
+    from orthoptim.optim.backends import triton_kernels as k
 
     states = [(tl.float32, "fp32"), (tl.bfloat16, "bf16"), (tl.float16, "fp16")]
     out = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import orthoptim
-from orthoptim.polar import composite, devices, get_schedule
+from orthoptim.polar import composite, get_schedule
 from orthoptim.polar.normalize import (
     _schatten4_scale_in_place,
     exact_pow2,
@@ -316,13 +316,10 @@ def test_aol_zero_rows_and_columns_give_zeros_and_the_float64_result_of_the_rest
             assert err < AOL_TOL[compute_dtype], (name, tuple(G.shape), float(err))
 
 
-@pytest.mark.parametrize("copy_devices", [("cpu",), ()], ids=["float32-copies", "float64-factors"])
-def test_zero_matrix_maps_to_exact_zeros_in_every_compute_dtype(
-    copy_devices: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("elementwise", ["float32_copies", "float64_factors"])
+def test_zero_matrix_maps_to_exact_zeros_in_every_compute_dtype(elementwise: str) -> None:
     """DESIGN.md: "Zero matrix → zero", for every normalization, compute dtype, form and shape (a single row or
-    column included), on the CPU's way and the accelerators' way (``devices.FLOAT32_COPY_DEVICES``)."""
-    monkeypatch.setattr(devices, "FLOAT32_COPY_DEVICES", copy_devices)
+    column included), on the CPU's way and the accelerators' way (``elementwise=``, ``polar/devices.py``)."""
     for shape in ((1, 7), (7, 1), (1, 1), (4, 6), (2, 5, 3)):
         for dtype in (torch.float16, torch.float32):
             zero = torch.zeros(shape, dtype=dtype)
@@ -335,6 +332,7 @@ def test_zero_matrix_maps_to_exact_zeros_in_every_compute_dtype(
                             normalization=normalization,  # type: ignore[arg-type]
                             compute_dtype=compute_dtype,
                             iteration=iteration,  # type: ignore[arg-type]
+                            elementwise=elementwise,  # type: ignore[arg-type]
                         )
                         assert torch.equal(out, zero), (shape, dtype, normalization, compute_dtype, schedule)
 

@@ -335,3 +335,30 @@ def test_split_params_on_classifier_heads_and_depthwise_convolutions() -> None:
     assert matrix_ids(bert) == {id(bert.layer[0].output.dense.weight)}
     kept = orthoptim.split_params(resnet, exclude_head=False)[0]
     assert {id(p) for p in kept} == {id(resnet.conv1.weight), id(resnet.fc.weight)}
+
+
+def test_normuon_options_belong_to_normuon_and_hybrid() -> None:
+    """``beta2``/``row_eps`` are NorMuon's: Muon refuses them as torch.optim.Muon would an unknown keyword; NorMuon
+    and Hybrid(row_norm=True) put them in their matrices' groups."""
+    w = [nn.Parameter(torch.randn(4, 6))]
+    with pytest.raises(TypeError, match="beta2"):
+        orthoptim.Muon(w, beta2=0.9)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="row_norm"):
+        orthoptim.Muon(w, row_norm=True)  # type: ignore[call-arg]
+    group = orthoptim.NorMuon(w, beta2=0.9, row_eps=1e-6).param_groups[0]
+    assert (group["row_norm"], group["beta2"], group["row_eps"]) == (True, 0.9, 1e-6)
+    assert orthoptim.Muon(w).param_groups[0]["row_norm"] is False
+    bias = nn.Parameter(torch.zeros(4))
+    hybrid = orthoptim.Hybrid((w, [bias]), row_norm=True, beta2=0.8)
+    assert hybrid.param_groups[0]["row_norm"] is True and hybrid.param_groups[0]["beta2"] == 0.8
+
+
+def test_torch_coefficients_keep_the_cpus_native_compute_dtype() -> None:
+    """``ns_coefficients`` (torch.optim.Muon's math) does not pin bfloat16: the compute dtype follows what this CPU
+    computes natively, as with the defaults; ``compute_dtype="bfloat16"`` is how to reproduce torch's bits."""
+    w = [nn.Parameter(torch.randn(4, 6))]
+    opt = orthoptim.Muon(w, ns_coefficients=(3.4445, -4.775, 2.0315), ns_steps=5)
+    assert opt.param_groups[0]["compute_dtype"] is None
+    assert orthoptim.resolve_compute_dtype(None, torch.device("cpu")) == orthoptim.resolve_compute_dtype(
+        opt.param_groups[0]["compute_dtype"], torch.device("cpu")
+    )

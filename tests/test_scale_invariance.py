@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import orthoptim
-from orthoptim.polar import composite, devices, get_schedule, polar
+from orthoptim.polar import composite, get_schedule, polar
 
 # The matrix has max-abs entry exactly 1, so t·G stays finite for t up to the dtype's max.
 DTYPE_EXPONENTS = {
@@ -165,9 +165,7 @@ def exact_exponents(G: torch.Tensor, top: int) -> list[int]:
 @pytest.mark.slow  # hundreds of calls per case; `make test-fast` leaves it out
 @pytest.mark.parametrize("normalization", ["frobenius", "schatten4", "aol"])
 @pytest.mark.parametrize("dtype", list(SWEEP_DTYPES), ids=str)
-def test_power_of_two_scales_are_bit_identical_over_the_whole_range(
-    dtype: torch.dtype, normalization: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_power_of_two_scales_are_bit_identical_over_the_whole_range(dtype: torch.dtype, normalization: str) -> None:
     """orthogonalize(2^k·G) is bit for bit orthogonalize(G) for every k that keeps 2^k·G exact in G's dtype, from a
     matrix of subnormals to a max-abs in the dtype's top binade (float32's 2^127, float64's 2^1023).
 
@@ -180,7 +178,7 @@ def test_power_of_two_scales_are_bit_identical_over_the_whole_range(
     the remaining power of two is folded into the norm and the final factor, both exactly (all intermediate values
     normal), so the quotient is the same real value again. It must hold on every x86 CPU (AVX2 and AVX-512 builds
     sum in different orders, but each sums the same bits at every k). The accelerators' way of normalizing the
-    optimizers' input (``overwrite_input`` off ``devices.FLOAT32_COPY_DEVICES``: the norm accumulated in float64, no
+    optimizers' input (``overwrite_input`` with ``elementwise="float64_factors"``: the norm accumulated in float64, no
     prescale) is exact for another reason: float32 squares, sums and quotients stay normal float64 numbers.
 
     The "deep" matrix's row and column of odd multiples of the smallest subnormal are ~126 binades below its max
@@ -197,18 +195,21 @@ def test_power_of_two_scales_are_bit_identical_over_the_whole_range(
         for compute_dtype in compute_dtypes:
             # The CPU's way, its in-place variant, and the accelerators' way (which may differ from the CPU's in the
             # last bit, so each is compared with itself at k = 0).
-            for overwrite_input, copy_devices in ((False, ("cpu",)), (True, ("cpu",)), (True, ())):
-                monkeypatch.setattr(devices, "FLOAT32_COPY_DEVICES", copy_devices)
-
+            for overwrite_input, elementwise in (
+                (False, "float32_copies"),
+                (True, "float32_copies"),
+                (True, "float64_factors"),
+            ):
                 run = functools.partial(
                     orthoptim.orthogonalize,
                     normalization=normalization,  # type: ignore[arg-type]
                     compute_dtype=compute_dtype,
                     overwrite_input=overwrite_input,
+                    elementwise=elementwise,  # type: ignore[arg-type]
                 )
                 ref = run(G.clone())  # a copy: overwrite_input scales its input in place
                 assert bool(torch.isfinite(ref).all()) and bool((ref != 0).any())
                 for k in ks:
                     X = times_pow2(G, k)
                     assert torch.equal(times_pow2(X, -k), G), (name, k)  # 2^k·G is exact
-                    assert torch.equal(run(X.clone()), ref), (name, k, compute_dtype, overwrite_input, copy_devices)
+                    assert torch.equal(run(X.clone()), ref), (name, k, compute_dtype, overwrite_input, elementwise)

@@ -221,7 +221,7 @@ class DistributedExecutor:
                     item_rows.append(rows[i])
             staged.append((mb, base, p_loc, b_loc, g_loc, numels, M, old, new, s_loc, old_s, s_numels))
         full = gather_to_owners(pieces, item_owner, item_rows, rank, process_group)
-        orth = torch_backend.orthogonalize_megabatch(opts)
+        orth = torch_backend.orthogonalize_megabatch(backend, opts)
         results: list[Tensor | None] = [None] * len(pieces)
         like: list[tuple[tuple[int, ...], torch.dtype]] = []
         flags: list[Tensor | None] = []
@@ -238,7 +238,8 @@ class DistributedExecutor:
             v_full = None
             if row_norm:
                 v_full = torch.cat([_full(full, base + k + j).view(c, m) for j, c in zip(mine, counts, strict=True)])
-            update, new_v, out_sum, _ = torch_backend.finish_update(orth(M_full), M_full, v_full, opts, need_flags)
+            O = orth(M_full)
+            update, new_v, out_sum, _ = torch_backend.finish_update(backend, O, M_full, v_full, opts, need_flags)
             flags.append(out_sum)
             for j, u in zip(mine, update.split(counts), strict=True):
                 results[base + j] = u.reshape(-1, n)

@@ -216,7 +216,8 @@ class Hybrid(Muon):
 
     Keyword arguments are :class:`orthoptim.Muon`'s for the matrices (``lr`` default 0.02, ``weight_decay`` 0)
     plus ``adamw_lr`` (3e-4), ``adamw_betas`` ((0.9, 0.95)), ``adamw_eps`` (1e-8), ``adamw_weight_decay`` (0),
-    and ``module`` (above; only with param groups).
+    and ``module`` (above; only with param groups). ``row_norm=True`` runs NorMuon on the matrices, with its
+    ``beta2`` and ``row_eps`` (:class:`orthoptim.NorMuon`); ``scale_mode="nuclear"`` runs PolarGrad's scale.
     ``process_group`` (Muon's) splits the matrices' orthogonalization over ranks; the AdamW half is elementwise
     and runs on each rank's replicas or shards, and both halves skip together on every rank.
     """
@@ -232,6 +233,9 @@ class Hybrid(Muon):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         module: nn.Module | None = None,
+        row_norm: bool = False,
+        beta2: float = 0.95,
+        row_eps: float = 1e-8,
         **kw: Any,
     ) -> None:
         adamw = {"lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps, "weight_decay": adamw_weight_decay}
@@ -277,6 +281,7 @@ class Hybrid(Muon):
         if not groups:
             raise ValueError("Hybrid got no parameters")
         self._adamw_defaults = adamw  # for groups added later (``add_param_group``)
+        self._row_options = {"row_norm": row_norm, "beta2": beta2, "row_eps": row_eps}  # NorMuon's, on the matrices
         super().__init__(groups, lr=lr, weight_decay=weight_decay, **kw)
 
     _KEPT_ATTRIBUTES = (*Muon._KEPT_ATTRIBUTES, "_adamw_defaults")

@@ -9,6 +9,7 @@ import torch
 
 from ..distributed import DEFAULT_PROCESS_GROUP
 from ..polar import DEFAULT_NORMALIZATION, DEFAULT_SCHEDULE
+from ..polar.devices import Elementwise
 from ..polar.orthogonalize import Iteration
 from ..polar.schedules import ScheduleSpec
 from .base import OrthogonalizedOptimizer
@@ -66,15 +67,21 @@ class Muon(OrthogonalizedOptimizer):
             with (README, "Distributed"). Default: the world group when torch.distributed is initialized with
             more than one rank; ``None`` runs locally. Kept on the optimizer (``opt.process_group``), not in the
             param groups: it is not part of ``state_dict()``.
-        row_norm, beta2, row_eps: NorMuon's per-row second-moment normalization (off by default;
-            :class:`orthoptim.NorMuon` turns it on, and documents ``beta2`` and ``row_eps``).
         backend: how the update is executed (``orthoptim.optim.backends``): ``"auto"`` (default: ``"torch"``),
             ``"reference"`` (float64, one parameter at a time, the formulas as printed: slow, for checking),
             ``"torch"`` (megabatches of stacked matrices, torch ops, any device) or ``"triton"`` (the torch
             backend with fused Triton elementwise kernels; opt-in until measured on a GPU). A param group option.
+        elementwise: the arithmetic around the products, equal up to the last bit (``orthoptim.orthogonalize``):
+            ``"auto"`` (the backend's device choice), ``"float32_copies"`` or ``"float64_factors"``.
 
     Any other keyword raises ``TypeError``, as torch.optim.Muon's would: a misspelt option is never ignored.
+    NorMuon's options (``beta2``, ``row_eps``) are :class:`orthoptim.NorMuon`'s (and :class:`orthoptim.Hybrid`'s).
     """
+
+    def _algorithm_defaults(self) -> dict[str, Any]:
+        """The group options of the algorithm beyond Muon's: NorMuon's per-row normalization, off here (subclasses
+        set them before ``__init__`` runs this)."""
+        return dict(getattr(self, "_row_options", None) or {"row_norm": False, "beta2": 0.95, "row_eps": 1e-8})
 
     def __init__(
         self,
@@ -97,10 +104,8 @@ class Muon(OrthogonalizedOptimizer):
         nonfinite: NonFiniteMode = "skip",
         warn_nonfinite: bool = True,
         process_group: Any = DEFAULT_PROCESS_GROUP,
-        row_norm: bool = False,
-        beta2: float = 0.95,
-        row_eps: float = 1e-8,
         backend: BackendName = "auto",
+        elementwise: Elementwise = "auto",
     ) -> None:
         if adjust_lr_fn not in _TORCH_ADJUST:
             raise ValueError(f"adjust_lr_fn must be one of {_TORCH_ADJUST}, got {adjust_lr_fn!r}")
@@ -121,9 +126,8 @@ class Muon(OrthogonalizedOptimizer):
             "iteration": iteration,
             "scale_mode": scale_mode or adjust_lr_fn or "original",
             "shape_policy": shape_policy,
-            "row_norm": row_norm,
-            "beta2": beta2,
-            "row_eps": row_eps,
             "backend": backend,
+            "elementwise": elementwise,
+            **self._algorithm_defaults(),
         }
         super().__init__(params, defaults, nonfinite, warn_nonfinite, process_group=process_group)

@@ -26,4 +26,5 @@ class NorMuon(Muon):
     def __init__(
         self, params: Iterable[Any], *args: Any, beta2: float = 0.95, row_eps: float = 1e-8, **kw: Any
     ) -> None:
-        super().__init__(params, *args, row_norm=True, beta2=beta2, row_eps=row_eps, **kw)
+        self._row_options = {"row_norm": True, "beta2": beta2, "row_eps": row_eps}
+        super().__init__(params, *args, **kw)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..polar import as_schedule
+from ..polar.devices import ELEMENTWISE, Elementwise
 from ..polar.normalize import NORMALIZATIONS, Normalization
 from ..polar.orthogonalize import ITERATIONS, Iteration, resolve_compute_dtype
 from ..polar.schedules import Schedule, Triple, check_precision
@@ -135,6 +136,7 @@ class MatrixOptions:
     beta2: float
     row_eps: float
     backend: str
+    elementwise: Elementwise
 
     @property
     def nuclear(self) -> bool:
@@ -166,12 +168,13 @@ _STATIC_KEYS = (
     "beta2",
     "row_eps",
     "backend",
+    "elementwise",
 )
 
 
 def _static_key(group: dict[str, Any]) -> tuple[Any, ...]:
-    # Groups saved before "iteration" and "backend" existed run their defaults.
-    defaults = {"iteration": "auto", "backend": "auto"}
+    # Groups saved before "iteration", "backend" and "elementwise" existed run their defaults.
+    defaults = {"iteration": "auto", "backend": "auto", "elementwise": "auto"}
     return tuple(group.get(k, defaults.get(k)) for k in _STATIC_KEYS)
 
 
@@ -186,7 +189,7 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
     (nesterov, schedule, ns_steps, normalization, compute_dtype, iteration, scale_mode, shape_policy) = _static_key(
         group
     )[:8]
-    row_norm, beta2, row_eps, backend = _static_key(group)[8:]
+    row_norm, beta2, row_eps, backend, elementwise = _static_key(group)[8:]
     if not isinstance(nesterov, bool):
         raise TypeError("nesterov must be a bool")
     if scale_mode not in SCALE_MODES:
@@ -199,6 +202,8 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
         raise ValueError(f"unknown shape_policy {shape_policy!r}; choose one of {SHAPE_POLICIES}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if elementwise not in ELEMENTWISE:
+        raise ValueError(f"unknown elementwise {elementwise!r}; choose one of {ELEMENTWISE}")
     if not isinstance(row_norm, bool):
         raise TypeError("row_norm must be a bool")
     sched = as_schedule(schedule)
@@ -230,6 +235,7 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
         beta2=float(beta2),
         row_eps=float(row_eps),
         backend=backend,
+        elementwise=elementwise,
     )
 
 

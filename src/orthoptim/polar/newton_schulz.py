@@ -98,16 +98,17 @@ def _plus_identity(
     *,
     out: torch.Tensor | None = None,
     work: Workspace | None = None,
+    float32_copies: bool | None = None,
 ) -> torch.Tensor:
     """``(aI + Z)·diag(row_scale)`` in ``Z``'s dtype, with ``aI`` and the scale applied at float32 (float64)
     precision so the factor is rounded once; into ``out`` if given (may be ``Z`` itself), the float32 copy in
     ``work``'s role ``"factor"`` if given.
 
-    Off ``devices.FLOAT32_COPY_DEVICES`` the same values without the float32 copy: the diagonal (m entries per
-    matrix) is computed first at float32 precision, then the whole factor scaled in one mixed-precision pass into
-    ``out`` (else a fresh tensor: ``Z`` is read again by the Gram form) and the diagonal written back — 4 bytes
-    per bfloat16 entry instead of ~21, every entry still rounded once."""
-    if devices.float64_factors(Z):
+    Without ``float32_copies`` (None: on the CPU, ``polar/devices.py``) the same values without the float32 copy:
+    the diagonal (m entries per matrix) is computed first at float32 precision, then the whole factor scaled in
+    one mixed-precision pass into ``out`` (else a fresh tensor: ``Z`` is read again by the Gram form) and the
+    diagonal written back — 4 bytes per bfloat16 entry instead of ~21, every entry still rounded once."""
+    if devices.float64_factors(Z, float32_copies):
         target = torch.empty_like(Z) if out is None else out
         # A float32 copy of the diagonal (``copy=True``: never a view of Z), the scalar added in float32 (an in-place
         # add on a 16-bit tensor may round the scalar to that dtype first).
@@ -288,6 +289,7 @@ def newton_schulz(
     row_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     work: Workspace | None = None,
+    float32_copies: bool | None = None,
 ) -> torch.Tensor:
     """Apply the steps ``coefficients`` to ``X`` of shape (B, m, n), m ≤ n, already normalized (standard form).
 
@@ -298,12 +300,16 @@ def newton_schulz(
     Runs in ``X``'s dtype (the compute dtype); returns a new tensor of the same shape and dtype, or ``out``
     (contiguous, ``X``'s shape and dtype, not overlapping ``X``) with the result written into it. ``work``: a
     :class:`Workspace` for the CPU loop's temporaries (roles ``"x0"``, ``"x1"``, ``"gram"``, ``"poly"``,
-    ``"factor"``), kept by the caller across calls; a fresh one per call if None.
+    ``"factor"``), kept by the caller across calls; a fresh one per call if None. ``float32_copies``: the first
+    step's factor through a float32 copy, or (False) a float32 diagonal and one mixed pass (``polar/devices.py``;
+    None: by ``X``'s device).
     """
     if first_gram is not None and row_scale is None:
         raise ValueError("newton_schulz: first_gram needs its row_scale")
     _check_out(out, X, "newton_schulz")
-    return _per_matrix_on_cpu(_standard, X, first_gram, row_scale, out, work, coefficients=tuple(coefficients))
+    return _per_matrix_on_cpu(
+        _standard, X, first_gram, row_scale, out, work, coefficients=tuple(coefficients), copies=float32_copies
+    )
 
 
 def _check_out(out: torch.Tensor | None, X: torch.Tensor, who: str) -> None:
@@ -322,6 +328,7 @@ def _standard(
     row_scale: torch.Tensor | None,
     out: torch.Tensor | None = None,
     work: Workspace | None = None,
+    copies: bool | None = None,
 ) -> torch.Tensor:
     """The standard form on one matrix (2-D) or a batch (3-D); the last product is written into ``out`` if given,
     the intermediate ones into ``work`` (alternating between two m×n buffers) if given."""
@@ -336,7 +343,7 @@ def _standard(
             target = work.like(f"x{k % 2}", X)  # never X itself: step k reads buffer k−1
         if k == 0 and first_gram is not None:
             Z = _poly_part(first_gram, b, c, out=poly)
-            X = _mm(_plus_identity(Z, a, row_scale, out=poly, work=work), X, out=target)
+            X = _mm(_plus_identity(Z, a, row_scale, out=poly, work=work, float32_copies=copies), X, out=target)
         elif c == 0.0:
             X = _addmm(X, gram_product(X, out=gram), X, beta=a, alpha=b, out=target)
         else:
@@ -353,6 +360,7 @@ def gram_newton_schulz(
     restarts: Sequence[int] | None = None,
     out: torch.Tensor | None = None,
     work: Workspace | None = None,
+    float32_copies: bool | None = None,
 ) -> torch.Tensor:
     """The same iteration as :func:`newton_schulz`, in the Gram form (module docstring); same arguments.
 
@@ -365,7 +373,15 @@ def gram_newton_schulz(
     coefficients = tuple(coefficients)
     restart_at = frozenset(gram_restarts(coefficients, X.dtype) if restarts is None else restarts)
     return _per_matrix_on_cpu(
-        _gram_form, X, first_gram, row_scale, out, work, coefficients=coefficients, restart_at=restart_at
+        _gram_form,
+        X,
+        first_gram,
+        row_scale,
+        out,
+        work,
+        coefficients=coefficients,
+        restart_at=restart_at,
+        copies=float32_copies,
     )
 
 
@@ -378,6 +394,7 @@ def _gram_form(
     restart_at: frozenset[int],
     out: torch.Tensor | None = None,
     work: Workspace | None = None,
+    copies: bool | None = None,
 ) -> torch.Tensor:
     """The Gram form on one matrix (2-D) or a batch (3-D); the last product is written into ``out`` if given, the
     m×m chain (roles ``"gram"``, ``"poly"``, ``"rp"``, ``"q0"``/``"q1"``, ``"factor"``) and ``X`` formed at a restart
@@ -406,7 +423,7 @@ def _gram_form(
         Z = _poly_part(R, b, c, out=buffer("poly", square))  # P = aI + Z
         target = buffer(f"q{q_next}", square)
         if Q is None:
-            Q, scale = _plus_identity(Z, a, scale, out=target, work=work), None
+            Q, scale = _plus_identity(Z, a, scale, out=target, work=work, float32_copies=copies), None
         else:
             # P·Q = aQ + ZQ, multiplied on the left: Q may hold diag(row_scale), which does not commute with P.
             Q = _addmm(Q, Z, Q, beta=a, out=target)

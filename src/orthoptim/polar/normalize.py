@@ -149,6 +149,7 @@ def normalize(
     out_dtype: torch.dtype | None = None,
     overwrite_input: bool = False,
     workspace: Workspace | None = None,
+    float32_copies: bool | None = None,
 ) -> torch.Tensor:
     """Return ``X`` (..., m, n) divided per matrix by ``margin·‖X‖_F`` (spectral norm ≤ 1/margin, exact arithmetic).
 
@@ -169,16 +170,16 @@ def normalize(
     ``workspace``: the result (and the float32 copy, if one is made) are views of its buffers (roles
     ``"prescaled"``, ``"normalized"``), valid until their next use, instead of fresh tensors.
 
-    Off ``devices.FLOAT32_COPY_DEVICES``, with ``overwrite_input`` and input narrower than float64, the same
-    quotient is computed in two passes instead of five (:func:`normalize_by_float64_norm`); the result can differ
-    from the prescaled path's in the last bit (it is rounded once, from float64).
+    Without ``float32_copies`` (None: on the CPU, ``polar/devices.py``), with ``overwrite_input`` and input narrower
+    than float64, the same quotient is computed in two passes instead of five (:func:`normalize_by_float64_norm`);
+    the result can differ from the prescaled path's in the last bit (it is rounded once, from float64).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
     work = work_dtype(X.dtype)
-    if overwrite_input and not scales_input_in_place(X):
+    if overwrite_input and not scales_input_in_place(X, float32_copies):
         return normalize_by_float64_norm(
             X, margin=margin, nonfinite=nonfinite, who=who, shape=shape, out_dtype=out_dtype, workspace=workspace
         )
@@ -216,10 +217,11 @@ def normalize(
     return scratch(workspace, "normalized", X.shape, out_dtype, X.device).copy_(scaled)
 
 
-def scales_input_in_place(X: torch.Tensor) -> bool:
-    """Whether ``normalize(X, overwrite_input=True)`` writes ``X`` (the prescaled way scales it in place); where
-    ``devices.float64_factors(X)`` it takes :func:`normalize_by_float64_norm`, which only reads it."""
-    return not devices.float64_factors(X)
+def scales_input_in_place(X: torch.Tensor, float32_copies: bool | None = None) -> bool:
+    """Whether ``normalize(X, overwrite_input=True, float32_copies=...)`` writes ``X`` (the prescaled way scales
+    it in place); where ``devices.float64_factors`` it takes :func:`normalize_by_float64_norm`, which only reads
+    it."""
+    return not devices.float64_factors(X, float32_copies)
 
 
 def normalize_by_float64_norm(
@@ -310,6 +312,7 @@ def gram_scale(
     *,
     overwrite_input: bool = False,
     workspace: Workspace | None = None,
+    float32_copies: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale for a Gram-based normalization, from ``A = XXᵀ`` (B, m, m) of a Frobenius-normalized ``X``.
 
@@ -319,12 +322,12 @@ def gram_scale(
     Newton–Schulz step. Zero matrices give zeros. ``overwrite_input``: ``A_s`` is written into ``A`` (the
     caller's temporary); ``workspace``: the float32 copy of ``A`` is a view of its role ``"gram_work"``.
 
-    Off ``devices.FLOAT32_COPY_DEVICES``, for ``"schatten4"`` into ``A`` (narrower than float64): the norm
+    Without ``float32_copies`` (None: on the CPU), for ``"schatten4"`` into ``A`` (narrower than float64): the norm
     accumulated in float64 from ``A`` itself and ``A·s²`` in one float64 multiply rounded once into ``A`` — no
     float32 copy, two passes instead of five (6 bytes per bfloat16 entry instead of 32); the result can differ
     from the float32 path's in the last bit.
     """
-    if normalization == "schatten4" and overwrite_input and devices.float64_factors(A):
+    if normalization == "schatten4" and overwrite_input and devices.float64_factors(A, float32_copies):
         return _schatten4_scale_in_place(A, margin)
     Af = scratch(workspace, "gram_work", A.shape, work_dtype(A.dtype), A.device).copy_(A)
     if normalization == "schatten4":

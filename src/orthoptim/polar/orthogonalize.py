@@ -7,7 +7,9 @@ from typing import Literal, TypeAlias
 
 import torch
 
+from . import devices
 from .checks import check_matrix_input
+from .devices import ELEMENTWISE, Elementwise
 from .newton_schulz import gram_newton_schulz, gram_product, gram_restarts, iteration_cost, newton_schulz
 from .normalize import NONFINITE_POLICIES, NonFinitePolicy, Normalization, gram_scale, normalize
 from .schedules import ScheduleSpec, Triple, as_schedule, check_precision
@@ -134,6 +136,7 @@ def orthogonalize(
     overwrite_input: bool = False,
     out: torch.Tensor | None = None,
     workspace: Workspace | None = None,
+    elementwise: Elementwise = "auto",
 ) -> torch.Tensor:
     """Approximate the polar factor ``U Vᵀ`` of each matrix in ``G`` (..., m, n) by Newton–Schulz.
 
@@ -182,6 +185,9 @@ def orthogonalize(
             temporaries (the normalized copy, Gram matrices, the CPU loop's products) instead of fresh tensors;
             keep one across calls to allocate nothing after the first (the optimizers do, on the CPU). Its
             buffers are overwritten by the next call that uses it; the result never lives in it.
+        elementwise: the arithmetic around the products (``orthoptim.polar.devices``): ``"float32_copies"``
+            (fastest on the CPU), ``"float64_factors"`` (fewer bytes moved: GPUs), or ``"auto"`` (by ``G``'s
+            device). Equal up to the last bit.
 
     Returns:
         A tensor of ``G``'s shape and dtype (a transposed view for tall matrices), or ``out``.
@@ -205,6 +211,9 @@ def orthogonalize(
             raise ValueError("orthogonalize: out must not share memory with G")
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
+    if elementwise not in ELEMENTWISE:
+        raise ValueError(f"unknown elementwise {elementwise!r}; choose one of {ELEMENTWISE}")
+    copies = devices.float32_copies(G.device, elementwise)
     sched = as_schedule(schedule)
     coefficients = sched.steps_coefficients(steps)
     dtype = resolve_compute_dtype(compute_dtype, G.device)
@@ -238,15 +247,21 @@ def orthogonalize(
         out_dtype=dtype,
         overwrite_input=overwrite_input,
         workspace=workspace,
+        float32_copies=copies,
     )
     if not gram_based:
-        X = iterate(X, coefficients, out=direct, work=workspace)
+        X = iterate(X, coefficients, out=direct, work=workspace, float32_copies=copies)
     else:
         gram = None if workspace is None else workspace.get("first_gram", (*X.shape[:-1], X.shape[-2]), dtype, X.device)
         A_s, scale = gram_scale(
-            gram_product(X, out=gram), normalization, sched.margin, overwrite_input=True, workspace=workspace
+            gram_product(X, out=gram),
+            normalization,
+            sched.margin,
+            overwrite_input=True,
+            workspace=workspace,
+            float32_copies=copies,
         )
-        X = iterate(X, coefficients, first_gram=A_s, row_scale=scale, out=direct, work=workspace)
+        X = iterate(X, coefficients, first_gram=A_s, row_scale=scale, out=direct, work=workspace, float32_copies=copies)
     X = X.reshape(*batch_shape, X.shape[-2], X.shape[-1])
     if out is not None:
         if direct is None:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ...polar import devices, orthogonalize
+from ...polar.devices import Elementwise
 from ...polar.normalize import scales_input_in_place
 from ...polar.orthogonalize import resolve_compute_dtype
 from ...polar.workspace import Workspace, scratch, scratch_like
@@ -65,7 +66,7 @@ def prepare(
     ``tables``: address tables for the fused kernels (``backend.fused``). ``start`` (replicated ranks): every
     megabatch's orthogonalization is started first and the updates finished once all have started.
     """
-    orth = orthogonalize_megabatch(opts, compute_dtype_out=start is None)
+    orth = orthogonalize_megabatch(backend, opts, compute_dtype_out=start is None)
     pending = []
     started = []
     for k, mb in enumerate(megabatches):
@@ -117,7 +118,7 @@ def _pending(
         p.second = [second[i] for i in mb.indices]
         p.old_second = torch.cat([s.reshape(c, m) for s, c in zip(p.second, mb.counts, strict=True)])
     p.update, p.new_second, p.out_sum, p.update_factor = finish_update(
-        O, M, p.old_second, opts, need_flags, work, defer=True
+        backend, O, M, p.old_second, opts, need_flags, work, defer=True
     )
     p.step_counters = [steps[i] for i in mb.indices]
     return p
@@ -205,7 +206,9 @@ def _momentum_foreach(bufs: list[Tensor], grads: list[Tensor], mu: float, nester
 # 2. Orthogonalize
 
 
-def orthogonalize_megabatch(opts: MatrixOptions, *, compute_dtype_out: bool = False) -> Callable[..., Tensor]:
+def orthogonalize_megabatch(
+    backend: Backend, opts: MatrixOptions, *, compute_dtype_out: bool = False
+) -> Callable[..., Tensor]:
     """The group's ``orthogonalize`` call on a stacked (B, m, n) batch: ``orth(M, out, workspace)``.
 
     ``compute_dtype_out``: O in the compute dtype (e.g. bfloat16) rather than the parameters' — the final add
@@ -213,6 +216,9 @@ def orthogonalize_megabatch(opts: MatrixOptions, *, compute_dtype_out: bool = Fa
     temporary: it is normalized in place, except in the nuclear mode, which needs it afterwards for ``⟨O, M⟩`` —
     there only where the normalization reads ``M`` without writing it (``normalize.scales_input_in_place``).
     """
+
+    copies = float32_copies(backend, opts)
+    elementwise: Elementwise = "float32_copies" if copies else "float64_factors"
 
     def orth(M: Tensor, out: Tensor | None = None, workspace: Workspace | None = None) -> Tensor:
         out_dtype = resolve_compute_dtype(opts.compute_dtype, M.device) if compute_dtype_out else None
@@ -225,12 +231,21 @@ def orthogonalize_megabatch(opts: MatrixOptions, *, compute_dtype_out: bool = Fa
             nonfinite="propagate",
             iteration=opts.iteration,
             out_dtype=out_dtype,
-            overwrite_input=not opts.nuclear or not scales_input_in_place(M),
+            overwrite_input=not opts.nuclear or not scales_input_in_place(M, copies),
             out=out,
             workspace=workspace,
+            elementwise=elementwise,
         )
 
     return orth
+
+
+def float32_copies(backend: Backend, opts: MatrixOptions) -> bool:
+    """The elementwise arithmetic around the products (``polar/devices.py``): the group's ``elementwise`` option,
+    else the backend's device choice (float32 copies with the CPU's choices, float64 factors elsewhere)."""
+    if opts.elementwise == "auto":
+        return backend.host_ways
+    return opts.elementwise == "float32_copies"
 
 
 def _held_update(held: Workspace, role: str, M: Tensor, opts: MatrixOptions) -> Tensor:
@@ -254,6 +269,7 @@ def _held_update(held: Workspace, role: str, M: Tensor, opts: MatrixOptions) -> 
 
 
 def finish_update(
+    backend: Backend,
     O: Tensor,
     M: Tensor,
     old_second: Tensor | None,
@@ -271,11 +287,12 @@ def finish_update(
     if opts.row_norm:
         assert old_second is not None
         defer = defer and not opts.nuclear
-        O, new_second, factor = _row_normalize(O, old_second, opts.beta2, opts.row_eps, work, defer)
+        copies = float32_copies(backend, opts)
+        O, new_second, factor = _row_normalize(O, old_second, opts.beta2, opts.row_eps, work, defer, copies)
     if opts.nuclear:
         # ⟨O, M⟩ = Σ gᵢσᵢ ≈ ‖M‖_* when the gains gᵢ ≈ 1 (PolarGrad runs enough steps for that).
         wide = _work_dtype(O)
-        if devices.float32_copies(O.device):  # CPU: a kept float32 copy (mixed-dtype products are slow loops there)
+        if float32_copies(backend, opts):  # CPU: a kept float32 copy (mixed-dtype products are slow loops there)
             Of = scratch_like(work, "nuclear", O, wide).copy_(O)
             nuc = Of.mul_(M.to(wide)).sum(dim=(-2, -1), keepdim=True)
         else:  # the same float32 products, O widened on the fly: 14 bytes per entry instead of 22
@@ -297,7 +314,7 @@ def finish_update(
 
 
 def _row_normalize(
-    O: Tensor, v: Tensor, beta2: float, eps: float, work: Workspace | None, defer: bool = False
+    O: Tensor, v: Tensor, beta2: float, eps: float, work: Workspace | None, defer: bool, float32_copies: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """NorMuon (arXiv 2510.05491; microsoft/dion normuon.py; modded-nanogpt): per-row second moment of the
     orthogonalized update, divide each row by its root, restore each matrix's Frobenius norm.
@@ -306,12 +323,12 @@ def _row_normalize(
     ``work`` if given. The row factor is None, except where ``defer`` asks for it and the row-sum way is taken:
     then ``O`` is returned unscaled with the (matrices, m, 1) float32 factor, and the commit applies it.
 
-    Off ``devices.FLOAT32_COPY_DEVICES`` (GPUs), for updates narrower than float64, without the float32 copy:
+    Without ``float32_copies`` (the accelerators' choice), for updates narrower than float64, without the copy:
     one pass for the rows' sums of squares (in float32), from which the second moment, both Frobenius norms
     (‖O‖² = Σᵢ rowᵢ, ‖O/d‖² = Σᵢ rowᵢ/dᵢ²) and a per-row factor follow on m numbers per matrix, and one pass
     applying it — 6 bytes per bfloat16 entry instead of ~48 (``benchmarks/step_launches.py``). Equal to the
     float32-copy way up to the rounding of the row sums."""
-    if devices.float64_factors(O):
+    if devices.float64_factors(O, float32_copies):
         rows = torch.linalg.vector_norm(O, dim=-1, dtype=torch.float32).square_()  # (B, m): Σⱼ Oᵢⱼ²
         v_new = torch.lerp(v, rows / O.shape[-1], 1.0 - beta2)
         d2 = v_new + eps
