@@ -51,7 +51,7 @@ from ..distributed import (
 from ..polar import NonFiniteError
 from ..polar.workspace import Workspace
 from .adamw import adamw_prepare, validate_adamw_group
-from .backends import reference, select_backend
+from .backends import Backend, reference
 from .backends import torch as torch_backend
 from .backends.triton import PointerTables
 from .checkpoint import ALGORITHM_OPTIONS, converted_groups, normalize_loaded_state
@@ -90,6 +90,12 @@ def _each_finite(tensors: list[Tensor], host_ways: bool) -> Tensor:
     hi = torch.stack(torch._foreach_max(tensors))
     lo = torch.stack([t.amin() for t in tensors])  # torch has no foreach min; one small reduction per tensor
     return (hi < math.inf) & (lo > -math.inf)
+
+
+def _backend(opts: MatrixOptions, device: torch.device) -> Backend:
+    """The group's backend for parameters on ``device``: resolved when the group was validated (a dict lookup),
+    or now for a device met since."""
+    return opts.backends.get(device.type) or opts.backend_for(device)
 
 
 class OrthogonalizedOptimizer(torch.optim.Optimizer):
@@ -165,9 +171,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         if group.get("algorithm", "orthogonalized") == "adamw":
             validate_adamw_group(group)
         else:
-            opts = self._options.build(group)
-            for device in {p.device for p in group["params"]}:
-                select_backend(opts.backend, device)  # "triton" without triton: refused here
+            opts = self._options.build(group)  # the backend too: "triton" without triton is refused here
             for p in group["params"]:
                 if is_dtensor(p):
                     if opts.backend == "reference":
@@ -333,7 +337,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             if opts.backend == "reference":
                 pending.append(reference.prepare(params, grads, *state, self._layouts(group, opts, params), opts))
                 continue
-            backend = select_backend(opts.backend, grads[0].device)
+            backend = _backend(opts, grads[0].device)
             # A compiled step keeps no buffers: inductor refuses persistent views of one buffer as graph inputs.
             held = backend.host_ways and not torch.compiler.is_compiling()
             pending += torch_backend.prepare(
@@ -422,7 +426,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         adamw = [opts is None for _, opts, params, _, _ in gathered for _ in params]
         # The CPU's choices (a free host read of the flag, per-tensor finite checks) where every group takes them.
         host_ways = all(
-            select_backend(opts.backend, grads[0].device).host_ways if opts is not None else device.type == "cpu"
+            _backend(opts, grads[0].device).host_ways if opts is not None else device.type == "cpu"
             for _, opts, _, grads, _ in gathered
             if grads
         )

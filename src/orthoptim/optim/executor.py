@@ -39,7 +39,7 @@ from .adamw import adamw_prepare
 from .backends import reference
 from .backends import torch as torch_backend
 from .megabatch import Megabatch, plan_megabatches
-from .options import MatrixOptions
+from .options import MatrixOptions, lr_scale
 
 
 def local_shards(tensors: list[Tensor]) -> list[Tensor]:
@@ -92,7 +92,7 @@ class DistributedExecutor:
                 pending.append(reference.prepare(params, grads, *state, layouts(group, opts, params), opts))
                 continue
             assert split is not None
-            backend = backends.select_backend(opts.backend, grads[0].device)
+            backend = opts.backend_for(grads[0].device)
             if split.plain:
                 counts, rank = split.counts, self.rank
 
@@ -254,9 +254,9 @@ class DistributedExecutor:
         ):
             k = len(mb.indices)
             update = torch.cat([back[base + j].reshape(-1) for j in range(k)])
-            alpha = opts.alpha(*mb.matrix_shape)
+            alpha, decay = torch_backend.step_factors(opts, lr_scale(opts.scale_mode, *mb.matrix_shape))
             p = torch_backend.Pending(
-                backend, p_loc, b_loc, g_loc, opts.momentum, update, alpha, numels, opts.decay(), out_sum
+                backend, p_loc, b_loc, g_loc, opts.momentum, update, alpha, numels, decay, out_sum
             )
             p.old_bufs, p.new_bufs = old, new
             if row_norm:

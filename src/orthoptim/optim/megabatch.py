@@ -8,7 +8,7 @@ splits among ranks (issue "Distributed"), so it is computed once per set of para
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,10 +20,10 @@ class Megabatch:
     indices: tuple[int, ...]
     matrix_shape: tuple[int, int]
     counts: tuple[int, ...]  # matrices per parameter, in the order of ``indices``
+    matrices: int = field(init=False)  # their total
 
-    @property
-    def matrices(self) -> int:
-        return sum(self.counts)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "matrices", sum(self.counts))
 
 
 #: On the CPU a megabatch's stacked tensors stay below this size. Why: the step's temporaries are sized by the

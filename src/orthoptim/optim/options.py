@@ -11,7 +11,7 @@ are copied from the group at each step without checks, as torch's optimizers rea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeAlias
 
 import torch
@@ -20,8 +20,9 @@ from torch import Tensor
 from ..polar import as_schedule
 from ..polar.devices import ELEMENTWISE, Elementwise
 from ..polar.normalize import NORMALIZATIONS, Normalization
-from ..polar.orthogonalize import ITERATIONS, Iteration, resolve_compute_dtype
+from ..polar.orthogonalize import ITERATIONS, Iteration, PolarPlan, resolve_compute_dtype
 from ..polar.schedules import Schedule, Triple, check_precision
+from .backends import Backend, select_backend
 
 NonFiniteMode: TypeAlias = Literal["skip", "raise", "propagate"]
 ShapePolicy: TypeAlias = Literal["auto", "flatten", "batch"]
@@ -137,21 +138,22 @@ class MatrixOptions:
     row_eps: float
     backend: str
     elementwise: Elementwise
+    #: The polar engine's resolved options and the lr scale per (m, n, device, arithmetic), filled by the backends
+    #: as they meet shapes (``backends.torch._polar_plan``); shared by the per-step copies of this record.
+    polar_plans: dict[tuple[Any, ...], tuple[PolarPlan, float]] = field(default_factory=dict, compare=False, repr=False)
+    #: The backend each device type of the group's parameters runs (``backends.select_backend``), resolved once.
+    backends: dict[str, Backend] = field(default_factory=dict, compare=False, repr=False)
+    nuclear: bool = field(init=False)  # PolarGrad's scale: the update is multiplied by ⟨O, M⟩ ≈ ‖M‖_*
 
-    @property
-    def nuclear(self) -> bool:
-        """PolarGrad's scale: the update is multiplied by ⟨O, M⟩ ≈ ‖M‖_*."""
-        return self.scale_mode == "nuclear"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nuclear", self.scale_mode == "nuclear")
 
-    def alpha(self, m: int, n: int) -> float | Tensor:
-        """Factor of the final add for m×n matrices: −lr·scale (a 0-d tensor for a tensor lr), or 1 in the nuclear
-        mode (where the update carries −lr·‖M‖_*)."""
-        return 1.0 if self.nuclear else -self.lr * lr_scale(self.scale_mode, m, n)
-
-    def decay(self) -> float | Tensor:
-        """``1 − lr·wd`` (a 0-d tensor for a tensor lr), or exactly 1.0 without weight decay (nothing to apply)."""
-        wd = self.weight_decay
-        return 1.0 if not isinstance(wd, Tensor) and wd == 0 else 1.0 - self.lr * wd
+    def backend_for(self, device: torch.device) -> Backend:
+        """The backend for parameters on ``device`` (resolved at validation; a device met later is resolved now)."""
+        resolved = self.backends.get(device.type)
+        if resolved is None:
+            resolved = self.backends[device.type] = select_backend(self.backend, device)
+        return resolved
 
 
 #: The group keys ``MatrixOptions`` is built from besides the three schedulers change (lr, weight_decay, momentum).
@@ -215,9 +217,11 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
     check_param_dtypes(params)
     for p in params:
         matrix_layout(tuple(p.shape), shape_policy)
+    resolved = {}
     for device in {p.device for p in params}:
         dtype = resolve_compute_dtype(compute_dtype, device)
         check_precision(sched, ns_steps, str(dtype).replace("torch.", ""))
+        resolved[device.type] = select_backend(backend, device)  # "triton" without triton: refused here
     return MatrixOptions(
         lr=group["lr"],
         weight_decay=group["weight_decay"],
@@ -236,6 +240,7 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
         row_eps=float(row_eps),
         backend=backend,
         elementwise=elementwise,
+        backends=resolved,
     )
 
 

@@ -33,7 +33,7 @@ import torch
 from . import devices, kernels
 from .normalize import work_dtype
 from .schedules import Triple
-from .workspace import Workspace, scratch_like
+from .workspace import Workspace
 
 #: Unit roundoff of a product's result per compute dtype (the rounding of the stored m×m matrices).
 UNIT_ROUNDOFF: dict[torch.dtype, float] = {
@@ -108,7 +108,8 @@ def _plus_identity(
     the diagonal (m entries per matrix) is computed first at float32 precision, then the whole factor scaled in
     one mixed-precision pass into ``out`` (else a fresh tensor: ``Z`` is read again by the Gram form) and the
     diagonal written back — 4 bytes per bfloat16 entry instead of ~21, every entry still rounded once."""
-    if devices.float64_factors(Z, float32_copies):
+    copies = devices.float32_copies(Z.device) if float32_copies is None else float32_copies
+    if Z.dtype != torch.float64 and not copies:  # devices.float64_factors, without a call per product
         target = torch.empty_like(Z) if out is None else out
         # A float32 copy of the diagonal (``copy=True``: never a view of Z), the scalar added in float32 (an in-place
         # add on a 16-bit tensor may round the scalar to that dtype first).
@@ -121,7 +122,7 @@ def _plus_identity(
         target.diagonal(dim1=-2, dim2=-1).copy_(diag)
         return target
     dtype = row_scale.dtype if row_scale is not None else work_dtype(Z.dtype)
-    P = scratch_like(work, "factor", Z, dtype).copy_(Z)
+    P = Z.to(dtype, copy=True) if work is None else work.like("factor", Z, dtype).copy_(Z)
     P.diagonal(dim1=-2, dim2=-1).add_(a)
     if row_scale is not None:
         P.mul_(row_scale.mT)
@@ -129,9 +130,10 @@ def _plus_identity(
 
 
 def _kernels_for(X: torch.Tensor) -> bool:
-    """Symmetric Triton kernels for 16-bit CUDA tensors. float32 stays on cuBLAS: the kernels run float32 without
-    TF32 (no tensor cores), where half the FLOPs need not beat cuBLAS — unmeasured, so not taken."""
-    return X.dtype in (torch.bfloat16, torch.float16) and kernels.use_triton(X)
+    """Symmetric Triton kernels for 16-bit CUDA tensors (``kernels.use_triton``, asked only for those). float32
+    stays on cuBLAS: the kernels run float32 without TF32 (no tensor cores), where half the FLOPs need not beat
+    cuBLAS — unmeasured, so not taken."""
+    return X.is_cuda and X.dtype in (torch.bfloat16, torch.float16) and kernels.use_triton(X)
 
 
 def _mm(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -179,7 +179,8 @@ def normalize(
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
     work = work_dtype(X.dtype)
-    if overwrite_input and not scales_input_in_place(X, float32_copies):
+    copies = devices.float32_copies(X.device) if float32_copies is None else float32_copies
+    if overwrite_input and not (copies or X.dtype == torch.float64):  # scales_input_in_place, inlined
         return normalize_by_float64_norm(
             X, margin=margin, nonfinite=nonfinite, who=who, shape=shape, out_dtype=out_dtype, workspace=workspace
         )
@@ -327,7 +328,8 @@ def gram_scale(
     float32 copy, two passes instead of five (6 bytes per bfloat16 entry instead of 32); the result can differ
     from the float32 path's in the last bit.
     """
-    if normalization == "schatten4" and overwrite_input and devices.float64_factors(A, float32_copies):
+    copies = devices.float32_copies(A.device) if float32_copies is None else float32_copies
+    if normalization == "schatten4" and overwrite_input and not copies and A.dtype != torch.float64:
         return _schatten4_scale_in_place(A, margin)
     Af = scratch(workspace, "gram_work", A.shape, work_dtype(A.dtype), A.device).copy_(A)
     if normalization == "schatten4":

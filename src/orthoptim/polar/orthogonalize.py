@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 import torch
@@ -11,7 +11,7 @@ from . import devices
 from .checks import check_matrix_input
 from .devices import ELEMENTWISE, Elementwise
 from .newton_schulz import gram_newton_schulz, gram_product, gram_restarts, iteration_cost, newton_schulz
-from .normalize import NONFINITE_POLICIES, NonFinitePolicy, Normalization, gram_scale, normalize
+from .normalize import NONFINITE_POLICIES, NORMALIZATIONS, NonFinitePolicy, Normalization, gram_scale, normalize
 from .schedules import ScheduleSpec, Triple, as_schedule, check_precision
 from .workspace import Workspace
 
@@ -211,22 +211,83 @@ def orthogonalize(
             raise ValueError("orthogonalize: out must not share memory with G")
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
+    plan = polar_plan(
+        G.shape[-2],
+        G.shape[-1],
+        G.device,
+        schedule=schedule,
+        steps=steps,
+        normalization=normalization,
+        compute_dtype=compute_dtype,
+        iteration=iteration,
+        elementwise=elementwise,
+    )
+    return run_plan(
+        G, plan, nonfinite=nonfinite, out_dtype=out_dtype, overwrite_input=overwrite_input, out=out, workspace=workspace
+    )
+
+
+@dataclass(frozen=True)
+class PolarPlan:
+    """What ``orthogonalize``'s options resolve to for m×n matrices on one device, validated (``polar_plan``): the
+    optimizers build one per megabatch shape and keep it, so their steps run ``run_plan`` without re-validating."""
+
+    coefficients: tuple[Triple, ...]
+    margin: float
+    normalization: Normalization
+    dtype: torch.dtype  # the compute dtype
+    restarts: tuple[int, ...] | None  # the Gram form's restart steps, or None: the standard form
+    float32_copies: bool  # the elementwise arithmetic (``polar/devices.py``)
+
+
+def polar_plan(
+    m: int,
+    n: int,
+    device: torch.device,
+    *,
+    schedule: ScheduleSpec = DEFAULT_SCHEDULE,
+    steps: int | None = None,
+    normalization: Normalization = "schatten4",
+    compute_dtype: torch.dtype | str | None = None,
+    iteration: Iteration = "auto",
+    elementwise: Elementwise = "auto",
+) -> PolarPlan:
+    """Validate ``orthogonalize``'s options for m×n matrices on ``device`` and resolve them (see its arguments):
+    the schedule's triples for ``steps``, checked under the compute dtype's rounding; the form; the arithmetic."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
     if elementwise not in ELEMENTWISE:
         raise ValueError(f"unknown elementwise {elementwise!r}; choose one of {ELEMENTWISE}")
-    copies = devices.float32_copies(G.device, elementwise)
     sched = as_schedule(schedule)
     coefficients = sched.steps_coefficients(steps)
-    dtype = resolve_compute_dtype(compute_dtype, G.device)
+    dtype = resolve_compute_dtype(compute_dtype, device)
     if not torch.compiler.is_compiling():
         # Host-side (numpy) validation, cached after the first call. torch.compile cannot trace it, so a traced
         # call relies on an earlier eager call or on the optimizers, which run this check in their constructor.
         check_precision(sched, steps, str(dtype).replace("torch.", ""))
+    restarts = gram_plan(iteration, m, n, coefficients, dtype)
+    copies = devices.float32_copies(device, elementwise)
+    return PolarPlan(coefficients, sched.margin, normalization, dtype, restarts, copies)
 
+
+def run_plan(
+    G: torch.Tensor,
+    plan: PolarPlan,
+    *,
+    nonfinite: NonFinitePolicy = "propagate",
+    out_dtype: torch.dtype | None = None,
+    overwrite_input: bool = False,
+    out: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
+) -> torch.Tensor:
+    """``orthogonalize(G, ...)`` with its options resolved in ``plan`` and its arguments trusted (the optimizers'
+    inner call; ``orthogonalize`` validates, then calls this): normalize, iterate in the plan's form, restore
+    the orientation, shape and dtype."""
     if overwrite_input and any(stride == 0 and size > 1 for stride, size in zip(G.stride(), G.shape, strict=True)):
         overwrite_input = False  # an expanded input: one element stands for many, so it is no scratch space
+    result_dtype = G.dtype if out_dtype is None else out_dtype
+    dtype, copies, margin = plan.dtype, plan.float32_copies, plan.margin
     m, n = G.shape[-2], G.shape[-1]
-    restarts = gram_plan(iteration, m, n, coefficients, dtype)
-    iterate = newton_schulz if restarts is None else functools.partial(gram_newton_schulz, restarts=restarts)
     tall = m > n
     X = G.mT if tall else G
     batch_shape = X.shape[:-2]
@@ -236,12 +297,12 @@ def orthogonalize(
         wide_out = out.mT if tall else out
         if wide_out.dtype == dtype and wide_out.is_contiguous():
             direct = wide_out.view(X.shape)
-    gram_based = normalization != "frobenius"
+    gram_based = plan.normalization != "frobenius"
     X = normalize(
         X,
-        normalization=normalization,
+        normalization=plan.normalization,
         # The Gram-based normalizations start from the Frobenius one without the margin (``gram_scale`` applies it).
-        margin=1.0 if gram_based else sched.margin,
+        margin=1.0 if gram_based else margin,
         nonfinite=nonfinite,
         shape=G.shape,
         out_dtype=dtype,
@@ -249,19 +310,38 @@ def orthogonalize(
         workspace=workspace,
         float32_copies=copies,
     )
-    if not gram_based:
-        X = iterate(X, coefficients, out=direct, work=workspace, float32_copies=copies)
-    else:
+    first_gram = row_scale = None
+    if gram_based:
         gram = None if workspace is None else workspace.get("first_gram", (*X.shape[:-1], X.shape[-2]), dtype, X.device)
-        A_s, scale = gram_scale(
+        first_gram, row_scale = gram_scale(
             gram_product(X, out=gram),
-            normalization,
-            sched.margin,
+            plan.normalization,
+            margin,
             overwrite_input=True,
             workspace=workspace,
             float32_copies=copies,
         )
-        X = iterate(X, coefficients, first_gram=A_s, row_scale=scale, out=direct, work=workspace, float32_copies=copies)
+    if plan.restarts is None:
+        X = newton_schulz(
+            X,
+            plan.coefficients,
+            first_gram=first_gram,
+            row_scale=row_scale,
+            out=direct,
+            work=workspace,
+            float32_copies=copies,
+        )
+    else:
+        X = gram_newton_schulz(
+            X,
+            plan.coefficients,
+            first_gram=first_gram,
+            row_scale=row_scale,
+            restarts=plan.restarts,
+            out=direct,
+            work=workspace,
+            float32_copies=copies,
+        )
     X = X.reshape(*batch_shape, X.shape[-2], X.shape[-1])
     if out is not None:
         if direct is None:

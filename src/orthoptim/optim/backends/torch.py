@@ -3,7 +3,7 @@ same with two fused passes). One megabatch, read straight down:
 
 1. **momentum** — the optimizer's input ``M = lerp(G, lerp(B, G, 1−μ), μ)`` (Nesterov; else the new momentum),
    computed without changing the buffer ``B`` (``momentum_input``);
-2. **orthogonalize** — ``O = orthogonalize(M)``, one batched call of the polar engine (``orthogonalize_megabatch``);
+2. **orthogonalize** — ``O = polar(M)``, one batched call of the polar engine (``orthogonalize_megabatch``);
 3. **update** — NorMuon's per-row second moment and Frobenius rescale, PolarGrad's ``−lr·⟨O, M⟩``, and one
    number whose finiteness is every entry's (``finish_update``);
 4. **commit**, once the step-wide finite flag is known — ``B ← lerp(B, G, 1−μ)`` (the very operation that built
@@ -19,6 +19,7 @@ there); elsewhere foreach/stacked ops, and the commit selects on the device flag
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -26,13 +27,10 @@ from typing import TypeAlias
 import torch
 from torch import Tensor
 
-from ...polar import devices, orthogonalize
-from ...polar.devices import Elementwise
-from ...polar.normalize import scales_input_in_place
-from ...polar.orthogonalize import resolve_compute_dtype
-from ...polar.workspace import Workspace, scratch, scratch_like
+from ...polar.orthogonalize import PolarPlan, polar_plan, run_plan
+from ...polar.workspace import Workspace, scratch_like
 from ..megabatch import Megabatch
-from ..options import MatrixOptions
+from ..options import MatrixOptions, lr_scale
 from . import Backend
 from . import triton as fused
 
@@ -63,32 +61,42 @@ def prepare(
     ``need_flags``: compute each megabatch's finite check (``Pending.out_sum``). ``selects``: the commit will
     select on a device-side flag, so the new momentum is held (``momentum_input``). ``held`` (the CPU, one
     process): buffers kept between steps — ``M`` in role ``"input"``, megabatch k's ``O`` in ``f"{role}{k}"``.
+    Why (CPU): every update is held until the commit, and freeing them all at the end of a step let glibc return
+    the memory to the OS, to be page-faulted back in on the next step — ~40k faults and 0.1–0.5 s of system time
+    on a 2.5 s GPT-2-small step (measured 2026-11-23, 2-core CPU; benchmarks/RESULTS.md). The price is that
+    memory held between steps: the size of the updates (half the momentum's in bfloat16).
     ``tables``: address tables for the fused kernels (``backend.fused``). ``start`` (replicated ranks): every
     megabatch's orthogonalization is started first and the updates finished once all have started.
     """
-    orth = orthogonalize_megabatch(backend, opts, compute_dtype_out=start is None)
+    copies = float32_copies(backend, opts)
     pending = []
     started = []
     for k, mb in enumerate(megabatches):
         m, n = mb.matrix_shape
         idx = mb.indices
         p_mb, b_mb, g_mb = [params[i] for i in idx], [bufs[i] for i in idx], [grads[i] for i in idx]
+        shape, device = (mb.matrices, m, n), b_mb[0].device
+        plan, scale = _polar_plan(opts, m, n, device, copies)
+        M_out = O_out = None
+        if held is not None:  # M and O in buffers kept from step to step (``_held_update``); O laid out wide
+            M_out = held.get("input", shape, b_mb[0].dtype, device)
+            O_out = held.get(f"{role}{k}", (mb.matrices, n, m) if m > n else shape, plan.dtype, device)
+            O_out = O_out.mT if m > n else O_out
         table = None
         if backend.fused and tables is not None:
             table = fused.table(tables, p_mb, b_mb, g_mb, mb.counts, m * n)
-        M, old, new = momentum_input(backend, b_mb, g_mb, opts, (mb.matrices, m, n), held, selects, table)
-        if start is None:
-            out = None if held is None else _held_update(held, f"{role}{k}", M, opts)
-            O = orth(M, out, held)
-        else:
-            started.append((mb, p_mb, b_mb, g_mb, M, old, new, table, start(k, M, orth)))
+        M, old, new = momentum_input(backend, b_mb, g_mb, opts, shape, M_out, selects, table)
+        if start is not None:
+            orth = functools.partial(polar, plan=plan, opts=opts, copies=copies)
+            started.append((mb, p_mb, b_mb, g_mb, M, old, new, table, scale, start(k, M, orth)))
             continue
+        O = polar(M, plan, opts, copies, out=O_out, workspace=held, compute_dtype_out=True)
         pending.append(
-            _pending(backend, mb, p_mb, b_mb, g_mb, second, steps, M, O, old, new, table, opts, need_flags, held)
+            _pending(backend, mb, p_mb, b_mb, g_mb, second, steps, M, O, old, new, table, opts, scale, need_flags, held)
         )
-    for mb, p_mb, b_mb, g_mb, M, old, new, table, wait in started:
+    for mb, p_mb, b_mb, g_mb, M, old, new, table, scale, wait in started:
         pending.append(
-            _pending(backend, mb, p_mb, b_mb, g_mb, second, steps, M, wait(), old, new, table, opts, need_flags)
+            _pending(backend, mb, p_mb, b_mb, g_mb, second, steps, M, wait(), old, new, table, opts, scale, need_flags)
         )
     return pending
 
@@ -107,11 +115,13 @@ def _pending(
     new: Tensor | None,
     table: fused.Table | None,
     opts: MatrixOptions,
+    scale: float,
     need_flags: bool,
     work: Workspace | None = None,
 ) -> Pending:
-    m, n = mb.matrix_shape
-    p = Pending(backend, params, bufs, grads, opts.momentum, O, opts.alpha(m, n), mb.counts, opts.decay(), None)
+    m = mb.matrix_shape[0]
+    alpha, decay = step_factors(opts, scale)
+    p = Pending(backend, params, bufs, grads, opts.momentum, O, alpha, mb.counts, decay, None)
     p.old_bufs, p.new_bufs, p.table = old, new, table
     if opts.row_norm:
         assert second is not None
@@ -134,14 +144,15 @@ def momentum_input(
     grads: list[Tensor],
     opts: MatrixOptions,
     shape: tuple[int, ...],
-    held: Workspace | None = None,
+    out: Tensor | None = None,
     selects: bool = True,
     table: fused.Table | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(M, old, new)`` for parameters stacked to ``shape`` (matrices, m, n) or flat (numel,): the optimizer's
     input ``M`` — a temporary the normalization may overwrite — and the stacked old and new momentum for a commit
     that ``selects`` between them on a device-side flag (else None: the commit recomputes the new momentum in
-    place, ``_commit_momentum``, with the same operation and so the same bits).
+    place, ``_commit_momentum``, with the same operation and so the same bits). ``out``: where the CPU's way
+    writes ``M`` (the buffer the optimizer keeps; else a fresh tensor).
 
     Four ways, one value: the CPU's (``host_ways``) per parameter into the kept stack (``_momentum_per_param``);
     with a fused ``table``, one Triton launch; else, when the commit does not select, three foreach ops into the
@@ -149,7 +160,7 @@ def momentum_input(
     momentum held."""
     mu, nesterov = opts.momentum, opts.nesterov
     if backend.host_ways:
-        M = scratch(held, "input", shape, bufs[0].dtype, bufs[0].device)
+        M = torch.empty(shape, dtype=bufs[0].dtype, device=bufs[0].device) if out is None else out
         return _momentum_per_param(bufs, grads, mu, nesterov, M), None, None
     if table is not None:
         M = torch.empty(shape, dtype=bufs[0].dtype, device=bufs[0].device)
@@ -206,36 +217,71 @@ def _momentum_foreach(bufs: list[Tensor], grads: list[Tensor], mu: float, nester
 # 2. Orthogonalize
 
 
-def orthogonalize_megabatch(
-    backend: Backend, opts: MatrixOptions, *, compute_dtype_out: bool = False
-) -> Callable[..., Tensor]:
-    """The group's ``orthogonalize`` call on a stacked (B, m, n) batch: ``orth(M, out, workspace)``.
+def polar(
+    M: Tensor,
+    plan: PolarPlan,
+    opts: MatrixOptions,
+    copies: bool,
+    *,
+    out: Tensor | None = None,
+    workspace: Workspace | None = None,
+    compute_dtype_out: bool = False,
+) -> Tensor:
+    """``O``, the polar factor of each matrix of the stacked (B, m, n) batch ``M`` by the polar engine, with its
+    options resolved once (``_polar_plan``). ``out``/``workspace``: the result's buffer and the temporaries'
+    (kept between steps on the CPU). ``compute_dtype_out``: O in the compute dtype (e.g. bfloat16) rather than
+    the parameters' — the final add takes mixed dtypes, so a conversion pass over every update is saved.
+    ``M`` is the step's own temporary: it is normalized in place, except in the nuclear mode, which needs it
+    afterwards for ``⟨O, M⟩`` — there only where the normalization reads ``M`` without writing it (the
+    float64-factor way of a non-float64 ``M``: ``normalize.scales_input_in_place``)."""
+    return run_plan(
+        M,
+        plan,
+        out_dtype=plan.dtype if compute_dtype_out else None,
+        overwrite_input=not opts.nuclear or not (copies or M.dtype == torch.float64),
+        out=out,
+        workspace=workspace,
+    )
 
-    ``compute_dtype_out``: O in the compute dtype (e.g. bfloat16) rather than the parameters' — the final add
-    takes mixed dtypes, so the conversion pass over every update is saved (one process). ``M`` is the step's own
-    temporary: it is normalized in place, except in the nuclear mode, which needs it afterwards for ``⟨O, M⟩`` —
-    there only where the normalization reads ``M`` without writing it (``normalize.scales_input_in_place``).
-    """
 
-    copies = float32_copies(backend, opts)
-    elementwise: Elementwise = "float32_copies" if copies else "float64_factors"
-
-    def orth(M: Tensor, out: Tensor | None = None, workspace: Workspace | None = None) -> Tensor:
-        out_dtype = resolve_compute_dtype(opts.compute_dtype, M.device) if compute_dtype_out else None
-        return orthogonalize(
-            M,
+def _polar_plan(opts: MatrixOptions, m: int, n: int, device: torch.device, copies: bool) -> tuple[PolarPlan, float]:
+    """The polar engine's options for m×n matrices, validated and resolved at the first megabatch of that shape,
+    and the lr scale of the shape (``options.lr_scale``), kept in the options record (a record rebuilt after an
+    option was edited plans afresh)."""
+    key = (m, n, device, copies)
+    planned = opts.polar_plans.get(key)
+    if planned is None:
+        plan = polar_plan(
+            m,
+            n,
+            device,
             schedule=opts.schedule,
             steps=opts.ns_steps,
             normalization=opts.normalization,
             compute_dtype=opts.compute_dtype,
-            nonfinite="propagate",
             iteration=opts.iteration,
-            out_dtype=out_dtype,
-            overwrite_input=not opts.nuclear or not scales_input_in_place(M, copies),
-            out=out,
-            workspace=workspace,
-            elementwise=elementwise,
+            elementwise="float32_copies" if copies else "float64_factors",
         )
+        planned = opts.polar_plans[key] = (plan, lr_scale(opts.scale_mode, m, n))
+    return planned
+
+
+def step_factors(opts: MatrixOptions, scale: float) -> tuple[float | Tensor, float | Tensor]:
+    """``(alpha, decay)``: the final add's factor −lr·scale (1 in the nuclear mode, whose update carries
+    −lr·‖M‖_*) and ``1 − lr·wd`` (exactly 1.0 without weight decay: nothing to apply); 0-d tensors for a tensor
+    lr, read live (schedulers fill it in place)."""
+    lr, wd = opts.lr, opts.weight_decay
+    alpha = 1.0 if opts.nuclear else -lr * scale
+    decay = 1.0 if not isinstance(wd, Tensor) and wd == 0 else 1.0 - lr * wd
+    return alpha, decay
+
+
+def orthogonalize_megabatch(backend: Backend, opts: MatrixOptions) -> Callable[[Tensor], Tensor]:
+    """``polar`` as a function of ``M`` alone, for the executor's whole matrices (any shape)."""
+    copies = float32_copies(backend, opts)
+
+    def orth(M: Tensor) -> Tensor:
+        return polar(M, _polar_plan(opts, M.shape[-2], M.shape[-1], M.device, copies)[0], opts, copies)
 
     return orth
 
@@ -246,22 +292,6 @@ def float32_copies(backend: Backend, opts: MatrixOptions) -> bool:
     if opts.elementwise == "auto":
         return backend.host_ways
     return opts.elementwise == "float32_copies"
-
-
-def _held_update(held: Workspace, role: str, M: Tensor, opts: MatrixOptions) -> Tensor:
-    """A buffer for megabatch M's update, in the compute dtype, laid out wide (the iteration's orientation, so its
-    last product writes straight into it), kept in ``held`` from step to step.
-
-    Why (CPU): every update is held until the commit, and freeing them all at the end of a step let glibc return
-    the memory to the OS, to be page-faulted back in on the next step — ~40k faults and 0.1–0.5 s of system time
-    on a 2.5 s GPT-2-small step (measured 2026-11-23, 2-core CPU; benchmarks/RESULTS.md). The price is that
-    memory held between steps: the size of the updates (half the momentum's in bfloat16).
-    """
-    dtype = resolve_compute_dtype(opts.compute_dtype, M.device)
-    b, m, n = M.shape
-    if m > n:
-        return held.get(role, (b, n, m), dtype, M.device).mT
-    return held.get(role, (b, m, n), dtype, M.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,7 +330,7 @@ def finish_update(
         scale = (nuc * -opts.lr).to(O.dtype)
         update, factor = (O, scale) if defer else (O.mul_(scale), None)
     else:
-        update = O  # −lr·scale is applied by the final add (``MatrixOptions.alpha``)
+        update = O  # −lr·scale is applied by the final add (``step_factors``)
     if not need_flags:
         return update, new_second, None, factor
     # |O| ≲ 1.3 entrywise (a Newton–Schulz output), so the sum cannot overflow: it is non-finite iff some entry
@@ -328,7 +358,7 @@ def _row_normalize(
     (‖O‖² = Σᵢ rowᵢ, ‖O/d‖² = Σᵢ rowᵢ/dᵢ²) and a per-row factor follow on m numbers per matrix, and one pass
     applying it — 6 bytes per bfloat16 entry instead of ~48 (``benchmarks/step_launches.py``). Equal to the
     float32-copy way up to the rounding of the row sums."""
-    if devices.float64_factors(O, float32_copies):
+    if O.dtype != torch.float64 and not float32_copies:  # ``devices.float64_factors``
         rows = torch.linalg.vector_norm(O, dim=-1, dtype=torch.float32).square_()  # (B, m): Σⱼ Oᵢⱼ²
         v_new = torch.lerp(v, rows / O.shape[-1], 1.0 - beta2)
         d2 = v_new + eps
