@@ -271,9 +271,9 @@ def params_differ_in_shape(rank: int, world: int, tmp: str) -> None:
         opt.param_groups[0]["params"][2] = params[2]
         params[2].grad = full_grads(shapes, 0)[2]
     opt.step()
-    layout = opt._layout
+    layout = opt._executor._layout  # type: ignore[attr-defined]
     opt.step()
-    assert opt._layout is layout  # encoded once per parameter set, not per step
+    assert opt._executor._layout is layout  # type: ignore[attr-defined]  # encoded once per parameter set, not per step
     assert_close([p.detach() for p in params], run_reference(CLASSES["muon"], shapes, [0, 0]), "after fix")
     assert_replicas_equal([p.detach() for p in params], "after fix")
 

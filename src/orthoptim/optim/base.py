@@ -40,9 +40,7 @@ from torch import Tensor
 from ..distributed import (
     DEFAULT_PROCESS_GROUP,
     GroupRef,
-    ParamLayout,
     agree_ok,
-    agree_params,
     check_sharded,
     is_dtensor,
     resolve_process_group,
@@ -50,13 +48,11 @@ from ..distributed import (
 )
 from ..polar import NonFiniteError
 from ..polar.workspace import Workspace
-from .adamw import adamw_prepare, validate_adamw_group
-from .backends import Backend, reference
+from .adamw import validate_adamw_group
 from .backends import torch as torch_backend
 from .backends.triton import PointerTables
 from .checkpoint import ALGORITHM_OPTIONS, converted_groups, normalize_loaded_state
-from .executor import DistributedExecutor, local_shards
-from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
+from .executor import DistributedExecutor, LocalExecutor, local_shards
 from .options import NONFINITE_MODES, MatrixOptions, NonFiniteMode, OptionsCache, matrix_layout
 
 #: Source trees whose frames a warning skips to reach the user's line: torch's step wrappers (``no_grad``, the
@@ -90,12 +86,6 @@ def _each_finite(tensors: list[Tensor], host_ways: bool) -> Tensor:
     hi = torch.stack(torch._foreach_max(tensors))
     lo = torch.stack([t.amin() for t in tensors])  # torch has no foreach min; one small reduction per tensor
     return (hi < math.inf) & (lo > -math.inf)
-
-
-def _backend(opts: MatrixOptions, device: torch.device) -> Backend:
-    """The group's backend for parameters on ``device``: resolved when the group was validated (a dict lookup),
-    or now for a device met since."""
-    return opts.backends.get(device.type) or opts.backend_for(device)
 
 
 class OrthogonalizedOptimizer(torch.optim.Optimizer):
@@ -133,8 +123,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self._world = 1 if group is None else group.size
         # The distributed step also runs for DTensor parameters on a one-rank mesh (without collectives).
         self._distributed = group is not None
+        # Phases 1–3 over this process's parameters, or over the process group (``optim/executor.py``).
+        self._local = LocalExecutor()
         self._executor = DistributedExecutor(group)
-        self._plans: dict[tuple[Any, ...], list[Megabatch]] = {}
         # Each orthogonalized group's typed options, validated when built (``options.OptionsCache``).
         self._options = OptionsCache()
         # The CPU's update buffers, kept between steps (``backends.torch._held_update``); not optimizer state.
@@ -154,7 +145,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also called by load_state_dict, with state and param_groups only
-        if "_plans" not in self.__dict__:  # a deep copy or an unpickled optimizer: rebuild what is not state
+        if "_local" not in self.__dict__:  # a deep copy or an unpickled optimizer: rebuild what is not state
             self._start_runtime(self.__dict__.get("_pg_ref"))
             for group in self.param_groups:
                 if any(is_dtensor(p) for p in group["params"]):
@@ -185,7 +176,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "_plans"):  # called by Optimizer.__init__ before validation runs there
+        if hasattr(self, "_local"):  # called by Optimizer.__init__ before validation runs there
             try:
                 self._validate_group(self.param_groups[-1])
             except Exception:
@@ -308,92 +299,10 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 )
         return layouts
 
-    def _plan(self, group: dict[str, Any], opts: MatrixOptions, params: list[Tensor]) -> list[Megabatch]:
-        """The group's megabatches (cached per parameter set and shape policy). On the CPU each stays under
-        ``CPU_MEGABATCH_BYTES``: the buffers kept between steps are sized by the largest."""
-        key = (id(group), opts.shape_policy, *(id(p) for p in params))
-        plan = self._plans.get(key)
-        if plan is None:
-            on_cpu = all(p.device.type == "cpu" for p in params)
-            plan = plan_megabatches(
-                self._layouts(group, opts, params),
-                [p.dtype for p in params],
-                [p.device for p in params],
-                max_bytes=CPU_MEGABATCH_BYTES if on_cpu else None,
-            )
-            self._plans[key] = plan
-        return plan
-
-    def _prepare_local(self, gathered: list[Any], need_flags: bool, selects: bool) -> list[Any]:
-        """Every group's pending update on one process (``selects``: the commit selects on a device flag)."""
-        pending: list[Any] = []
-        for g, (group, opts, params, grads, lists) in enumerate(gathered):
-            if not params:
-                continue
-            if opts is None:
-                pending.append(adamw_prepare(params, grads, lists, group))  # the commit takes the step
-                continue
-            state = (lists["momentum_buffer"], lists.get("second_moment"), lists["step"])
-            if opts.backend == "reference":
-                pending.append(reference.prepare(params, grads, *state, self._layouts(group, opts, params), opts))
-                continue
-            backend = _backend(opts, grads[0].device)
-            # A compiled step keeps no buffers: inductor refuses persistent views of one buffer as graph inputs.
-            held = backend.host_ways and not torch.compiler.is_compiling()
-            pending += torch_backend.prepare(
-                backend,
-                params,
-                grads,
-                *state,
-                self._plan(group, opts, params),
-                opts,
-                need_flags=need_flags,
-                selects=selects,
-                held=self._held if held else None,
-                role=f"update{g}.",
-                tables=self._tables if backend.fused else None,
-            )
-        return pending
-
     @property
     def _reads_skip_flag(self) -> bool:
         """Whether this rank reads the step's skip flag on the host (the skip warning, rank 0 only)."""
         return self.warn_on_skip and self._rank == 0
-
-    #: The encoded layout of the parameters last checked, keyed by their ids per group: encoded once per parameter
-    #: set, not per step (a parameter whose shape changes in place is not re-checked, as plans are not rebuilt).
-    _layout: tuple[tuple[tuple[int, ...], ...], ParamLayout] | None = None
-
-    def _check_presence(self) -> None:
-        """Raise ``RuntimeError`` on every rank, before any other collective, if the ranks' optimizers hold
-        different parameters — naming each rank's count and the first position whose shape, dtype or param group
-        differs — or if some parameter has a gradient on some ranks only.
-
-        Checked at the first step (and whenever the parameters change), not in the constructor: an optimizer made
-        on some ranks only (a local reference copy) would hang there. One fixed-size all-reduce per step, both
-        checks together (``distributed.agree_params``): ranks holding different parameters cannot make it abort.
-        """
-        params = [p for g in self.param_groups for p in g["params"]]
-        key = tuple(tuple(map(id, g["params"])) for g in self.param_groups)
-        if self._layout is None or self._layout[0] != key:
-            entries = [
-                (i, tuple(p.shape), str(p.dtype).removeprefix("torch."))
-                for i, g in enumerate(self.param_groups)
-                for p in g["params"]
-            ]
-            self._layout = (key, ParamLayout.of(entries))
-        assert self._pg_ref is not None
-        present = [p.grad is not None for p in params]
-        # A rank without parameters still takes part (the others wait for it); agree_params picks its device.
-        bad = agree_params(self._layout[1], present, params[0].device if params else None, self._pg_ref.group)
-        if bad:
-            p = params[bad[0]]
-            raise RuntimeError(
-                f"orthoptim: {len(bad)} parameter(s) (the first of shape {tuple(p.shape)}, position {bad[0]} over "
-                "all param groups) have a gradient on some ranks and .grad=None on others. Every rank must step "
-                "the same parameters: give the missing ones zero gradients (p.grad = torch.zeros_like(p)) on every "
-                "rank, or set them to None everywhere"
-            )
 
     def _nonfinite_cause(self, params: list[Tensor], grads_finite: Tensor | None) -> str:
         """What made the step non-finite, for the warning and the error (reads the local flags: a host sync)."""
@@ -419,14 +328,17 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         all_grads = [g for _, _, _, grads, _ in gathered for g in grads]
         local = self._pg_ref is None
         if not local:
-            self._check_presence()  # before any other collective, and before a rank may return early
+            # Before any other collective, and before a rank may return early.
+            self._executor.check_presence(self.param_groups)
         if not all_grads:
             return loss
         device = all_grads[0].device
         adamw = [opts is None for _, opts, params, _, _ in gathered for _ in params]
         # The CPU's choices (a free host read of the flag, per-tensor finite checks) where every group takes them.
         host_ways = all(
-            _backend(opts, grads[0].device).host_ways if opts is not None else device.type == "cpu"
+            (opts.backends.get(grads[0].device.type) or opts.backend_for(grads[0].device)).host_ways
+            if opts is not None
+            else device.type == "cpu"
             for _, opts, _, grads, _ in gathered
             if grads
         )
@@ -459,10 +371,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         reads_flag = policy == "skip" and (host_ways or self._reads_skip_flag)
         selects = policy == "skip" and not reads_flag
         need_flags = policy != "propagate"
-        if self._distributed:
-            pending = self._executor.prepare(gathered, self._layouts, need_flags, selects, self._tables)
-        else:
-            pending = self._prepare_local(gathered, need_flags, selects)
+        executor = self._executor if self._distributed else self._local
+        pending = executor.prepare(gathered, self._layouts, need_flags, selects, self._tables, self._held)
         out_sums = [p.out_sum for p in pending if getattr(p, "out_sum", None) is not None]
         if out_sums:
             out_ok = (torch.stack(out_sums).abs() < math.inf).all()

@@ -1,7 +1,8 @@
-"""Phase 1 of the step over a process group: who orthogonalizes what, and the torch backend run on each share.
+"""Phases 1–3 of the step, on one process or over a process group: who computes what, with which backend.
 
-``orthoptim.distributed`` moves the tensors (owners, gathers, all-to-alls); this module plans the work and hands
-the backend's computation to it:
+``LocalExecutor``: each group's megabatches through its backend. ``DistributedExecutor``: the same over a process
+group — ``orthoptim.distributed`` moves the tensors (owners, gathers, all-to-alls); this module plans the work and
+hands the backend's computation to it:
 
 - **replicated** parameters (DDP): every rank computes the momentum of every matrix but orthogonalizes only
   the matrices it owns; the results are all-gathered (``distributed.orthogonalize_split``);
@@ -25,6 +26,8 @@ from torch import Tensor
 
 from ..distributed import (
     GroupRef,
+    ParamLayout,
+    agree_params,
     assign_owners,
     check_sharded,
     gather_to_owners,
@@ -34,11 +37,12 @@ from ..distributed import (
     rank_counts,
     scatter_from_owners,
 )
+from ..polar.workspace import Workspace
 from . import backends
 from .adamw import adamw_prepare
 from .backends import reference
 from .backends import torch as torch_backend
-from .megabatch import Megabatch, plan_megabatches
+from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
 from .options import MatrixOptions, lr_scale
 
 
@@ -58,6 +62,64 @@ class _GroupSplit:
     rows: dict[int, list[int]] = field(default_factory=dict)  # sharded position → stacked rows held per rank
 
 
+class LocalExecutor:
+    """Phases 1–3 on one process: each group's megabatches (planned once per parameter set) through its backend."""
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[Any, ...], list[Megabatch]] = {}
+
+    def prepare(
+        self,
+        gathered: list[Any],
+        layouts: Callable[[dict[str, Any], MatrixOptions, list[Tensor]], list[tuple[int, int, int]]],
+        need_flags: bool,
+        selects: bool,
+        tables: Any,
+        held: Workspace,
+    ) -> list[Any]:
+        """Every group's pending update (``gathered`` as for ``DistributedExecutor.prepare``; ``selects``: the
+        commit selects on a device flag; ``held``: the optimizer's buffers kept between steps, on the CPU)."""
+        pending: list[Any] = []
+        for g, (group, opts, params, grads, lists) in enumerate(gathered):
+            if not params:
+                continue
+            if opts is None:
+                pending.append(adamw_prepare(params, grads, lists, group))  # the commit takes the step
+                continue
+            state = (lists["momentum_buffer"], lists.get("second_moment"), lists["step"])
+            if opts.backend == "reference":
+                pending.append(reference.prepare(params, grads, *state, layouts(group, opts, params), opts))
+                continue
+            backend = opts.backends.get(grads[0].device.type) or opts.backend_for(grads[0].device)
+            # A compiled step keeps no buffers: inductor refuses persistent views of one buffer as graph inputs.
+            keep = backend.host_ways and not torch.compiler.is_compiling()
+            key = (id(group), opts.shape_policy, *(id(p) for p in params))
+            megabatches = self._plans.get(key)
+            if megabatches is None:
+                # On the CPU each megabatch stays under CPU_MEGABATCH_BYTES: the kept buffers are sized by the largest.
+                on_cpu = all(p.device.type == "cpu" for p in params)
+                megabatches = self._plans[key] = plan_megabatches(
+                    layouts(group, opts, params),
+                    [p.dtype for p in params],
+                    [p.device for p in params],
+                    max_bytes=CPU_MEGABATCH_BYTES if on_cpu else None,
+                )
+            pending += torch_backend.prepare(
+                backend,
+                params,
+                grads,
+                *state,
+                megabatches,
+                opts,
+                need_flags=need_flags,
+                selects=selects,
+                held=held if keep else None,
+                role=f"update{g}.",
+                tables=tables if backend.fused else None,
+            )
+        return pending
+
+
 class DistributedExecutor:
     """Runs phase 1 over a process group (``pg_ref``; None: DTensor parameters on a one-rank mesh)."""
 
@@ -74,9 +136,11 @@ class DistributedExecutor:
         need_flags: bool,
         selects: bool,
         tables: Any,
+        held: Workspace | None = None,
     ) -> list[Any]:
         """Every group's pending update (``gathered``: (group, options or None for AdamW, params, grads, state
-        lists) per group; ``layouts``: each parameter as (matrices, m, n))."""
+        lists) per group; ``layouts``: each parameter as (matrices, m, n)). ``held`` is not used: every buffer of
+        the distributed phases is fresh (the exchanges allocate anyway)."""
         splits = self._plan(gathered, layouts)
         pg = None if self.pg_ref is None else self.pg_ref.group  # None: the default group (or no collective)
         pending: list[Any] = []
@@ -92,7 +156,7 @@ class DistributedExecutor:
                 pending.append(reference.prepare(params, grads, *state, layouts(group, opts, params), opts))
                 continue
             assert split is not None
-            backend = opts.backend_for(grads[0].device)
+            backend = opts.backends.get(grads[0].device.type) or opts.backend_for(grads[0].device)
             if split.plain:
                 counts, rank = split.counts, self.rank
 
@@ -119,6 +183,41 @@ class DistributedExecutor:
             if split.sharded:
                 pending.extend(self._sharded(backend, params, grads, *state, split, opts, need_flags, selects, pg))
         return pending
+
+    #: The encoded layout of the parameters last checked, keyed by their ids per group: encoded once per parameter
+    #: set, not per step (a parameter whose shape changes in place is not re-checked, as plans are not rebuilt).
+    _layout: tuple[tuple[tuple[int, ...], ...], ParamLayout] | None = None
+
+    def check_presence(self, param_groups: list[dict[str, Any]]) -> None:
+        """Raise ``RuntimeError`` on every rank, before any other collective, if the ranks' optimizers hold
+        different parameters — naming each rank's count and the first position whose shape, dtype or param group
+        differs — or if some parameter has a gradient on some ranks only.
+
+        Checked at the first step (and whenever the parameters change), not in the constructor: an optimizer made
+        on some ranks only (a local reference copy) would hang there. One fixed-size all-reduce per step, both
+        checks together (``distributed.agree_params``): ranks holding different parameters cannot make it abort.
+        """
+        params = [p for g in param_groups for p in g["params"]]
+        key = tuple(tuple(map(id, g["params"])) for g in param_groups)
+        if self._layout is None or self._layout[0] != key:
+            entries = [
+                (i, tuple(p.shape), str(p.dtype).removeprefix("torch."))
+                for i, g in enumerate(param_groups)
+                for p in g["params"]
+            ]
+            self._layout = (key, ParamLayout.of(entries))
+        assert self.pg_ref is not None, "check_presence needs a process group"
+        present = [p.grad is not None for p in params]
+        # A rank without parameters still takes part (the others wait for it); agree_params picks its device.
+        bad = agree_params(self._layout[1], present, params[0].device if params else None, self.pg_ref.group)
+        if bad:
+            p = params[bad[0]]
+            raise RuntimeError(
+                f"orthoptim: {len(bad)} parameter(s) (the first of shape {tuple(p.shape)}, position {bad[0]} over "
+                "all param groups) have a gradient on some ranks and .grad=None on others. Every rank must step "
+                "the same parameters: give the missing ones zero gradients (p.grad = torch.zeros_like(p)) on every "
+                "rank, or set them to None everywhere"
+            )
 
     def _plan(
         self, gathered: list[Any], layouts: Callable[..., list[tuple[int, int, int]]]
