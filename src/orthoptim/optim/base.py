@@ -128,7 +128,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self._executor = DistributedExecutor(group)
         # Each orthogonalized group's typed options, validated when built (``options.OptionsCache``).
         self._options = OptionsCache()
-        # The CPU's update buffers, kept between steps (``backends.torch._held_update``); not optimizer state.
+        # The CPU's update buffers, kept between steps (``backends.torch.prepare``); not optimizer state.
         self._held = Workspace()
         # Address tables of the fused elementwise kernels (``backends/triton.py``), kept between steps; not state.
         self._tables = PointerTables()
@@ -273,7 +273,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 else:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     if opts.row_norm:
-                        count, m, _ = matrix_layout(tuple(p.shape), opts.shape_policy)
+                        count, m, _ = matrix_layout(tuple(p.shape), opts.shape_policy, opts.weight_layout)
                         if is_dtensor(p):  # sharded like p's rows: (d0, count·m/d0), see distributed.fsdp
                             state["second_moment"] = zeros_row_state(p, count * m)
                         else:
@@ -288,7 +288,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         the last plan: plans are keyed by it); NorMuon's second moments, made for the layout of the first step,
         must still fit."""
         policy = opts.shape_policy
-        layouts = [matrix_layout(tuple(p.shape), policy) for p in params]
+        layouts = [matrix_layout(tuple(p.shape), policy, opts.weight_layout) for p in params]
         for p, (count, m, _) in zip(params, layouts, strict=True):
             second = self.state[p].get("second_moment") if opts.row_norm else None
             if second is not None and second.numel() != count * m:

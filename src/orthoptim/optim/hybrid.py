@@ -128,11 +128,39 @@ _ADAMW_ONLY = ("betas", "eps", *_ADAMW_GROUP_KEYS)
 _MATRICES_ONLY = ("lr",)
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer storing its weight (in, out): transformers' GPT-2 ``Conv1D``
+    (``y = x·W + b``, ``W`` of shape (nx, nf)), recognized by its class name and ``nf`` (no import of transformers)."""
+    weight = getattr(module, "weight", None)
+    nf = getattr(module, "nf", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.ndim == 2
+        and isinstance(nf, int)
+        and weight.shape[1] == nf
+    )
+
+
+def matrix_options_by_module(module: nn.Module, given: dict[str, Any]) -> dict[int, tuple[tuple[str, str], ...]]:
+    """The group options ``module``'s layers need beyond their group's, by weight ``id``: ``nn.Conv1d`` weights
+    (out, in, k) are one out × in·k matrix (``shape_policy="flatten"``; a 3-D weight is otherwise a batch), and
+    ``Conv1D`` weights are stored (in, out) (``weight_layout="in_out"``) — each unless ``given`` sets that option."""
+    special: dict[int, tuple[tuple[str, str], ...]] = {}
+    for m in module.modules():
+        if isinstance(m, nn.Conv1d) and "shape_policy" not in given:
+            special[id(m.weight)] = (("shape_policy", "flatten"),)
+        elif is_transposed_linear(m) and "weight_layout" not in given:
+            special[id(m.weight)] = (("weight_layout", "in_out"),)
+    return special
+
+
 def _sort_group(
-    group: dict[str, Any], adamw: dict[str, Any], excluded: set[int], flatten: set[int]
+    group: dict[str, Any], adamw: dict[str, Any], excluded: set[int], special: dict[int, tuple[tuple[str, str], ...]]
 ) -> list[dict[str, Any]]:
     """A param group without ``"algorithm"`` as the explicit groups it becomes, in this order, empty ones left
-    out: its orthogonalized matrices, its ``flatten`` (Conv1d) matrices, its AdamW parameters.
+    out: its orthogonalized matrices, a group per option set in ``special`` (Conv1d's flatten, Conv1D's (in, out)
+    layout: ``matrix_options_by_module``), its AdamW parameters.
 
     A parameter goes to AdamW if it has < 2 dims, its ``id`` is in ``excluded``, or its name (``(name, param)``
     pairs, or the group's ``"param_names"``) matches :func:`split_params`'s name rules. Options: see
@@ -154,13 +182,17 @@ def _sort_group(
                 f"{len(items)} parameters, which are then not (name, parameter) pairs"
             )
         items = list(zip(group["param_names"], items, strict=True))
-    halves: tuple[list[Any], list[Any], list[Any]] = ([], [], [])  # matrices, flattened matrices, AdamW
+    matrices: dict[tuple[tuple[str, str], ...], list[Any]] = {(): []}  # by their extra options, plain first
+    to_adamw_items: list[Any] = []
     for item in items:
         name, p = item if isinstance(item, tuple) else (None, item)
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"Hybrid: optimizer params must be Tensors, but one is {type(p).__name__}")
         to_adamw = p.ndim < 2 or id(p) in excluded or (name is not None and _name_says_excluded(name))
-        halves[2 if to_adamw else 1 if id(p) in flatten else 0].append(item)
+        if to_adamw:
+            to_adamw_items.append(item)
+        else:
+            matrices.setdefault(special.get(id(p), ()), []).append(item)
     options = {k: v for k, v in group.items() if k not in ("params", "param_names")}
     matrix = {k: v for k, v in options.items() if k not in _ADAMW_ONLY}
     rest = {
@@ -168,13 +200,10 @@ def _sort_group(
         **{k: v for k, v in options.items() if k not in _MATRICES_ONLY and k not in _ADAMW_GROUP_KEYS},
         **{_ADAMW_GROUP_KEYS[k]: v for k, v in options.items() if k in _ADAMW_GROUP_KEYS},
     }
-    made = (
-        {**matrix, "algorithm": "muon"},
-        {**matrix, "algorithm": "muon", "shape_policy": "flatten"},
-        {**rest, "algorithm": "adamw"},
-    )
+    made = [({**matrix, **dict(extra), "algorithm": "muon"}, half) for extra, half in matrices.items()]
+    made.append(({**rest, "algorithm": "adamw"}, to_adamw_items))
     # Pairs stay pairs: torch's add_param_group takes the names out into each half's "param_names".
-    return [{"params": half, **g} for half, g in zip(halves, made, strict=True) if half]
+    return [{"params": half, **g} for g, half in made if half]
 
 
 class Hybrid(Muon):
@@ -184,15 +213,17 @@ class Hybrid(Muon):
     ``params`` is one of:
 
     - an ``nn.Module``: split by :func:`split_params`; its ``nn.Conv1d`` weights get a group of their own with
-      ``shape_policy="flatten"`` unless ``shape_policy`` is passed;
+      ``shape_policy="flatten"`` unless ``shape_policy`` is passed, and transformers' GPT-2 ``Conv1D`` weights,
+      stored (in, out), one with ``weight_layout="in_out"`` unless ``weight_layout`` is passed — their lr scale
+      and NorMuon's rows then follow the (out, in) orientation, as for the ``nn.Linear`` they stand for;
     - a pair ``(matrices, others)``;
     - a list of param groups (dicts). A group with ``"algorithm": "muon"`` or ``"adamw"`` is taken as it is. A
       group without ``"algorithm"`` (torch style, e.g. the decay/no-decay list transformers' Trainer builds) is
       sorted per parameter: one with ≥ 2 dims is orthogonalized, anything else goes to AdamW — and so does a
       ≥ 2-D parameter that :func:`split_params` would exclude, when that can be seen: with ``module=`` (the
-      ``nn.Module`` the parameters belong to) by :func:`split_params`'s rules exactly, ``nn.Conv1d`` weights
-      flattened as for ``Hybrid(module)``; without it, from names only, where the group gives ``(name,
-      parameter)`` pairs (``named_parameters()``) or ``"param_names"``: a head module's weights
+      ``nn.Module`` the parameters belong to) by :func:`split_params`'s rules exactly, ``nn.Conv1d`` and
+      ``Conv1D`` weights in groups of their own as for ``Hybrid(module)``; without it, from names only, where the
+      group gives ``(name, parameter)`` pairs (``named_parameters()``) or ``"param_names"``: a head module's weights
       (``lm_head.weight``) and parameters whose own name contains ``embed``/``token`` (``pos_embed``). **An
       ``nn.Embedding`` table is recognized through ``module=`` only**: without it, a group of plain parameters
       (Trainer's) has its embeddings and head orthogonalized. Pass ``module=model`` (with Trainer:
@@ -205,7 +236,8 @@ class Hybrid(Muon):
       both), Muon's options (``momentum``, ``ns_steps``, ...) on the matrices only (AdamW ignores them), keys of
       your own are kept. Options the group leaves out are the constructor's: ``lr``/``weight_decay`` for the
       matrices, ``adamw_*`` for AdamW. Each group becomes, in
-      order, its matrices' group, (with ``module=``) its Conv1d weights' group, its AdamW group; empty ones are
+      order, its matrices' group, (with ``module=``) its Conv1d and its Conv1D weights' groups, its AdamW group;
+      empty ones are
       left out, so there may be more or fewer groups than given (an lr scheduler taking one value per group
       must follow ``opt.param_groups``). A fresh Hybrid built from the same groups sorts them the same way:
       ``load_state_dict`` works as usual.
@@ -260,10 +292,7 @@ class Hybrid(Muon):
                 groups.append({"params": rest, "algorithm": "adamw", **adamw})
         else:
             excluded = _excluded_ids(module) if module is not None else set()
-            flatten: set[int] = set()
-            if module is not None and "shape_policy" not in kw:
-                # A Conv1d weight (out, in, k) is one out × in·k matrix, not k-row batches ("auto" on a 3-D weight).
-                flatten = {id(m.weight) for m in module.modules() if isinstance(m, nn.Conv1d)}
+            special = matrix_options_by_module(module, kw) if module is not None else {}
             for g in params:
                 if not isinstance(g, dict):
                     raise TypeError(
@@ -274,7 +303,8 @@ class Hybrid(Muon):
                         "sorts by shape only"
                     )
                 if "algorithm" not in g:
-                    groups.extend(_sort_group(g, adamw, excluded, set() if "shape_policy" in g else flatten))
+                    mine = {i: o for i, o in special.items() if all(k not in g for k, _ in o)}
+                    groups.extend(_sort_group(g, adamw, excluded, mine))
                     continue
                 _check_algorithm(g)
                 groups.append({**adamw, **g} if g["algorithm"] == "adamw" else dict(g))
@@ -295,7 +325,7 @@ class Hybrid(Muon):
         if isinstance(param_group, dict) and "algorithm" not in param_group:
             added = len(self.param_groups)
             try:
-                for half in _sort_group(param_group, self._adamw_defaults, set(), set()):
+                for half in _sort_group(param_group, self._adamw_defaults, set(), {}):
                     self.add_param_group(half)
             except Exception:
                 del self.param_groups[added:]  # a rejected AdamW half takes its matrices' group with it

@@ -27,7 +27,7 @@ class Megabatch:
 
 
 #: On the CPU a megabatch's stacked tensors stay below this size. Why: the step's temporaries are sized by the
-#: largest megabatch, and the optimizer keeps them between steps on the CPU (``backends.torch._held_update``: fresh
+#: largest megabatch, and the optimizer keeps them between steps on the CPU (``backends.torch.prepare``: fresh
 #: large blocks would be page-faulted in on every step), so this bounds that memory (~70 MiB for GPT-2 small's 48
 #: matrices). Nothing is lost: the iteration runs matrix by matrix on the CPU anyway (polar/newton_schulz.py), and
 #: 16, 32, 64 and 128 MiB gave the same step time within noise (±3%, GPT-2-small step, 2-core CPU, 2026-11-23).

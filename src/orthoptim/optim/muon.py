@@ -13,7 +13,7 @@ from ..polar.devices import Elementwise
 from ..polar.orthogonalize import Iteration
 from ..polar.schedules import ScheduleSpec
 from .base import OrthogonalizedOptimizer
-from .options import BackendName, NonFiniteMode, ScaleMode, ShapePolicy, check_number
+from .options import BackendName, NonFiniteMode, ScaleMode, ShapePolicy, WeightLayout, check_number
 
 _TORCH_ADJUST = (None, "original", "match_rms_adamw")
 _TORCH_DEFAULT_STEPS = 5  # torch/optim/_muon.py DEFAULT_NS_STEPS
@@ -73,6 +73,9 @@ class Muon(OrthogonalizedOptimizer):
             backend with fused Triton elementwise kernels; opt-in until measured on a GPU). A param group option.
         elementwise: the arithmetic around the products, equal up to the last bit (``orthoptim.orthogonalize``):
             ``"auto"`` (the backend's device choice), ``"float32_copies"`` or ``"float64_factors"``.
+        weight_layout: ``"out_in"`` (default: matrices stored (out, in), as ``nn.Linear``) or ``"in_out"``
+            (stored transposed, as transformers' GPT-2 ``Conv1D``): the lr scale and NorMuon's rows follow the
+            (out, in) orientation. ``orthoptim.Hybrid(model)`` sets it for ``Conv1D`` weights itself.
 
     Any other keyword raises ``TypeError``, as torch.optim.Muon's would: a misspelt option is never ignored.
     NorMuon's options (``beta2``, ``row_eps``) are :class:`orthoptim.NorMuon`'s (and :class:`orthoptim.Hybrid`'s).
@@ -106,6 +109,7 @@ class Muon(OrthogonalizedOptimizer):
         process_group: Any = DEFAULT_PROCESS_GROUP,
         backend: BackendName = "auto",
         elementwise: Elementwise = "auto",
+        weight_layout: WeightLayout = "out_in",
     ) -> None:
         if adjust_lr_fn not in _TORCH_ADJUST:
             raise ValueError(f"adjust_lr_fn must be one of {_TORCH_ADJUST}, got {adjust_lr_fn!r}")
@@ -128,6 +132,7 @@ class Muon(OrthogonalizedOptimizer):
             "shape_policy": shape_policy,
             "backend": backend,
             "elementwise": elementwise,
+            "weight_layout": weight_layout,
             **self._algorithm_defaults(),
         }
         super().__init__(params, defaults, nonfinite, warn_nonfinite, process_group=process_group)

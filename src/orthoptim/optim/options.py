@@ -27,12 +27,15 @@ from .backends import Backend, select_backend
 NonFiniteMode: TypeAlias = Literal["skip", "raise", "propagate"]
 ShapePolicy: TypeAlias = Literal["auto", "flatten", "batch"]
 ScaleMode: TypeAlias = Literal["original", "match_rms_adamw", "unit_rms", "nuclear"]
+#: How a parameter stores each matrix: (out, in) as ``nn.Linear``, or (in, out) as transformers' GPT-2 ``Conv1D``.
+WeightLayout: TypeAlias = Literal["out_in", "in_out"]
 #: How the step is executed (``optim/backends``): ``"auto"`` picks per device (``backends.select_backend``).
 BackendName: TypeAlias = Literal["auto", "reference", "torch", "triton"]
 
 NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "propagate")
 SHAPE_POLICIES: tuple[str, ...] = ("auto", "flatten", "batch")
 SCALE_MODES: tuple[str, ...] = ("original", "match_rms_adamw", "unit_rms", "nuclear")
+WEIGHT_LAYOUTS: tuple[str, ...] = ("out_in", "in_out")
 #: Accepted ``backend=`` values. ``"torch@cpu"`` / ``"torch@cuda"`` run the torch backend with the choices
 #: measured fastest on that device type whatever the parameters' device (tests run the GPU's choices on the CPU).
 BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "triton", "torch@cpu", "torch@cuda")
@@ -62,14 +65,20 @@ def check_param_dtypes(params: list[Tensor]) -> None:
             )
 
 
-def matrix_layout(shape: tuple[int, ...], policy: ShapePolicy = "auto") -> tuple[int, int, int]:
-    """``(count, m, n)``: the parameter is ``count`` matrices of shape m×n.
+def matrix_layout(
+    shape: tuple[int, ...], policy: ShapePolicy = "auto", weight_layout: WeightLayout = "out_in"
+) -> tuple[int, int, int]:
+    """``(count, m, n)``: the parameter is ``count`` matrices of m outputs × n inputs (rows are output neurons:
+    what the lr scale, NorMuon's row statistics and a block split refer to).
 
     * 2-D: one matrix.
     * ``"flatten"`` (``"auto"`` for ≥ 4-D, i.e. conv2d/conv3d weights ``(out, in, *kernel)``): one ``out × rest``
       matrix — each output channel's filter is a row.
     * ``"batch"`` (``"auto"`` for 3-D: stacked experts or per-head weights ``(..., m, n)``): the leading dims index
       independent matrices. A Conv1d weight ``(out, in, k)`` is 3-D: give its group ``shape_policy="flatten"``.
+    * ``weight_layout="in_out"``: each matrix is stored transposed, ``(..., in, out)`` in the last two dims
+      (transformers' GPT-2 ``Conv1D``, ``y = x·W + b``): m and n are swapped. Only for matrices stored in the
+      last two dims (2-D, or 3-D batches).
     """
     if len(shape) < 2:
         raise ValueError(
@@ -81,9 +90,19 @@ def matrix_layout(shape: tuple[int, ...], policy: ShapePolicy = "auto") -> tuple
         raise ValueError(f"unknown shape_policy {policy!r}; choose one of {SHAPE_POLICIES}")
     if any(d == 0 for d in shape):
         raise ValueError(f"parameter of shape {tuple(shape)} is empty")
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"unknown weight_layout {weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
+    flatten = len(shape) > 2 and (policy == "flatten" or (policy == "auto" and len(shape) >= 4))
+    if weight_layout == "in_out":
+        if flatten:
+            raise ValueError(
+                f"weight_layout='in_out' takes matrices stored (..., in, out) in the last two dims; the parameter "
+                f"of shape {tuple(shape)} is flattened by shape_policy={policy!r} (use 'batch', or 'out_in')"
+            )
+        return math.prod(shape[:-2]), shape[-1], shape[-2]
     if len(shape) == 2:
         return 1, shape[0], shape[1]
-    if policy == "flatten" or (policy == "auto" and len(shape) >= 4):
+    if flatten:
         return 1, shape[0], math.prod(shape[1:])
     return math.prod(shape[:-2]), shape[-2], shape[-1]
 
@@ -138,6 +157,7 @@ class MatrixOptions:
     row_eps: float
     backend: str
     elementwise: Elementwise
+    weight_layout: WeightLayout
     #: The polar engine's resolved options and the lr scale per (m, n, device, arithmetic), filled by the backends
     #: as they meet shapes (``backends.torch._polar_plan``); shared by the per-step copies of this record.
     polar_plans: dict[tuple[Any, ...], tuple[PolarPlan, float]] = field(default_factory=dict, compare=False, repr=False)
@@ -171,12 +191,13 @@ _STATIC_KEYS = (
     "row_eps",
     "backend",
     "elementwise",
+    "weight_layout",
 )
 
 
 def _static_key(group: dict[str, Any]) -> tuple[Any, ...]:
-    # Groups saved before "iteration", "backend" and "elementwise" existed run their defaults.
-    defaults = {"iteration": "auto", "backend": "auto", "elementwise": "auto"}
+    # Groups saved before "iteration", "backend", "elementwise" and "weight_layout" existed run their defaults.
+    defaults = {"iteration": "auto", "backend": "auto", "elementwise": "auto", "weight_layout": "out_in"}
     return tuple(group.get(k, defaults.get(k)) for k in _STATIC_KEYS)
 
 
@@ -191,7 +212,7 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
     (nesterov, schedule, ns_steps, normalization, compute_dtype, iteration, scale_mode, shape_policy) = _static_key(
         group
     )[:8]
-    row_norm, beta2, row_eps, backend, elementwise = _static_key(group)[8:]
+    row_norm, beta2, row_eps, backend, elementwise, weight_layout = _static_key(group)[8:]
     if not isinstance(nesterov, bool):
         raise TypeError("nesterov must be a bool")
     if scale_mode not in SCALE_MODES:
@@ -204,6 +225,8 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
         raise ValueError(f"unknown shape_policy {shape_policy!r}; choose one of {SHAPE_POLICIES}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"unknown weight_layout {weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
     if elementwise not in ELEMENTWISE:
         raise ValueError(f"unknown elementwise {elementwise!r}; choose one of {ELEMENTWISE}")
     if not isinstance(row_norm, bool):
@@ -216,7 +239,12 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
     params = group["params"]
     check_param_dtypes(params)
     for p in params:
-        matrix_layout(tuple(p.shape), shape_policy)
+        matrix_layout(tuple(p.shape), shape_policy, weight_layout)
+        if weight_layout == "in_out" and type(p).__name__ == "DTensor":
+            raise ValueError(
+                "weight_layout='in_out' is not supported for DTensor (sharded) parameters: FSDP2 shards the stored "
+                "rows, which are the matrix's inputs here; keep such weights unsharded or store them (out, in)"
+            )
     resolved = {}
     for device in {p.device for p in params}:
         dtype = resolve_compute_dtype(compute_dtype, device)
@@ -240,6 +268,7 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
         row_eps=float(row_eps),
         backend=backend,
         elementwise=elementwise,
+        weight_layout=weight_layout,
         backends=resolved,
     )
 

@@ -4,7 +4,7 @@ optimizers, which keep one per optimizer on the CPU for the step's temporaries a
 Why: those loops would otherwise allocate the same temporaries afresh for every matrix and every step; reusing one
 buffer per role keeps the memory in cache and off the allocator — on the CPU, large blocks freed at the end of a
 step are handed back to the OS by glibc and page-faulted in again on the next one (``optim/backends/torch.py``,
-``_held_update``; benchmarks/RESULTS.md).
+``prepare``; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ the other backends but the options record, so the tests can hold those to it (``
 For a parameter θ with gradient G and momentum B (each matrix of it, in its (out, in) = (m, n) view):
 
     B ← μB + (1 − μ)G                               momentum (torch.optim.Muon's ``lerp``)
-    M ← μB + (1 − μ)G   (Nesterov)   or   M ← B      the optimizer's input
+    M ← μB + (1 − μ)G   (Nesterov)   or   M ← B      the optimizer's input (each matrix (out, in); a group with
+                                                     weight_layout="in_out" stores them (in, out): transposed)
     X₀ ← M / (margin·‖M‖_F)                          "frobenius"
        ← M / (margin·‖M̂M̂ᵀ‖_F^{1/2}·‖M‖_F),  M̂ = M/‖M‖_F          "schatten4"
        ← D M̂,  Dᵢᵢ = (Σⱼ|(M̂M̂ᵀ)ᵢⱼ|)^{-1/2} / margin               "aol"
@@ -44,8 +45,13 @@ def prepare(
     """Every parameter's new value, momentum and second moment, in float64; nothing written."""
     new_params, new_bufs, new_second = [], [], []
     finite = torch.ones((), dtype=torch.bool, device=params[0].device if params else "cpu")
+    transposed = opts.weight_layout == "in_out"  # stored (..., in, out): computed on the (out, in) view
+
+    def matrices(t: Tensor, count: int, m: int, n: int) -> Tensor:
+        return (t.double().mT if transposed else t.double()).reshape(count, m, n)
+
     for i, (p, g, b, (count, m, n)) in enumerate(zip(params, grads, bufs, layouts, strict=True)):
-        G, B = g.double().reshape(count, m, n), b.double().reshape(count, m, n)
+        G, B = matrices(g, count, m, n), matrices(b, count, m, n)
         mu = opts.momentum
         B = mu * B + (1.0 - mu) * G
         M = mu * B + (1.0 - mu) * G if opts.nesterov else B
@@ -62,11 +68,11 @@ def prepare(
         else:
             U = lr_scale(opts.scale_mode, m, n) * O
         lr, wd = float(opts.lr), float(opts.weight_decay)
-        theta = p.double().reshape(count, m, n) * (1.0 - lr * wd) - lr * U
+        theta = matrices(p, count, m, n) * (1.0 - lr * wd) - lr * U
         finite &= torch.isfinite(U).all()
         new_params.append(theta)
         new_bufs.append(B)
-    return ReferenceUpdate(params, bufs, second, steps, new_params, new_bufs, new_second, finite)
+    return ReferenceUpdate(params, bufs, second, steps, new_params, new_bufs, new_second, finite, transposed)
 
 
 def _orthogonalize(M: Tensor, opts: MatrixOptions) -> Tensor:
@@ -105,6 +111,7 @@ class ReferenceUpdate:
     new_bufs: list[Tensor]
     new_second: list[Tensor]
     finite: Tensor
+    transposed: bool = False  # new values are (count, out, in); the tensors store (..., in, out)
 
     @property
     def out_sum(self) -> Tensor:
@@ -115,10 +122,8 @@ class ReferenceUpdate:
         ok = getattr(flag, "ok", None)
         if ok is not None and not bool(ok):
             return
-        for p, new in zip(self.params, self.new_params, strict=True):
-            p.copy_(new.view_as(p))
-        for b, new in zip(self.bufs, self.new_bufs, strict=True):
-            b.copy_(new.view_as(b))
+        for t, new in (*zip(self.params, self.new_params, strict=True), *zip(self.bufs, self.new_bufs, strict=True)):
+            t.copy_((new.mT if self.transposed else new).reshape(t.shape))
         if self.second is not None:
             for s, new in zip(self.second, self.new_second, strict=True):
                 s.copy_(new.view_as(s))

@@ -69,23 +69,28 @@ def prepare(
     megabatch's orthogonalization is started first and the updates finished once all have started.
     """
     copies = float32_copies(backend, opts)
+    # transformers' Conv1D stores each matrix (in, out): the momentum and commit work on the stored layout, the
+    # orthogonalization and the update on the (out, in) view of it (``options.matrix_layout``).
+    transposed = opts.weight_layout == "in_out"
     pending = []
     started = []
     for k, mb in enumerate(megabatches):
-        m, n = mb.matrix_shape
+        m, n = mb.matrix_shape  # outputs × inputs
         idx = mb.indices
         p_mb, b_mb, g_mb = [params[i] for i in idx], [bufs[i] for i in idx], [grads[i] for i in idx]
-        shape, device = (mb.matrices, m, n), b_mb[0].device
+        shape, device = (mb.matrices, n, m) if transposed else (mb.matrices, m, n), b_mb[0].device
         plan, scale = _polar_plan(opts, m, n, device, copies)
         M_out = O_out = None
-        if held is not None:  # M and O in buffers kept from step to step (``_held_update``); O laid out wide
+        if held is not None:  # M and O in buffers kept from step to step; O laid out as it is added (below)
             M_out = held.get("input", shape, b_mb[0].dtype, device)
-            O_out = held.get(f"{role}{k}", (mb.matrices, n, m) if m > n else shape, plan.dtype, device)
-            O_out = O_out.mT if m > n else O_out
+            wide = transposed or m > n  # stored (in, out); or wide, the iteration's orientation: its last product
+            O_out = held.get(f"{role}{k}", (mb.matrices, n, m) if wide else shape, plan.dtype, device)
+            O_out = O_out.mT if wide else O_out
         table = None
-        if backend.fused and tables is not None:
+        if backend.fused and tables is not None and not transposed:
             table = fused.table(tables, p_mb, b_mb, g_mb, mb.counts, m * n)
         M, old, new = momentum_input(backend, b_mb, g_mb, opts, shape, M_out, selects, table)
+        M = M.mT if transposed else M
         if start is not None:
             orth = functools.partial(polar, plan=plan, opts=opts, copies=copies)
             started.append((mb, p_mb, b_mb, g_mb, M, old, new, table, scale, start(k, M, orth)))
@@ -122,6 +127,7 @@ def _pending(
     m = mb.matrix_shape[0]
     alpha, decay = step_factors(opts, scale)
     p = Pending(backend, params, bufs, grads, opts.momentum, O, alpha, mb.counts, decay, None)
+    p.transposed = opts.weight_layout == "in_out"
     p.old_bufs, p.new_bufs, p.table = old, new, table
     if opts.row_norm:
         assert second is not None
@@ -417,6 +423,7 @@ class Pending:
     # float32 row factor, or PolarGrad's (matrices, 1, 1) −lr·⟨O, M⟩ in the update's dtype.
     update_factor: Tensor | None = None
     table: fused.Table | None = None  # the fused kernels' address table (``backend.fused``)
+    transposed: bool = False  # the parameters store each matrix (in, out): the update is added transposed
 
     def commit(self, flag: StepFlag, scratch: Workspace) -> None:
         """Write the megabatch's new state (or, where ``flag.ok`` is false, keep the old one bit for bit). With a
@@ -448,7 +455,10 @@ class Pending:
             )
         if isinstance(self.decay, Tensor) or self.decay != 1.0:
             _decay_params(self.params, self.decay, flag, scratch)
-        parts = [u.view_as(t) for u, t in zip(update.split(self.counts), self.params, strict=True)]
+        if self.transposed:  # (out, in) → the stored (in, out); a view where the buffer was laid out for it
+            parts = [u.mT.reshape(t.shape) for u, t in zip(update.split(self.counts), self.params, strict=True)]
+        else:
+            parts = [u.view_as(t) for u, t in zip(update.split(self.counts), self.params, strict=True)]
         _add_update(self.backend, self.params, parts, self.alpha, scratch)
 
 
