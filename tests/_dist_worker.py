@@ -316,6 +316,29 @@ def dtensor_matches_single_process(rank: int, world: int, tmp: str) -> None:
             assert type(v).__name__ == "DTensor" and tuple(v.shape) == (3, 1), (type(v), v.shape)
 
 
+def split_blocks_match_single_process(rank: int, world: int, tmp: str) -> None:
+    """``split=2`` (row blocks orthogonalized on their own) over DTensor Shard(0) parameters — an owner gathers
+    whole matrices and cuts them — mixed with replicated ones, every class: equal to one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    sharded, plain = [(16, 32), (32, 16), (4, 8, 12), (8, 24)], [(16, 32), (24, 24)]
+    shapes = [*sharded, *plain]
+    for name, make in CLASSES.items():
+        make = partial(make, split=2)
+        full = make_params(shapes)
+        params = [nn.Parameter(shard(p.detach(), mesh)) for p in full[: len(sharded)]] + full[len(sharded) :]
+        opt = make(params)
+        for s in range(3):
+            grads = full_grads(shapes, s)
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                p.grad = shard(g, mesh) if i < len(sharded) else g
+            opt.step()
+        got = [full_value(p) for p in params]
+        assert_close(got, run_reference(make, shapes, [0, 1, 2]), f"{name}, split=2")
+        assert_replicas_equal(got, f"{name}, split=2")
+
+
 def _without_vectors(make: Callable[..., torch.optim.Optimizer], k: int, ps: list, **kw: Any) -> Any:
     """The optimizer over every parameter but the two vectors at k−2, k−1 (only Hybrid takes vectors)."""
     return make([*ps[: k - 2], *ps[k:]], **kw)
@@ -437,6 +460,7 @@ SCENARIOS: dict[str, Callable[[int, int, str], None]] = {
         raise_on_one_rank,
         grad_missing_on_one_rank,
         dtensor_matches_single_process,
+        split_blocks_match_single_process,
         one_rank_mesh,
         fsdp2_training,
         fsdp2_checkpoint,

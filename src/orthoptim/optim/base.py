@@ -273,7 +273,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 else:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     if opts.row_norm:
-                        count, m, _ = matrix_layout(tuple(p.shape), opts.shape_policy, opts.weight_layout)
+                        count, m, _ = matrix_layout(tuple(p.shape), opts.shape_policy, opts.weight_layout, opts.split)
                         if is_dtensor(p):  # sharded like p's rows: (d0, count·m/d0), see distributed.fsdp
                             state["second_moment"] = zeros_row_state(p, count * m)
                         else:
@@ -288,7 +288,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         the last plan: plans are keyed by it); NorMuon's second moments, made for the layout of the first step,
         must still fit."""
         policy = opts.shape_policy
-        layouts = [matrix_layout(tuple(p.shape), policy, opts.weight_layout) for p in params]
+        layouts = [matrix_layout(tuple(p.shape), policy, opts.weight_layout, opts.split) for p in params]
         for p, (count, m, _) in zip(params, layouts, strict=True):
             second = self.state[p].get("second_moment") if opts.row_norm else None
             if second is not None and second.numel() != count * m:

@@ -112,7 +112,8 @@ def _normalize_entry(
         moments, step_dtype, rows = ["exp_avg", "exp_avg_sq"], torch.float32, None
     else:
         moments, step_dtype = ["momentum_buffer"], torch.int64
-        count, m, _ = matrix_layout(tuple(p.shape), group["shape_policy"], group.get("weight_layout", "out_in"))
+        layout = (group.get("weight_layout", "out_in"), group.get("split", 1))
+        count, m, _ = matrix_layout(tuple(p.shape), group["shape_policy"], *layout)
         rows = (count, m) if group["row_norm"] else None
         if converted:  # from another orthogonalized algorithm: NorMuon's v is dropped, or starts at 0 as at step 1
             entry.pop("second_moment", None)

@@ -142,21 +142,61 @@ def is_transposed_linear(module: nn.Module) -> bool:
     )
 
 
-def matrix_options_by_module(module: nn.Module, given: dict[str, Any]) -> dict[int, tuple[tuple[str, str], ...]]:
+#: ``split="auto"``: fused projections recognized by the name of the module holding the weight (the last
+#: component of its path) and their shape — q, k and v in one weight (out = 3·in), gate and up in one weight.
+AUTO_SPLIT_NAMES: dict[str, int] = {"c_attn": 3, "qkv": 3, "wqkv": 3, "qkv_proj": 3, "gate_up_proj": 2}
+
+
+def _auto_split(name: str, module: nn.Module, out: int, inputs: int) -> int:
+    """The block count ``split="auto"`` gives the weight of ``module`` (named ``name``), 1 if none."""
+    if isinstance(module, nn.MultiheadAttention):
+        return 3  # its in_proj_weight holds q, k and v (3·embed_dim rows)
+    k = AUTO_SPLIT_NAMES.get(name.rsplit(".", 1)[-1].lower(), 1)
+    if k == 3 and out != 3 * inputs:  # q, k, v of the model's width; anything else (grouped-query) is not guessed
+        return 1
+    return k if out % k == 0 else 1
+
+
+def matrix_options_by_module(
+    module: nn.Module, given: dict[str, Any], split: str | dict[str, int] | None = None
+) -> dict[int, tuple[tuple[str, Any], ...]]:
     """The group options ``module``'s layers need beyond their group's, by weight ``id``: ``nn.Conv1d`` weights
     (out, in, k) are one out × in·k matrix (``shape_policy="flatten"``; a 3-D weight is otherwise a batch), and
-    ``Conv1D`` weights are stored (in, out) (``weight_layout="in_out"``) — each unless ``given`` sets that option."""
-    special: dict[int, tuple[tuple[str, str], ...]] = {}
-    for m in module.modules():
+    ``Conv1D`` weights are stored (in, out) (``weight_layout="in_out"``) — each unless ``given`` sets that option.
+    ``split``: ``"auto"`` (fused projections, ``AUTO_SPLIT_NAMES`` and ``nn.MultiheadAttention``) or a mapping
+    from module names (a suffix of the path: ``"attn.c_attn"``, ``"c_attn"``) to block counts."""
+    special: dict[int, tuple[tuple[str, Any], ...]] = {}
+    matched: set[str] = set()
+    for name, m in module.named_modules():
+        options: list[tuple[str, Any]] = []
+        weight = m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else getattr(m, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+            continue
+        transposed = is_transposed_linear(m)
         if isinstance(m, nn.Conv1d) and "shape_policy" not in given:
-            special[id(m.weight)] = (("shape_policy", "flatten"),)
-        elif is_transposed_linear(m) and "weight_layout" not in given:
-            special[id(m.weight)] = (("weight_layout", "in_out"),)
+            options.append(("shape_policy", "flatten"))
+        elif transposed and "weight_layout" not in given:
+            options.append(("weight_layout", "in_out"))
+        out, inputs = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
+        k = 1
+        if split == "auto":
+            k = _auto_split(name, m, out, inputs)
+        elif isinstance(split, dict):
+            for key, value in split.items():
+                if name == key or name.endswith("." + key):
+                    k = value
+                    matched.add(key)
+        if k != 1:
+            options.append(("split", k))
+        if options:
+            special[id(weight)] = tuple(options)
+    if isinstance(split, dict) and set(split) - matched:
+        raise ValueError(f"Hybrid(split=...): no module named {sorted(set(split) - matched)} holds a matrix weight")
     return special
 
 
 def _sort_group(
-    group: dict[str, Any], adamw: dict[str, Any], excluded: set[int], special: dict[int, tuple[tuple[str, str], ...]]
+    group: dict[str, Any], adamw: dict[str, Any], excluded: set[int], special: dict[int, tuple[tuple[str, Any], ...]]
 ) -> list[dict[str, Any]]:
     """A param group without ``"algorithm"`` as the explicit groups it becomes, in this order, empty ones left
     out: its orthogonalized matrices, a group per option set in ``special`` (Conv1d's flatten, Conv1D's (in, out)
@@ -182,7 +222,7 @@ def _sort_group(
                 f"{len(items)} parameters, which are then not (name, parameter) pairs"
             )
         items = list(zip(group["param_names"], items, strict=True))
-    matrices: dict[tuple[tuple[str, str], ...], list[Any]] = {(): []}  # by their extra options, plain first
+    matrices: dict[tuple[tuple[str, Any], ...], list[Any]] = {(): []}  # by their extra options, plain first
     to_adamw_items: list[Any] = []
     for item in items:
         name, p = item if isinstance(item, tuple) else (None, item)
@@ -248,8 +288,13 @@ class Hybrid(Muon):
 
     Keyword arguments are :class:`orthoptim.Muon`'s for the matrices (``lr`` default 0.02, ``weight_decay`` 0)
     plus ``adamw_lr`` (3e-4), ``adamw_betas`` ((0.9, 0.95)), ``adamw_eps`` (1e-8), ``adamw_weight_decay`` (0),
-    and ``module`` (above; only with param groups). ``row_norm=True`` runs NorMuon on the matrices, with its
-    ``beta2`` and ``row_eps`` (:class:`orthoptim.NorMuon`); ``scale_mode="nuclear"`` runs PolarGrad's scale.
+    and ``module`` (above; only with param groups). ``split``: a block count for every matrix (Muon's), or, with
+    the model at hand, ``"auto"`` — fused projections cut into their parts: GPT-2's ``c_attn``, ``qkv``/``Wqkv``/
+    ``qkv_proj`` with 3·in outputs (q, k, v), ``nn.MultiheadAttention``'s ``in_proj_weight`` into 3,
+    ``gate_up_proj`` into 2 — or a ``{module name: count}`` dict (a name matches a suffix of the module's path;
+    grouped-query projections need their head count, e.g. ``{"q_proj": heads}``). ``row_norm=True`` runs NorMuon
+    on the matrices, with its ``beta2`` and ``row_eps`` (:class:`orthoptim.NorMuon`); ``scale_mode="nuclear"``
+    runs PolarGrad's scale.
     ``process_group`` (Muon's) splits the matrices' orthogonalization over ranks; the AdamW half is elementwise
     and runs on each rank's replicas or shards, and both halves skip together on every rank.
     """
@@ -268,9 +313,20 @@ class Hybrid(Muon):
         row_norm: bool = False,
         beta2: float = 0.95,
         row_eps: float = 1e-8,
+        split: int | str | dict[str, int] = 1,
         **kw: Any,
     ) -> None:
         adamw = {"lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps, "weight_decay": adamw_weight_decay}
+        by_module: str | dict[str, int] | None = None  # split="auto" or {name: k}: per module, found below
+        if isinstance(split, (str, dict)):
+            if split != "auto" and not isinstance(split, dict):
+                raise ValueError(
+                    f'Hybrid(split=): a block count, "auto" or a {{module name: count}} dict; got {split!r}'
+                )
+            by_module, split = split, 1
+            if not isinstance(params, nn.Module) and module is None:
+                raise TypeError('Hybrid(split="auto" or a dict) needs the model: Hybrid(model) or module=model')
+        kw["split"] = split
         if module is not None and not isinstance(module, nn.Module):
             raise TypeError(f"Hybrid(module=): an nn.Module, got {type(module).__name__}")
         if isinstance(params, nn.Module):
@@ -292,7 +348,7 @@ class Hybrid(Muon):
                 groups.append({"params": rest, "algorithm": "adamw", **adamw})
         else:
             excluded = _excluded_ids(module) if module is not None else set()
-            special = matrix_options_by_module(module, kw) if module is not None else {}
+            special = matrix_options_by_module(module, kw, by_module) if module is not None else {}
             for g in params:
                 if not isinstance(g, dict):
                     raise TypeError(

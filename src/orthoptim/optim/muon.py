@@ -76,6 +76,9 @@ class Muon(OrthogonalizedOptimizer):
         weight_layout: ``"out_in"`` (default: matrices stored (out, in), as ``nn.Linear``) or ``"in_out"``
             (stored transposed, as transformers' GPT-2 ``Conv1D``): the lr scale and NorMuon's rows follow the
             (out, in) orientation. ``orthoptim.Hybrid(model)`` sets it for ``Conv1D`` weights itself.
+        split: cut each matrix's output rows into this many equal blocks, each orthogonalized on its own (with
+            its own lr scale, NorMuon rows and PolarGrad norm): 3 for a fused QKV projection, 2 for gate and up in
+            one weight, the number of heads for per-head updates. A param group option; default 1 (whole).
 
     Any other keyword raises ``TypeError``, as torch.optim.Muon's would: a misspelt option is never ignored.
     NorMuon's options (``beta2``, ``row_eps``) are :class:`orthoptim.NorMuon`'s (and :class:`orthoptim.Hybrid`'s).
@@ -110,6 +113,7 @@ class Muon(OrthogonalizedOptimizer):
         backend: BackendName = "auto",
         elementwise: Elementwise = "auto",
         weight_layout: WeightLayout = "out_in",
+        split: int = 1,
     ) -> None:
         if adjust_lr_fn not in _TORCH_ADJUST:
             raise ValueError(f"adjust_lr_fn must be one of {_TORCH_ADJUST}, got {adjust_lr_fn!r}")
@@ -133,6 +137,7 @@ class Muon(OrthogonalizedOptimizer):
             "backend": backend,
             "elementwise": elementwise,
             "weight_layout": weight_layout,
+            "split": split,
             **self._algorithm_defaults(),
         }
         super().__init__(params, defaults, nonfinite, warn_nonfinite, process_group=process_group)

@@ -66,7 +66,7 @@ def check_param_dtypes(params: list[Tensor]) -> None:
 
 
 def matrix_layout(
-    shape: tuple[int, ...], policy: ShapePolicy = "auto", weight_layout: WeightLayout = "out_in"
+    shape: tuple[int, ...], policy: ShapePolicy = "auto", weight_layout: WeightLayout = "out_in", split: int = 1
 ) -> tuple[int, int, int]:
     """``(count, m, n)``: the parameter is ``count`` matrices of m outputs × n inputs (rows are output neurons:
     what the lr scale, NorMuon's row statistics and a block split refer to).
@@ -79,7 +79,25 @@ def matrix_layout(
     * ``weight_layout="in_out"``: each matrix is stored transposed, ``(..., in, out)`` in the last two dims
       (transformers' GPT-2 ``Conv1D``, ``y = x·W + b``): m and n are swapped. Only for matrices stored in the
       last two dims (2-D, or 3-D batches).
+    * ``split=k``: each matrix's m output rows are cut into k equal blocks of m/k rows, each orthogonalized (and
+      lr-scaled, row-normalized, nuclear-scaled) on its own: a fused QKV projection (k = 3), gate and up in one
+      weight (k = 2), attention heads (k = heads). The parameter is then ``count·k`` matrices of m/k × n.
     """
+    count, m, n = _whole_matrices(shape, policy, weight_layout)
+    if split == 1:
+        return count, m, n
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"split must be a positive int (blocks of output rows), got {split!r}")
+    if m % split:
+        raise ValueError(
+            f"split={split} cuts each matrix's {m} output rows into equal blocks, but {m} is not a multiple of "
+            f"{split} (parameter of shape {tuple(shape)})"
+        )
+    return count * split, m // split, n
+
+
+def _whole_matrices(shape: tuple[int, ...], policy: ShapePolicy, weight_layout: WeightLayout) -> tuple[int, int, int]:
+    """``matrix_layout`` before any split."""
     if len(shape) < 2:
         raise ValueError(
             f"parameter of shape {tuple(shape)} has {len(shape)} dim(s): orthogonalized optimizers need matrices "
@@ -158,6 +176,7 @@ class MatrixOptions:
     backend: str
     elementwise: Elementwise
     weight_layout: WeightLayout
+    split: int
     #: The polar engine's resolved options and the lr scale per (m, n, device, arithmetic), filled by the backends
     #: as they meet shapes (``backends.torch._polar_plan``); shared by the per-step copies of this record.
     polar_plans: dict[tuple[Any, ...], tuple[PolarPlan, float]] = field(default_factory=dict, compare=False, repr=False)
@@ -192,12 +211,13 @@ _STATIC_KEYS = (
     "backend",
     "elementwise",
     "weight_layout",
+    "split",
 )
 
 
 def _static_key(group: dict[str, Any]) -> tuple[Any, ...]:
     # Groups saved before "iteration", "backend", "elementwise" and "weight_layout" existed run their defaults.
-    defaults = {"iteration": "auto", "backend": "auto", "elementwise": "auto", "weight_layout": "out_in"}
+    defaults = {"iteration": "auto", "backend": "auto", "elementwise": "auto", "weight_layout": "out_in", "split": 1}
     return tuple(group.get(k, defaults.get(k)) for k in _STATIC_KEYS)
 
 
@@ -212,7 +232,7 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
     (nesterov, schedule, ns_steps, normalization, compute_dtype, iteration, scale_mode, shape_policy) = _static_key(
         group
     )[:8]
-    row_norm, beta2, row_eps, backend, elementwise, weight_layout = _static_key(group)[8:]
+    row_norm, beta2, row_eps, backend, elementwise, weight_layout, split = _static_key(group)[8:]
     if not isinstance(nesterov, bool):
         raise TypeError("nesterov must be a bool")
     if scale_mode not in SCALE_MODES:
@@ -229,6 +249,8 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
         raise ValueError(f"unknown weight_layout {weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
     if elementwise not in ELEMENTWISE:
         raise ValueError(f"unknown elementwise {elementwise!r}; choose one of {ELEMENTWISE}")
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"split must be a positive int (blocks of output rows), got {split!r}")
     if not isinstance(row_norm, bool):
         raise TypeError("row_norm must be a bool")
     sched = as_schedule(schedule)
@@ -239,7 +261,7 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
     params = group["params"]
     check_param_dtypes(params)
     for p in params:
-        matrix_layout(tuple(p.shape), shape_policy, weight_layout)
+        matrix_layout(tuple(p.shape), shape_policy, weight_layout, split)
         if weight_layout == "in_out" and type(p).__name__ == "DTensor":
             raise ValueError(
                 "weight_layout='in_out' is not supported for DTensor (sharded) parameters: FSDP2 shards the stored "
@@ -269,6 +291,7 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
         backend=backend,
         elementwise=elementwise,
         weight_layout=weight_layout,
+        split=split,
         backends=resolved,
     )
 

@@ -11,7 +11,8 @@ For a parameter θ with gradient G and momentum B (each matrix of it, in its (ou
     X₀ ← M / (margin·‖M‖_F)                          "frobenius"
        ← M / (margin·‖M̂M̂ᵀ‖_F^{1/2}·‖M‖_F),  M̂ = M/‖M‖_F          "schatten4"
        ← D M̂,  Dᵢᵢ = (Σⱼ|(M̂M̂ᵀ)ᵢⱼ|)^{-1/2} / margin               "aol"
-    X ← aX + (bA + cA²)X,  A = XXᵀ, for each (a, b, c) of the schedule (m ≤ n; a tall matrix is transposed)
+    X ← aX + (bA + cA²)X,  A = XXᵀ, for each (a, b, c) of the schedule (m ≤ n; a tall matrix is transposed);
+    with split=k each matrix's rows are cut into k blocks first, each block its own M from here on
     O ← X
     NorMuon (arXiv 2510.05491):  v ← β₂v + (1 − β₂)·meanⱼ Oᵢⱼ²;  Ô = O / √(v + ε) (rows);  O ← Ô·‖O‖_F/‖Ô‖_F
     PolarGrad (arXiv 2505.21799): U = ⟨O, M⟩·O (≈ ‖M‖_*·polar(M));  otherwise U = scale(m, n)·O
@@ -48,6 +49,7 @@ def prepare(
     transposed = opts.weight_layout == "in_out"  # stored (..., in, out): computed on the (out, in) view
 
     def matrices(t: Tensor, count: int, m: int, n: int) -> Tensor:
+        """``t`` as its (out, in) matrices, each cut into ``opts.split`` blocks of rows: (count, m, n)."""
         return (t.double().mT if transposed else t.double()).reshape(count, m, n)
 
     for i, (p, g, b, (count, m, n)) in enumerate(zip(params, grads, bufs, layouts, strict=True)):
@@ -72,7 +74,11 @@ def prepare(
         finite &= torch.isfinite(U).all()
         new_params.append(theta)
         new_bufs.append(B)
-    return ReferenceUpdate(params, bufs, second, steps, new_params, new_bufs, new_second, finite, transposed)
+    if transposed:  # back to whole (out, in) matrices, then to the stored (in, out)
+        rows = [(m * opts.split, n) for _, m, n in layouts]
+        new_params = [t.reshape(-1, *r).mT for t, r in zip(new_params, rows, strict=True)]
+        new_bufs = [t.reshape(-1, *r).mT for t, r in zip(new_bufs, rows, strict=True)]
+    return ReferenceUpdate(params, bufs, second, steps, new_params, new_bufs, new_second, finite)
 
 
 def _orthogonalize(M: Tensor, opts: MatrixOptions) -> Tensor:
@@ -111,7 +117,6 @@ class ReferenceUpdate:
     new_bufs: list[Tensor]
     new_second: list[Tensor]
     finite: Tensor
-    transposed: bool = False  # new values are (count, out, in); the tensors store (..., in, out)
 
     @property
     def out_sum(self) -> Tensor:
@@ -123,7 +128,7 @@ class ReferenceUpdate:
         if ok is not None and not bool(ok):
             return
         for t, new in (*zip(self.params, self.new_params, strict=True), *zip(self.bufs, self.new_bufs, strict=True)):
-            t.copy_((new.mT if self.transposed else new).reshape(t.shape))
+            t.copy_(new.reshape(t.shape))
         if self.second is not None:
             for s, new in zip(self.second, self.new_second, strict=True):
                 s.copy_(new.view_as(s))

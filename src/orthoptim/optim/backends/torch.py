@@ -71,26 +71,30 @@ def prepare(
     copies = float32_copies(backend, opts)
     # transformers' Conv1D stores each matrix (in, out): the momentum and commit work on the stored layout, the
     # orthogonalization and the update on the (out, in) view of it (``options.matrix_layout``).
-    transposed = opts.weight_layout == "in_out"
+    transposed, split = opts.weight_layout == "in_out", opts.split
     pending = []
     started = []
     for k, mb in enumerate(megabatches):
-        m, n = mb.matrix_shape  # outputs × inputs
+        m, n = mb.matrix_shape  # outputs × inputs (of one block, with ``split``)
         idx = mb.indices
         p_mb, b_mb, g_mb = [params[i] for i in idx], [bufs[i] for i in idx], [grads[i] for i in idx]
-        shape, device = (mb.matrices, n, m) if transposed else (mb.matrices, m, n), b_mb[0].device
+        # The stack as the parameters store it: (in, out) whole matrices, or (out, in) blocks (a view of them).
+        shape = (mb.matrices // split, n, m * split) if transposed else (mb.matrices, m, n)
+        device = b_mb[0].device
         plan, scale = _polar_plan(opts, m, n, device, copies)
         M_out = O_out = None
         if held is not None:  # M and O in buffers kept from step to step; O laid out as it is added (below)
             M_out = held.get("input", shape, b_mb[0].dtype, device)
-            wide = transposed or m > n  # stored (in, out); or wide, the iteration's orientation: its last product
-            O_out = held.get(f"{role}{k}", (mb.matrices, n, m) if wide else shape, plan.dtype, device)
+            # Laid out as stored (in, out), added without a copy; else wide, the iteration's orientation.
+            wide = (transposed and split == 1) or m > n
+            O_out = held.get(f"{role}{k}", (mb.matrices, n, m) if wide else (mb.matrices, m, n), plan.dtype, device)
             O_out = O_out.mT if wide else O_out
         table = None
         if backend.fused and tables is not None and not transposed:
             table = fused.table(tables, p_mb, b_mb, g_mb, mb.counts, m * n)
         M, old, new = momentum_input(backend, b_mb, g_mb, opts, shape, M_out, selects, table)
-        M = M.mT if transposed else M
+        if transposed:  # the (out, in) view; cut into blocks of rows, a copy (the stored rows are the inputs)
+            M = M.mT if split == 1 else M.mT.reshape(mb.matrices, m, n)
         if start is not None:
             orth = functools.partial(polar, plan=plan, opts=opts, copies=copies)
             started.append((mb, p_mb, b_mb, g_mb, M, old, new, table, scale, start(k, M, orth)))
@@ -127,7 +131,7 @@ def _pending(
     m = mb.matrix_shape[0]
     alpha, decay = step_factors(opts, scale)
     p = Pending(backend, params, bufs, grads, opts.momentum, O, alpha, mb.counts, decay, None)
-    p.transposed = opts.weight_layout == "in_out"
+    p.transposed, p.split = opts.weight_layout == "in_out", opts.split
     p.old_bufs, p.new_bufs, p.table = old, new, table
     if opts.row_norm:
         assert second is not None
@@ -424,6 +428,7 @@ class Pending:
     update_factor: Tensor | None = None
     table: fused.Table | None = None  # the fused kernels' address table (``backend.fused``)
     transposed: bool = False  # the parameters store each matrix (in, out): the update is added transposed
+    split: int = 1  # blocks of output rows per matrix (``options.matrix_layout``)
 
     def commit(self, flag: StepFlag, scratch: Workspace) -> None:
         """Write the megabatch's new state (or, where ``flag.ok`` is false, keep the old one bit for bit). With a
@@ -450,13 +455,17 @@ class Pending:
         else:
             assert self.old_bufs is not None
             new = self.new_bufs if ok is None else torch.where(ok, self.new_bufs, self.old_bufs, out=self.new_bufs)
-            torch._foreach_copy_(
-                self.bufs, [b.view_as(t) for b, t in zip(new.split(self.counts), self.bufs, strict=True)]
-            )
+            sizes = [t.numel() for t in self.bufs]  # the stack is flat in the buffers' stored order
+            parts = [b.view_as(t) for b, t in zip(new.reshape(-1).split(sizes), self.bufs, strict=True)]
+            torch._foreach_copy_(self.bufs, parts)
         if isinstance(self.decay, Tensor) or self.decay != 1.0:
             _decay_params(self.params, self.decay, flag, scratch)
-        if self.transposed:  # (out, in) → the stored (in, out); a view where the buffer was laid out for it
-            parts = [u.mT.reshape(t.shape) for u, t in zip(update.split(self.counts), self.params, strict=True)]
+        if self.transposed:  # (out, in) blocks → whole matrices → the stored (in, out); a view where laid out so
+            rows, cols = update.shape[-2] * self.split, update.shape[-1]
+            whole = [u.reshape(-1, rows, cols) for u in update.split(self.counts)]
+            parts = [u.mT.reshape(t.shape) for u, t in zip(whole, self.params, strict=True)]
+        elif self.split > 1:  # row blocks of a tall shape are laid out wide (the iteration's): a copy each
+            parts = [u.reshape(t.shape) for u, t in zip(update.split(self.counts), self.params, strict=True)]
         else:
             parts = [u.view_as(t) for u, t in zip(update.split(self.counts), self.params, strict=True)]
         _add_update(self.backend, self.params, parts, self.alpha, scratch)
