@@ -1,6 +1,6 @@
 """orthoptim: orthogonalized optimizers on a scale-invariant polar-factor engine."""
 
-from .optim import Hybrid, Muon, NorMuon, PolarGrad, available, clip_grad_norm_, create, split_params
+from .optim import Hybrid, Muon, NorMuon, PolarGrad, available, clip_grad_norm_, create, explain, split_params
 from .polar import (
     NonFiniteError,
     Schedule,
@@ -30,6 +30,7 @@ __all__ = [
     "clip_grad_norm_",
     "create",
     "design_schedule",
+    "explain",
     "get_schedule",
     "list_schedules",
     "nuclear_norm",

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .timing import resolve_device
 
@@ -83,7 +84,45 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument(
         "--compare", type=_parse_names, default=["jordan", "polar_express", "orthoptim"], help="schedules to plot"
     )
+    ex = sub.add_parser(
+        "explain",
+        help="per parameter of a model: orientation, algorithm, row blocks, lr factor and why (orthoptim.explain)",
+    )
+    ex.add_argument(
+        "model",
+        help="a callable that builds the model, as module.path:name (a class or function called with no arguments)",
+    )
+    ex.add_argument("--split", default=None, help='"auto" (fused projections cut into their parts) or a block count')
+    ex.add_argument("--row-norm", action="store_true", help="NorMuon on the matrices (Hybrid's row_norm=True)")
     return parser
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """Build the model from its import path and print ``orthoptim.explain``'s table for ``Hybrid(model)``."""
+    import importlib
+
+    from . import explain
+
+    target = args.model
+    if ":" not in target:
+        raise ValueError(f"model {target!r}: give module.path:name, e.g. torchvision.models:resnet18")
+    module_name, _, attr = target.partition(":")
+    try:
+        factory = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"model {target!r}: cannot import {module_name!r} ({exc})") from exc
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ValueError(f"model {target!r}: {module_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ValueError(f"model {target!r}: {attr!r} is not callable")
+    model = factory()
+    options: dict[str, Any] = {"row_norm": args.row_norm}
+    if args.split is not None:
+        options["split"] = args.split if args.split == "auto" else int(args.split)
+    print(explain(model, **options))
+    return 0
 
 
 def _failed(command: str, exc: Exception) -> int:
@@ -184,6 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _failed("coeffs", exc)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "explain":
+        try:
+            return _explain(args)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            return _failed("explain", exc)
     if args.command == "doctor":
         from .doctor import DEFAULT_SHAPES, format_report, run_doctor
 

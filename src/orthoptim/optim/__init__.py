@@ -3,12 +3,13 @@ options; ``backends/``: the ways of executing the update; ``executor.py``: the s
 
 from .base import OrthogonalizedOptimizer
 from .clip import clip_grad_norm_
-from .hybrid import Hybrid, split_params
+from .hybrid import Hybrid
 from .muon import Muon
 from .normuon import NorMuon
 from .options import BACKENDS, NONFINITE_MODES, SCALE_MODES, lr_scale, matrix_layout
 from .polargrad import PolarGrad
 from .registry import available, create
+from .split import explain, split_params
 
 __all__ = [
     "BACKENDS",
@@ -22,6 +23,7 @@ __all__ = [
     "available",
     "clip_grad_norm_",
     "create",
+    "explain",
     "lr_scale",
     "matrix_layout",
     "split_params",

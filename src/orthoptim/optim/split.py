@@ -1,0 +1,298 @@
+"""Which of a model's parameters are orthogonalized, in which orientation and blocks, and why:
+:func:`split_params`, the per-layer options :class:`~orthoptim.Hybrid` derives from a model, and :func:`explain`,
+the table that shows it all."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .options import lr_scale, matrix_layout
+
+#: Module names treated as the output head by :func:`split_params` (the last component of the module path). A
+#: head module that is a direct child of the model is taken whole (ConvNeXt's ``head.fc``); a nested one only
+#: its own parameters (BERT's per-layer ``attention.output`` holds hidden ``dense`` layers).
+HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "output", "classifier", "decoder")
+#: Direct children of the model with these names are classifier heads too: torchvision's ResNet, RegNet,
+#: Inception and GoogLeNet end in a top-level ``fc``.
+TOP_LEVEL_HEAD_NAMES: tuple[str, ...] = ("fc",)
+#: Parameters registered directly (not an ``nn.Embedding``'s weight) whose own name contains one of these are
+#: embeddings too: a ViT's ``pos_embed``, ``cls_token``, ``register_tokens``, a GPT's raw ``wpe``-style tables named
+#: ``*embed*``. Matched against the last component of the parameter's name, lower-cased.
+EMBEDDING_NAME_PARTS: tuple[str, ...] = ("embed", "token")
+
+
+def split_params(
+    model: nn.Module,
+    *,
+    exclude_embeddings: bool = True,
+    exclude_head: bool = True,
+    head_names: Iterable[str] = HEAD_NAMES,
+    embedding_name_parts: Iterable[str] = EMBEDDING_NAME_PARTS,
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split ``model``'s trainable parameters into (hidden matrices, everything else).
+
+    Hidden matrices are weights with ≥ 2 dims (Linear, conv, stacked experts). Excluded by default, as Muon's
+    authors recommend: embedding tables (``nn.Embedding``/``nn.EmbeddingBag``, and parameters whose own name
+    contains one of ``embedding_name_parts``, e.g. ``pos_embed``, ``cls_token``), the output head (a module
+    whose name is in ``head_names`` — all of it when it is a direct child of ``model``, e.g. ConvNeXt's
+    ``head.fc`` — or a direct child named ``fc``, torchvision's classifier), and any weight shared with an
+    embedding (tied heads). Depthwise convolution weights (``groups > 1``, one input channel per filter) are never
+    matrices. Each parameter appears once (shared parameters are deduplicated).
+    """
+    excluded = _excluded_ids(
+        model,
+        exclude_embeddings=exclude_embeddings,
+        exclude_head=exclude_head,
+        head_names=head_names,
+        embedding_name_parts=embedding_name_parts,
+    )
+    matrices: list[nn.Parameter] = []
+    others: list[nn.Parameter] = []
+    for p in model.parameters():
+        if p.requires_grad:
+            (matrices if p.ndim >= 2 and id(p) not in excluded else others).append(p)
+    return matrices, others
+
+
+def _excluded_ids(
+    model: nn.Module,
+    *,
+    exclude_embeddings: bool = True,
+    exclude_head: bool = True,
+    head_names: Iterable[str] = HEAD_NAMES,
+    embedding_name_parts: Iterable[str] = EMBEDDING_NAME_PARTS,
+) -> set[int]:
+    """``id``s of ``model``'s parameters that :func:`split_params` keeps off the orthogonalized update whatever
+    their shape (``exclusion_reasons``)."""
+    return set(
+        exclusion_reasons(
+            model,
+            exclude_embeddings=exclude_embeddings,
+            exclude_head=exclude_head,
+            head_names=head_names,
+            embedding_name_parts=embedding_name_parts,
+        )
+    )
+
+
+def exclusion_reasons(
+    model: nn.Module,
+    *,
+    exclude_embeddings: bool = True,
+    exclude_head: bool = True,
+    head_names: Iterable[str] = HEAD_NAMES,
+    embedding_name_parts: Iterable[str] = EMBEDDING_NAME_PARTS,
+) -> dict[int, str]:
+    """Why each of ``model``'s parameters that :func:`split_params` keeps off the orthogonalized update is kept
+    off, by ``id``: embeddings (by type, and by their own name), head weights (by their module's name) and
+    depthwise convolution weights. A parameter shared by two (a tied head) keeps the first reason found."""
+    reasons: dict[int, str] = {}
+    if exclude_embeddings:
+        parts = tuple(part.lower() for part in embedding_name_parts)
+        for name, mod in model.named_modules():
+            if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+                for p in mod.parameters():
+                    reasons.setdefault(id(p), f"embedding table ({type(mod).__name__} {name})")
+        for name, p in model.named_parameters():
+            if _own_name_says_embedding(name, parts):
+                reasons.setdefault(id(p), "embedding (its name)")
+    if exclude_head:
+        heads = set(head_names)
+        for name, mod in model.named_modules():
+            top_level = bool(name) and "." not in name
+            if top_level and (name in heads or name in TOP_LEVEL_HEAD_NAMES):
+                for p in mod.parameters():
+                    reasons.setdefault(id(p), f"output head ({name})")
+            elif name and name.rsplit(".", 1)[-1] in heads:
+                for p in mod.parameters(recurse=False):
+                    reasons.setdefault(id(p), f"output head ({name})")
+    # Depthwise convolutions (groups = in_channels: weight (C, 1, *k)): each output channel filters one input
+    # channel, so the C × k matrix holds C unrelated filters, not one linear map to orthogonalize (timm's Muon
+    # sends them to AdamW as well).
+    for mod in model.modules():
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.groups > 1 and mod.weight.shape[1] == 1:
+            reasons.setdefault(id(mod.weight), "depthwise convolution (one input channel per filter)")
+    return reasons
+
+
+def _own_name_says_embedding(name: str, parts: tuple[str, ...] = EMBEDDING_NAME_PARTS) -> bool:
+    return any(part in name.rsplit(".", 1)[-1].lower() for part in parts)
+
+
+def _name_says_excluded(name: str) -> bool:
+    """:func:`split_params`'s rules that a parameter's qualified name alone can decide: its own name contains
+    ``embed``/``token``, or the module holding it is named like a head (``lm_head.weight``). An ``nn.Embedding``'s
+    table is known by its module's type only (``embed_tokens.weight``, ``wte.weight``), which a name does not show."""
+    module = name.rsplit(".", 1)[0] if "." in name else ""
+    return _own_name_says_embedding(name) or (bool(module) and module.rsplit(".", 1)[-1] in HEAD_NAMES)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer storing its weight (in, out): transformers' GPT-2 ``Conv1D``
+    (``y = x·W + b``, ``W`` of shape (nx, nf)), recognized by its class name and ``nf`` (no import of transformers)."""
+    weight = getattr(module, "weight", None)
+    nf = getattr(module, "nf", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.ndim == 2
+        and isinstance(nf, int)
+        and weight.shape[1] == nf
+    )
+
+
+#: ``split="auto"``: fused projections recognized by the name of the module holding the weight (the last
+#: component of its path) and their shape — q, k and v in one weight (out = 3·in), gate and up in one weight.
+AUTO_SPLIT_NAMES: dict[str, int] = {"c_attn": 3, "qkv": 3, "wqkv": 3, "qkv_proj": 3, "gate_up_proj": 2}
+
+
+def _auto_split(name: str, module: nn.Module, out: int, inputs: int) -> int:
+    """The block count ``split="auto"`` gives the weight of ``module`` (named ``name``), 1 if none."""
+    if isinstance(module, nn.MultiheadAttention):
+        return 3  # its in_proj_weight holds q, k and v (3·embed_dim rows)
+    k = AUTO_SPLIT_NAMES.get(name.rsplit(".", 1)[-1].lower(), 1)
+    if k == 3 and out != 3 * inputs:  # q, k, v of the model's width; anything else (grouped-query) is not guessed
+        return 1
+    return k if out % k == 0 else 1
+
+
+def matrix_options_by_module(
+    module: nn.Module, given: dict[str, Any], split: str | dict[str, int] | None = None
+) -> dict[int, tuple[tuple[str, Any], ...]]:
+    """The group options ``module``'s layers need beyond their group's, by weight ``id``: ``nn.Conv1d`` weights
+    (out, in, k) are one out × in·k matrix (``shape_policy="flatten"``; a 3-D weight is otherwise a batch), and
+    ``Conv1D`` weights are stored (in, out) (``weight_layout="in_out"``) — each unless ``given`` sets that option.
+    ``split``: ``"auto"`` (fused projections, ``AUTO_SPLIT_NAMES`` and ``nn.MultiheadAttention``) or a mapping
+    from module names (a suffix of the path: ``"attn.c_attn"``, ``"c_attn"``) to block counts."""
+    special: dict[int, tuple[tuple[str, Any], ...]] = {}
+    matched: set[str] = set()
+    for name, m in module.named_modules():
+        options: list[tuple[str, Any]] = []
+        weight = m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else getattr(m, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+            continue
+        transposed = is_transposed_linear(m)
+        if isinstance(m, nn.Conv1d) and "shape_policy" not in given:
+            options.append(("shape_policy", "flatten"))
+        elif transposed and "weight_layout" not in given:
+            options.append(("weight_layout", "in_out"))
+        out, inputs = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
+        k = 1
+        if split == "auto":
+            k = _auto_split(name, m, out, inputs)
+        elif isinstance(split, dict):
+            for key, value in split.items():
+                if name == key or name.endswith("." + key):
+                    k = value
+                    matched.add(key)
+        if k != 1:
+            options.append(("split", k))
+        if options:
+            special[id(weight)] = tuple(options)
+    if isinstance(split, dict) and set(split) - matched:
+        raise ValueError(f"Hybrid(split=...): no module named {sorted(set(split) - matched)} holds a matrix weight")
+    return special
+
+
+@dataclass(frozen=True)
+class ParamRow:
+    """One parameter in :func:`explain`'s table."""
+
+    name: str
+    shape: tuple[int, ...]
+    orientation: str  # "out×in", "in×out" (stored transposed), "–" for AdamW
+    algorithm: str  # "muon", "normuon", "polargrad", "adamw", or "not optimized"
+    split: int | None  # row blocks per matrix; None for AdamW
+    lr_factor: str  # the lr scale of each (block) matrix, "‖M‖_*" for PolarGrad, "–" for AdamW
+    why: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What an optimizer does with each of a model's parameters (``str()`` prints the table)."""
+
+    rows: tuple[ParamRow, ...]
+
+    def __str__(self) -> str:
+        head = ("parameter", "shape", "orientation", "algorithm", "split", "lr factor", "why")
+        cells = [head] + [
+            (
+                r.name,
+                "×".join(map(str, r.shape)),
+                r.orientation,
+                r.algorithm,
+                "–" if r.split is None else str(r.split),
+                r.lr_factor,
+                r.why,
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **hybrid_options: Any) -> Explanation:
+    """The table a user needs to trust a split: for each of ``model``'s parameters, its name, shape, orientation,
+    algorithm, row blocks, lr factor and why — as ``optimizer`` treats it (an orthoptim optimizer over
+    ``model``'s parameters), or, by default, ``orthoptim.Hybrid(model, **hybrid_options)``::
+
+        print(orthoptim.explain(model))                  # what Hybrid(model) would do
+        print(orthoptim.explain(model, split="auto"))    # ... with fused projections cut into their parts
+        print(orthoptim.explain(model, opt))             # what an optimizer already built does
+
+    The lr factor is ``lr_scale`` of each matrix (of each block, with ``split``) under its group's ``scale_mode``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"explain(model): an nn.Module, got {type(model).__name__}")
+    if optimizer is None:
+        from .hybrid import Hybrid  # the default optimizer; hybrid imports this module
+
+        optimizer = Hybrid(model, **hybrid_options)
+    elif hybrid_options:
+        raise TypeError(f"explain(model, optimizer): Hybrid options {sorted(hybrid_options)} apply without optimizer")
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    reasons = exclusion_reasons(model)
+    special = matrix_options_by_module(model, {}, "auto")
+    rows: list[ParamRow] = []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        shape = tuple(p.shape)
+        group = group_of.get(id(p))
+        if group is None:
+            why = "requires_grad=False" if not p.requires_grad else "not in the optimizer's param groups"
+            rows.append(ParamRow(name, shape, "–", "not optimized", None, "–", why))
+            continue
+        if group.get("algorithm") == "adamw" or "schedule" not in group:
+            why = reasons.get(id(p), "vector (bias, gain: < 2 dims)" if p.ndim < 2 else "its group is AdamW")
+            rows.append(ParamRow(name, shape, "–", "adamw", None, "–", why))
+            continue
+        layout, split = group.get("weight_layout", "out_in"), group.get("split", 1)
+        _, m, n = matrix_layout(shape, group["shape_policy"], layout, split)
+        algorithm = "normuon" if group.get("row_norm") else "polargrad" if group["scale_mode"] == "nuclear" else "muon"
+        factor = "‖M‖_*" if group["scale_mode"] == "nuclear" else f"{lr_scale(group['scale_mode'], m, n):.3g}"
+        notes = ["hidden matrix"]
+        if layout == "in_out":
+            notes.append("stored (in, out): transformers' Conv1D")
+        policy = group["shape_policy"]
+        if p.ndim > 2 and (policy == "flatten" or (policy == "auto" and p.ndim >= 4)):
+            notes.append("flattened to out × in·k")  # a convolution: one row per output channel
+        elif p.ndim > 2:
+            notes.append(f"{math.prod(shape[:-2])} matrices (experts or heads)")
+        if split > 1:
+            notes.append(f"{split} blocks of {m} rows, each its own polar factor")
+        elif any(k == "split" for k, _ in special.get(id(p), ())):
+            notes.append('a fused projection: split="auto" would cut it')
+        orientation = "in×out" if layout == "in_out" else "out×in"
+        rows.append(ParamRow(name, shape, orientation, algorithm, split, factor, "; ".join(notes)))
+    return Explanation(tuple(rows))

@@ -1,0 +1,96 @@
+"""``orthoptim.explain(model)`` and ``orthoptim explain``: the table of what an optimizer does with each parameter.
+
+The lr factors are checked against √max(1, out/in) computed here from the layer's own dimensions; the
+algorithm and reasons against how the model was built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import orthoptim
+from orthoptim.cli import main
+
+from .test_weight_layout import Conv1D
+
+
+class TinyResNet(nn.Module):
+    """Laid out as torchvision's ResNet: convolutions, a depthwise one, a top-level ``fc`` classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3)
+        self.dw = nn.Conv2d(16, 16, 3, groups=16)
+        self.fc = nn.Linear(16, 10)
+
+
+class TinyGPT(nn.Module):
+    """Laid out as transformers' GPT-2: embeddings, Conv1D projections (c_attn fused q, k, v), a tied head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(50, 16)
+        self.c_attn = Conv1D(48, 16)
+        self.c_fc = Conv1D(64, 16)
+        self.lm_head = nn.Linear(16, 50, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+
+def test_explain_a_resnet_layout() -> None:
+    rows = {r.name: r for r in orthoptim.explain(TinyResNet()).rows}
+    conv = rows["conv1.weight"]
+    assert (conv.algorithm, conv.orientation, conv.split) == ("muon", "out×in", 1)
+    assert conv.lr_factor == f"{math.sqrt(max(1.0, 16 / (3 * 3 * 3))):.3g}"
+    assert "flattened" in conv.why
+    assert rows["dw.weight"].algorithm == "adamw" and "depthwise" in rows["dw.weight"].why
+    assert rows["fc.weight"].algorithm == "adamw" and rows["fc.weight"].why == "output head (fc)"
+    assert rows["conv1.bias"].why.startswith("vector")
+
+
+def test_explain_a_gpt2_layout_with_split_auto_and_normuon() -> None:
+    table = orthoptim.explain(TinyGPT(), split="auto", row_norm=True)
+    rows = {r.name: r for r in table.rows}
+    attn, fc = rows["c_attn.weight"], rows["c_fc.weight"]
+    assert (attn.algorithm, attn.orientation, attn.split) == ("normuon", "in×out", 3)
+    assert attn.lr_factor == "1"  # three 16×16 blocks
+    assert (fc.orientation, fc.split, fc.lr_factor) == ("in×out", 1, "2")  # out 64, in 16
+    assert "lm_head.weight" not in rows  # tied to wte: one parameter, one row
+    assert rows["wte.weight"].why.startswith("embedding table")
+    text = str(table)
+    assert text.splitlines()[0].split() == [
+        "parameter",
+        "shape",
+        "orientation",
+        "algorithm",
+        "split",
+        "lr",
+        "factor",
+        "why",
+    ]
+    assert "c_attn.weight" in text
+
+
+def test_explain_an_optimizer_already_built() -> None:
+    model = TinyResNet()
+    opt = orthoptim.Muon([model.conv1.weight], scale_mode="unit_rms")
+    rows = {r.name: r for r in orthoptim.explain(model, opt).rows}
+    assert rows["conv1.weight"].lr_factor == f"{math.sqrt(27):.3g}"  # unit_rms: √max(out, in·k²)
+    assert rows["fc.weight"].algorithm == "not optimized"
+    with pytest.raises(TypeError, match="apply without optimizer"):
+        orthoptim.explain(model, opt, split="auto")
+    with pytest.raises(TypeError, match=r"an nn\.Module"):
+        orthoptim.explain(torch.zeros(3))  # type: ignore[arg-type]
+
+
+def test_the_explain_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "tests.test_explain:TinyGPT", "--split", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "c_attn.weight" in out and "3 blocks of 16 rows" in out
+    assert main(["explain", "tests.test_explain"]) == 2
+    assert "module.path:name" in capsys.readouterr().err
+    assert main(["explain", "tests.test_explain:Nope"]) == 2
+    assert "no attribute 'Nope'" in capsys.readouterr().err
