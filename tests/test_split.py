@@ -148,9 +148,26 @@ def test_hybrid_split_by_name_and_its_errors() -> None:
     opt = orthoptim.Hybrid(model, split={"gqa.qkv_proj": 4, "down": 2})
     splits = {tuple(p.shape): g.get("split") for g in opt.param_groups if g["algorithm"] == "muon" for p in g["params"]}
     assert splits[(32, 16)] == 4 and splits[(16, 32)] == 2 and splits[(48, 16)] == 1
-    with pytest.raises(ValueError, match=r"no module named \['nope'\]"):
+    with pytest.raises(ValueError, match=r"no module or parameter named \[.nope.\]"):
         orthoptim.Hybrid(model, split={"nope": 2})
     with pytest.raises(TypeError, match="needs the model"):
         orthoptim.Hybrid(([model.qkv.weight], [model.qkv.bias]), split="auto")
     with pytest.raises(ValueError, match="block count"):
         orthoptim.Hybrid(model, split="heads")
+
+
+def test_split_auto_finds_fused_expert_parameters_by_name() -> None:
+    """Stacked experts registered as raw parameters (as transformers' Mixtral does): ``gate_up_proj`` of shape
+    (experts, 2·intermediate, hidden) is cut into gate and up, ``down_proj`` left whole."""
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(torch.randn(4, 32, 8))
+    experts.down_proj = nn.Parameter(torch.randn(4, 8, 16))
+    model = nn.Module()
+    model.experts = experts
+    splits = {
+        g.get("split"): [tuple(p.shape) for p in g["params"]]
+        for g in orthoptim.Hybrid(model, split="auto").param_groups
+    }
+    assert splits == {1: [(4, 8, 16)], 2: [(4, 32, 8)]}
+    opt = orthoptim.Hybrid(model, split={"experts.down_proj": 2})
+    assert {g.get("split") for g in opt.param_groups if any(p is experts.down_proj for p in g["params"])} == {2}

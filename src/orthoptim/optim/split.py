@@ -153,7 +153,8 @@ AUTO_SPLIT_NAMES: dict[str, int] = {"c_attn": 3, "qkv": 3, "wqkv": 3, "qkv_proj"
 
 
 def _auto_split(name: str, module: nn.Module, out: int, inputs: int) -> int:
-    """The block count ``split="auto"`` gives the weight of ``module`` (named ``name``), 1 if none."""
+    """The block count ``split="auto"`` gives the weight of ``module`` (named ``name``; or its parameter of that
+    path), 1 if none."""
     if isinstance(module, nn.MultiheadAttention):
         return 3  # its in_proj_weight holds q, k and v (3·embed_dim rows)
     k = AUTO_SPLIT_NAMES.get(name.rsplit(".", 1)[-1].lower(), 1)
@@ -169,10 +170,31 @@ def matrix_options_by_module(
     (out, in, k) are one out × in·k matrix (``shape_policy="flatten"``; a 3-D weight is otherwise a batch), and
     ``Conv1D`` weights are stored (in, out) (``weight_layout="in_out"``) — each unless ``given`` sets that option.
     ``split``: ``"auto"`` (fused projections, ``AUTO_SPLIT_NAMES`` and ``nn.MultiheadAttention``) or a mapping
-    from module names (a suffix of the path: ``"attn.c_attn"``, ``"c_attn"``) to block counts."""
+    from module names (a suffix of the path: ``"attn.c_attn"``, ``"c_attn"``), or names of matrix parameters
+    other than a module's ``weight`` (``"experts.gate_up_proj"``), to block counts."""
     special: dict[int, tuple[tuple[str, Any], ...]] = {}
     matched: set[str] = set()
+
+    def split_of(path: str, held_by: nn.Module, out: int, inputs: int) -> int:
+        if split == "auto":
+            return _auto_split(path, held_by, out, inputs)
+        k = 1
+        if isinstance(split, dict):
+            for key, value in split.items():
+                if path == key or path.endswith("." + key):
+                    k = value
+                    matched.add(key)
+        return k
+
     for name, m in module.named_modules():
+        # Fused weights registered as raw parameters (stacked experts: Mixtral's ``experts.gate_up_proj``,
+        # (experts, 2·intermediate, hidden)), matched by the parameter's own name.
+        for pname, p in m.named_parameters(recurse=False):
+            if p.ndim >= 2 and pname != "weight" and not isinstance(m, nn.MultiheadAttention):
+                path = f"{name}.{pname}" if name else pname
+                k = split_of(path, m, p.shape[-2], p.shape[-1])
+                if k != 1:
+                    special[id(p)] = (("split", k),)
         options: list[tuple[str, Any]] = []
         weight = m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else getattr(m, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
@@ -183,20 +205,14 @@ def matrix_options_by_module(
         elif transposed and "weight_layout" not in given:
             options.append(("weight_layout", "in_out"))
         out, inputs = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
-        k = 1
-        if split == "auto":
-            k = _auto_split(name, m, out, inputs)
-        elif isinstance(split, dict):
-            for key, value in split.items():
-                if name == key or name.endswith("." + key):
-                    k = value
-                    matched.add(key)
+        k = split_of(name, m, out, inputs)
         if k != 1:
             options.append(("split", k))
         if options:
             special[id(weight)] = tuple(options)
     if isinstance(split, dict) and set(split) - matched:
-        raise ValueError(f"Hybrid(split=...): no module named {sorted(set(split) - matched)} holds a matrix weight")
+        missing = sorted(set(split) - matched)
+        raise ValueError(f"Hybrid(split=...): no module or parameter named {missing} holds a matrix weight")
     return special
 
 
