@@ -94,3 +94,32 @@ def test_the_explain_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "module.path:name" in capsys.readouterr().err
     assert main(["explain", "tests.test_explain:Nope"]) == 2
     assert "no attribute 'Nope'" in capsys.readouterr().err
+
+
+def test_a_head_named_by_the_model_itself_goes_to_adamw() -> None:
+    """A head whose module name says nothing (``proj_out``), known by the model's ``get_output_embeddings()``
+    (transformers) or ``get_classifier()`` (timm)."""
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(16, 16)
+            self.proj_out = nn.Linear(16, 50)
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.proj_out
+
+    class Classifier(LM):
+        def get_output_embeddings(self) -> nn.Module:
+            raise NotImplementedError  # some models raise here: no head by that name
+
+        def get_classifier(self) -> nn.Module:
+            return self.proj_out
+
+    for model in (LM(), Classifier()):
+        rows = {r.name: r for r in orthoptim.explain(model).rows}
+        assert rows["proj_out.weight"].algorithm == "adamw", type(model).__name__
+        assert "output head" in rows["proj_out.weight"].why
+        assert rows["body.weight"].algorithm == "muon"
+        matrices, _ = orthoptim.split_params(model)
+        assert [tuple(p.shape) for p in matrices] == [(16, 16)]

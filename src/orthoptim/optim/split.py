@@ -39,7 +39,8 @@ def split_params(
 
     Hidden matrices are weights with ≥ 2 dims (Linear, conv, stacked experts). Excluded by default, as Muon's
     authors recommend: embedding tables (``nn.Embedding``/``nn.EmbeddingBag``, and parameters whose own name
-    contains one of ``embedding_name_parts``, e.g. ``pos_embed``, ``cls_token``), the output head (a module
+    contains one of ``embedding_name_parts``, e.g. ``pos_embed``, ``cls_token``), the output head (what the model's
+    ``get_output_embeddings()`` (transformers) or ``get_classifier()`` (timm) returns, and a module
     whose name is in ``head_names`` — all of it when it is a direct child of ``model``, e.g. ConvNeXt's
     ``head.fc`` — or a direct child named ``fc``, torchvision's classifier), and any weight shared with an
     embedding (tied heads). Depthwise convolution weights (``groups > 1``, one input channel per filter) are never
@@ -103,6 +104,13 @@ def exclusion_reasons(
             if _own_name_says_embedding(name, parts):
                 reasons.setdefault(id(p), "embedding (its name)")
     if exclude_head:
+        # The model's own word for its head, where it has one: transformers' get_output_embeddings() (an LM head,
+        # tied or not) and timm's get_classifier().
+        for getter in ("get_output_embeddings", "get_classifier"):
+            head = _call_quietly(model, getter)
+            if isinstance(head, nn.Module):
+                for p in head.parameters():
+                    reasons.setdefault(id(p), f"output head ({type(model).__name__}.{getter}())")
         heads = set(head_names)
         for name, mod in model.named_modules():
             top_level = bool(name) and "." not in name
@@ -119,6 +127,18 @@ def exclusion_reasons(
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.groups > 1 and mod.weight.shape[1] == 1:
             reasons.setdefault(id(mod.weight), "depthwise convolution (one input channel per filter)")
     return reasons
+
+
+def _call_quietly(model: nn.Module, method: str) -> Any:
+    """``model.method()`` if the model has such a method and it answers without arguments, else None (a model
+    may define one that raises where it has no head)."""
+    fn = getattr(model, method, None)
+    if not callable(fn):
+        return None
+    try:
+        return fn()
+    except Exception:  # a model's own accessor failing means "no head to report", not an error of ours
+        return None
 
 
 def _own_name_says_embedding(name: str, parts: tuple[str, ...] = EMBEDDING_NAME_PARTS) -> bool:
