@@ -264,24 +264,42 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             grads.append(p.grad)
             state = self.state[p]
             if not state:
-                # AdamW keeps a float32 step (as torch.optim.AdamW does) for its bias correction.
-                state["step"] = torch.zeros((), dtype=torch.float32 if opts is None else torch.int64, device=p.device)
-                state["nonfinite_skips"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                if opts is None:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                else:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if opts.row_norm:
-                        count, m, _ = matrix_layout(tuple(p.shape), opts.shape_policy, opts.weight_layout, opts.split)
-                        if is_dtensor(p):  # sharded like p's rows: (d0, count·m/d0), see distributed.fsdp
-                            state["second_moment"] = zeros_row_state(p, count * m)
-                        else:
-                            state["second_moment"] = torch.zeros(count, m, dtype=torch.float32, device=p.device)
+                self._new_state(p, opts)
             for key in ("step", "nonfinite_skips", "exp_avg", "exp_avg_sq", "momentum_buffer", "second_moment"):
                 if key in state:
                     lists.setdefault(key, []).append(state[key])
         return params, grads, lists
+
+    def _new_state(self, p: Tensor, opts: MatrixOptions | None) -> None:
+        """``p``'s state as a first step finds it: zero moments and counters (``opts`` None: AdamW's)."""
+        state = self.state[p]
+        # AdamW keeps a float32 step (as torch.optim.AdamW does) for its bias correction.
+        state["step"] = torch.zeros((), dtype=torch.float32 if opts is None else torch.int64, device=p.device)
+        state["nonfinite_skips"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        if opts is None:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return
+        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if opts.row_norm:
+            count, m, _ = matrix_layout(tuple(p.shape), opts.shape_policy, opts.weight_layout, opts.split)
+            if is_dtensor(p):  # sharded like p's rows: (d0, count·m/d0), see distributed.fsdp
+                state["second_moment"] = zeros_row_state(p, count * m)
+            else:
+                state["second_moment"] = torch.zeros(count, m, dtype=torch.float32, device=p.device)
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create every parameter's state now — zeros, exactly what the first step would create — instead of at
+        the first step that parameter has a gradient. Then ``state_dict()`` (and ``torch.distributed.checkpoint``,
+        which loads into an existing state) covers every parameter before any step, and parameters that never get
+        a gradient (frozen for a while, unused experts) too; steps are unchanged. Parameters that already have
+        state keep it."""
+        for group in self.param_groups:
+            opts = None if group.get("algorithm") == "adamw" else self._options(group)
+            for p in group["params"]:
+                if not self.state[p]:
+                    self._new_state(p, opts)
 
     def _layouts(self, group: dict[str, Any], opts: MatrixOptions, params: list[Tensor]) -> list[tuple[int, int, int]]:
         """Each parameter as (matrices, m, n) under the group's ``shape_policy`` (which may have been changed since
