@@ -51,7 +51,13 @@ from ..polar.workspace import Workspace
 from .adamw import validate_adamw_group
 from .backends import torch as torch_backend
 from .backends.triton import PointerTables
-from .checkpoint import ALGORITHM_OPTIONS, converted_groups, normalize_loaded_state
+from .checkpoint import (
+    converted_groups,
+    merge_loaded_options,
+    normalize_loaded_state,
+    refuse_foreign_groups,
+    saved_state_by_param,
+)
 from .executor import DistributedExecutor, LocalExecutor, local_shards
 from .options import NONFINITE_MODES, MatrixOptions, NonFiniteMode, OptionsCache, matrix_layout
 
@@ -200,32 +206,15 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         are dropped, or start at zero as at a first step. AdamW and orthogonalized groups never convert.
         """
         saved_groups = state_dict.get("param_groups", [])
-        for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=False)):
-            if current.get("algorithm", "orthogonalized") != "adamw" and "schedule" not in saved:
-                options = sorted(k for k in saved if k != "params")
-                raise ValueError(
-                    f"load_state_dict: saved param group {i} has no 'schedule' option, so it was not saved by an "
-                    f"orthoptim optimizer (its options: {options}; torch.optim.Muon's look like this). To carry a "
-                    "torch.optim.Muon run over, copy its momentum buffers into a fresh orthoptim optimizer's state "
-                    "after its first step instead"
-                )
+        refuse_foreign_groups(saved_groups, self.param_groups)
         converted: list[bool] = []  # torch's own check below names a mismatch in the number of groups
         if len(saved_groups) == len(self.param_groups):
             converted = converted_groups(saved_groups, self.param_groups, convert)
         before: dict[str, Any] = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(state_dict)
         try:
-            for group, current, change in zip(self.param_groups, before["param_groups"], converted, strict=True):
-                for key, value in current.items():  # options newer than the checkpoint: this optimizer's values
-                    group.setdefault(key, value)
-                if change:  # a converted checkpoint keeps this optimizer's algorithm
-                    group.update({key: current[key] for key in ALGORITHM_OPTIONS if key in current})
-                self._validate_group(group)
-            # Keys are matched to parameters through the saved groups' "params" lists, as torch does: they are
-            # indices for a plain state_dict() and fully qualified names from torch.distributed.checkpoint.
-            keys = [k for g in saved_groups for k in g["params"]]
-            params = dict(zip(keys, (p for g in self.param_groups for p in g["params"]), strict=True))
-            saved_state = {id(params[k]): v for k, v in state_dict.get("state", {}).items() if k in params}
+            merge_loaded_options(self.param_groups, before["param_groups"], converted, self._validate_group)
+            saved_state = saved_state_by_param(state_dict, saved_groups, self.param_groups)
             normalize_loaded_state(self.param_groups, self.state, saved_state, converted, self._agree)
         except Exception:
             self.__setstate__(before)  # a rejected checkpoint changes nothing

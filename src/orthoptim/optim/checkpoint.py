@@ -194,3 +194,45 @@ def normalize_loaded_state(
                 )
     if not agree(error is None):
         raise error or ValueError("load_state_dict: another rank refused its part of the checkpoint")
+
+
+def refuse_foreign_groups(saved_groups: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
+    """Raise ``ValueError`` for a saved orthogonalized group that no orthoptim optimizer wrote (no ``schedule``:
+    torch.optim.Muon's look like that), naming its options and what to do instead."""
+    for i, (saved, current) in enumerate(zip(saved_groups, groups, strict=False)):
+        if current.get("algorithm", "orthogonalized") != "adamw" and "schedule" not in saved:
+            options = sorted(k for k in saved if k != "params")
+            raise ValueError(
+                f"load_state_dict: saved param group {i} has no 'schedule' option, so it was not saved by an "
+                f"orthoptim optimizer (its options: {options}; torch.optim.Muon's look like this). To carry a "
+                "torch.optim.Muon run over, copy its momentum buffers into a fresh orthoptim optimizer's state "
+                "after its first step instead"
+            )
+
+
+def merge_loaded_options(
+    groups: list[dict[str, Any]],
+    current: list[dict[str, Any]],
+    converted: list[bool],
+    validate: Callable[[dict[str, Any]], None],
+) -> None:
+    """The loaded ``groups`` completed and checked in place: options newer than the checkpoint take this
+    optimizer's (``current``) values, a converted group keeps this optimizer's algorithm options, and each is
+    validated as the constructor validates it."""
+    for group, now, change in zip(groups, current, converted, strict=True):
+        for key, value in now.items():
+            group.setdefault(key, value)
+        if change:
+            group.update({key: now[key] for key in ALGORITHM_OPTIONS if key in now})
+        validate(group)
+
+
+def saved_state_by_param(
+    state_dict: dict[str, Any], saved_groups: list[dict[str, Any]], groups: list[dict[str, Any]]
+) -> dict[int, dict[str, Any]]:
+    """The checkpoint's own state entries by ``id`` of this optimizer's parameter. Keys are matched through the
+    saved groups' ``"params"`` lists, as torch does: indices for a plain ``state_dict()``, fully qualified names
+    from torch.distributed.checkpoint."""
+    keys = [k for g in saved_groups for k in g["params"]]
+    params = dict(zip(keys, (p for g in groups for p in g["params"]), strict=True))
+    return {id(params[k]): v for k, v in state_dict.get("state", {}).items() if k in params}
