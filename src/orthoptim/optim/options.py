@@ -65,6 +65,17 @@ def check_param_dtypes(params: list[Tensor]) -> None:
             )
 
 
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the option unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
+
+
+def _check_split(split: Any) -> None:
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"split must be a positive int (blocks of output rows), got {split!r}")
+
+
 def matrix_layout(
     shape: tuple[int, ...], policy: ShapePolicy = "auto", weight_layout: WeightLayout = "out_in", split: int = 1
 ) -> tuple[int, int, int]:
@@ -86,8 +97,7 @@ def matrix_layout(
     count, m, n = _whole_matrices(shape, policy, weight_layout)
     if split == 1:
         return count, m, n
-    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
-        raise ValueError(f"split must be a positive int (blocks of output rows), got {split!r}")
+    _check_split(split)
     if m % split:
         raise ValueError(
             f"split={split} cuts each matrix's {m} output rows into equal blocks, but {m} is not a multiple of "
@@ -104,12 +114,10 @@ def _whole_matrices(shape: tuple[int, ...], policy: ShapePolicy, weight_layout: 
             "(≥ 2-D). Optimize biases, gains and other vectors with AdamW — orthoptim.Hybrid does both in one "
             "optimizer, and orthoptim.split_params(model) sorts a model's parameters for it."
         )
-    if policy not in SHAPE_POLICIES:
-        raise ValueError(f"unknown shape_policy {policy!r}; choose one of {SHAPE_POLICIES}")
+    _check_choice("shape_policy", policy, SHAPE_POLICIES)
     if any(d == 0 for d in shape):
         raise ValueError(f"parameter of shape {tuple(shape)} is empty")
-    if weight_layout not in WEIGHT_LAYOUTS:
-        raise ValueError(f"unknown weight_layout {weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
+    _check_choice("weight_layout", weight_layout, WEIGHT_LAYOUTS)
     flatten = len(shape) > 2 and (policy == "flatten" or (policy == "auto" and len(shape) >= 4))
     if weight_layout == "in_out":
         if flatten:
@@ -229,28 +237,22 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
     check_number("lr", group["lr"], 0.0)
     check_number("weight_decay", group["weight_decay"], 0.0)
     check_number("momentum", group["momentum"], 0.0, 1.0)
-    (nesterov, schedule, ns_steps, normalization, compute_dtype, iteration, scale_mode, shape_policy) = _static_key(
-        group
-    )[:8]
-    row_norm, beta2, row_eps, backend, elementwise, weight_layout, split = _static_key(group)[8:]
+    key = _static_key(group)
+    nesterov, schedule, ns_steps, normalization, compute_dtype, iteration, scale_mode, shape_policy = key[:8]
+    row_norm, beta2, row_eps, backend, elementwise, weight_layout, split = key[8:]
     if not isinstance(nesterov, bool):
         raise TypeError("nesterov must be a bool")
-    if scale_mode not in SCALE_MODES:
-        raise ValueError(f"unknown scale mode {scale_mode!r}; choose one of {SCALE_MODES}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
-    if iteration not in ITERATIONS:
-        raise ValueError(f"unknown iteration {iteration!r}; choose one of {ITERATIONS}")
-    if shape_policy not in SHAPE_POLICIES:
-        raise ValueError(f"unknown shape_policy {shape_policy!r}; choose one of {SHAPE_POLICIES}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if weight_layout not in WEIGHT_LAYOUTS:
-        raise ValueError(f"unknown weight_layout {weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
-    if elementwise not in ELEMENTWISE:
-        raise ValueError(f"unknown elementwise {elementwise!r}; choose one of {ELEMENTWISE}")
-    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
-        raise ValueError(f"split must be a positive int (blocks of output rows), got {split!r}")
+    for name, value, choices in (
+        ("scale mode", scale_mode, SCALE_MODES),
+        ("normalization", normalization, NORMALIZATIONS),
+        ("iteration", iteration, ITERATIONS),
+        ("shape_policy", shape_policy, SHAPE_POLICIES),
+        ("backend", backend, BACKENDS),
+        ("weight_layout", weight_layout, WEIGHT_LAYOUTS),
+        ("elementwise", elementwise, ELEMENTWISE),
+    ):
+        _check_choice(name, value, choices)
+    _check_split(split)
     if not isinstance(row_norm, bool):
         raise TypeError("row_norm must be a bool")
     sched = as_schedule(schedule)

@@ -9,7 +9,10 @@ step's float32 factor), or in one or two passes with a float64 per-matrix factor
 first is faster (measured 2026-11-23: 68–129 vs 131–483 ms for 12 × 768×3072).
 
 ``orthogonalize(elementwise=...)`` chooses: ``"auto"`` (the CPU copies, every other device takes the factors),
-``"float32_copies"`` or ``"float64_factors"``; the optimizers' backends pass their device choices down.
+``"float32_copies"`` or ``"float64_factors"``; the optimizers' backends pass their device choices down. A float64
+tensor keeps the copy way everywhere: its per-matrix factors are float64 already, and the float32 reductions of
+the other way would narrow it. The callers test ``dtype != float64 and not copies`` where they stand (one
+expression, no call per product).
 """
 
 from __future__ import annotations
@@ -27,11 +30,3 @@ def float32_copies(device: torch.device, elementwise: str = "auto") -> bool:
     if elementwise == "auto":
         return device.type == "cpu"
     return elementwise == "float32_copies"
-
-
-def float64_factors(t: torch.Tensor, copies: bool | None = None) -> bool:
-    """Whether ``t``'s elementwise work takes the float64-factor way: not the copy way (``copies``; None: by
-    ``t``'s device) and narrower than float64 (a float64 tensor keeps the copy way everywhere: its per-matrix
-    factors are already float64, and the float32 reductions of the other way would narrow it)."""
-    copies = float32_copies(t.device) if copies is None else copies
-    return t.dtype != torch.float64 and not copies

@@ -109,7 +109,7 @@ def _plus_identity(
     one mixed-precision pass into ``out`` (else a fresh tensor: ``Z`` is read again by the Gram form) and the
     diagonal written back — 4 bytes per bfloat16 entry instead of ~21, every entry still rounded once."""
     copies = devices.float32_copies(Z.device) if float32_copies is None else float32_copies
-    if Z.dtype != torch.float64 and not copies:  # devices.float64_factors, without a call per product
+    if Z.dtype != torch.float64 and not copies:  # the float64-factor way (polar/devices.py)
         target = torch.empty_like(Z) if out is None else out
         # A float32 copy of the diagonal (``copy=True``: never a view of Z), the scalar added in float32 (an in-place
         # add on a 16-bit tensor may round the scalar to that dtype first).

@@ -180,7 +180,8 @@ def normalize(
         raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
     work = work_dtype(X.dtype)
     copies = devices.float32_copies(X.device) if float32_copies is None else float32_copies
-    if overwrite_input and not (copies or X.dtype == torch.float64):  # scales_input_in_place, inlined
+    # The float64-factor way reads X without writing it; a float64 X keeps the copy way (``polar/devices.py``).
+    if overwrite_input and not (copies or X.dtype == torch.float64):
         return normalize_by_float64_norm(
             X, margin=margin, nonfinite=nonfinite, who=who, shape=shape, out_dtype=out_dtype, workspace=workspace
         )
@@ -216,13 +217,6 @@ def normalize(
             else scratch(workspace, "normalized", X.shape, work, X.device).copy_(scaled)
         )
     return scratch(workspace, "normalized", X.shape, out_dtype, X.device).copy_(scaled)
-
-
-def scales_input_in_place(X: torch.Tensor, float32_copies: bool | None = None) -> bool:
-    """Whether ``normalize(X, overwrite_input=True, float32_copies=...)`` writes ``X`` (the prescaled way scales
-    it in place); where ``devices.float64_factors`` it takes :func:`normalize_by_float64_norm`, which only reads
-    it."""
-    return not devices.float64_factors(X, float32_copies)
 
 
 def normalize_by_float64_norm(

@@ -243,7 +243,7 @@ def polar(
     the parameters' — the final add takes mixed dtypes, so a conversion pass over every update is saved.
     ``M`` is the step's own temporary: it is normalized in place, except in the nuclear mode, which needs it
     afterwards for ``⟨O, M⟩`` — there only where the normalization reads ``M`` without writing it (the
-    float64-factor way of a non-float64 ``M``: ``normalize.scales_input_in_place``)."""
+    float64-factor way of a non-float64 ``M``, ``polar/devices.py``)."""
     return run_plan(
         M,
         plan,
@@ -368,7 +368,7 @@ def _row_normalize(
     (‖O‖² = Σᵢ rowᵢ, ‖O/d‖² = Σᵢ rowᵢ/dᵢ²) and a per-row factor follow on m numbers per matrix, and one pass
     applying it — 6 bytes per bfloat16 entry instead of ~48 (``benchmarks/step_launches.py``). Equal to the
     float32-copy way up to the rounding of the row sums."""
-    if O.dtype != torch.float64 and not float32_copies:  # ``devices.float64_factors``
+    if O.dtype != torch.float64 and not float32_copies:  # the float64-factor way (polar/devices.py)
         rows = torch.linalg.vector_norm(O, dim=-1, dtype=torch.float32).square_()  # (B, m): Σⱼ Oᵢⱼ²
         v_new = torch.lerp(v, rows / O.shape[-1], 1.0 - beta2)
         d2 = v_new + eps
