@@ -128,8 +128,11 @@ class Hybrid(Muon):
     and ``module`` (above; only with param groups). ``split``: a block count for every matrix (Muon's), or, with
     the model at hand, ``"auto"`` — fused projections cut into their parts: GPT-2's ``c_attn``, ``qkv``/``Wqkv``/
     ``qkv_proj`` with 3·in outputs (q, k, v), ``nn.MultiheadAttention``'s ``in_proj_weight`` into 3,
-    ``gate_up_proj`` into 2 — or a ``{module name: count}`` dict (a name matches a suffix of the module's path;
-    grouped-query projections need their head count, e.g. ``{"q_proj": heads}``). ``row_norm=True`` runs NorMuon
+    ``gate_up_proj`` into 2, and a grouped-query ``qkv``/``qkv_proj`` into its q, k and v sizes when its attention
+    module declares ``head_dim``, ``num_heads`` (or ``num_attention_heads``) and ``num_key_value_heads`` (itself
+    or on its ``config``, as transformers' Phi-3) — or a ``{module name: count or sizes}`` dict (a name matches a
+    suffix of the module's path): ``{"q_proj": heads}``, ``{"qkv_proj": (q_rows, kv_rows, kv_rows)}``.
+    ``row_norm=True`` runs NorMuon
     on the matrices, with its ``beta2`` and ``row_eps`` (:class:`orthoptim.NorMuon`); ``scale_mode="nuclear"``
     runs PolarGrad's scale.
     ``process_group`` (Muon's) splits the matrices' orthogonalization over ranks; the AdamW half is elementwise
@@ -150,15 +153,16 @@ class Hybrid(Muon):
         row_norm: bool = False,
         beta2: float = 0.95,
         row_eps: float = 1e-8,
-        split: int | str | dict[str, int] = 1,
+        split: int | tuple[int, ...] | str | dict[str, Any] = 1,
         **kw: Any,
     ) -> None:
         adamw = {"lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps, "weight_decay": adamw_weight_decay}
-        by_module: str | dict[str, int] | None = None  # split="auto" or {name: k}: per module, found below
+        by_module: str | dict[str, Any] | None = None  # split="auto" or {name: k or sizes}: per module, below
         if isinstance(split, (str, dict)):
             if split != "auto" and not isinstance(split, dict):
                 raise ValueError(
-                    f'Hybrid(split=): a block count, "auto" or a {{module name: count}} dict; got {split!r}'
+                    f'Hybrid(split=): a block count, block sizes, "auto" or a {{module name: count or sizes}} dict; '
+                    f"got {split!r}"
                 )
             by_module, split = split, 1
             if not isinstance(params, nn.Module) and module is None:

@@ -78,7 +78,9 @@ class Muon(OrthogonalizedOptimizer):
             (out, in) orientation. ``orthoptim.Hybrid(model)`` sets it for ``Conv1D`` weights itself.
         split: cut each matrix's output rows into this many equal blocks, each orthogonalized on its own (with
             its own lr scale, NorMuon rows and PolarGrad norm): 3 for a fused QKV projection, 2 for gate and up in
-            one weight, the number of heads for per-head updates. A param group option; default 1 (whole).
+            one weight, the number of heads for per-head updates; or the blocks' row counts in order, which
+            must sum to the rows: ``(q, k, v)`` sizes for grouped-query attention in one weight. A param group
+            option; default 1 (whole).
 
     Any other keyword raises ``TypeError``, as torch.optim.Muon's would: a misspelt option is never ignored.
     NorMuon's options (``beta2``, ``row_eps``) are :class:`orthoptim.NorMuon`'s (and :class:`orthoptim.Hybrid`'s).
@@ -113,7 +115,7 @@ class Muon(OrthogonalizedOptimizer):
         backend: BackendName = "auto",
         elementwise: Elementwise = "auto",
         weight_layout: WeightLayout = "out_in",
-        split: int = 1,
+        split: int | tuple[int, ...] = 1,
     ) -> None:
         if adjust_lr_fn not in _TORCH_ADJUST:
             raise ValueError(f"adjust_lr_fn must be one of {_TORCH_ADJUST}, got {adjust_lr_fn!r}")

@@ -71,13 +71,36 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
 
 
-def _check_split(split: Any) -> None:
+def row_blocks(split: Any) -> tuple[int, tuple[int, ...] | None]:
+    """``(k, sizes)`` for a group's ``split`` option, checked: ``k`` equal blocks of output rows (1: whole
+    matrices), or, for blocks of unequal sizes, ``k = 1`` and their row counts. Sizes that are all equal are k
+    equal blocks (the same update, and batched as such). Raises ``ValueError`` naming the bad value."""
+    if isinstance(split, (tuple, list)):
+        sizes = tuple(split)
+        if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(
+                f"split must be a positive int (that many equal blocks of output rows) or a non-empty sequence of "
+                f"positive ints (the blocks' row counts, e.g. (q, k, v) sizes), got {split!r}"
+            )
+        if len(set(sizes)) == 1:
+            return len(sizes), None
+        return 1, sizes
     if isinstance(split, bool) or not isinstance(split, int) or split < 1:
-        raise ValueError(f"split must be a positive int (blocks of output rows), got {split!r}")
+        raise ValueError(
+            f"split must be a positive int (that many equal blocks of output rows) or a sequence of positive ints "
+            f"(the blocks' row counts), got {split!r}"
+        )
+    return split, None
+
+
+def block_ranges(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` row range of each block of sizes ``sizes``, in order."""
+    stops = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    return [(stop - size, stop) for size, stop in zip(sizes, stops, strict=True)]
 
 
 def matrix_layout(
-    shape: tuple[int, ...], policy: ShapePolicy = "auto", weight_layout: WeightLayout = "out_in", split: int = 1
+    shape: tuple[int, ...], policy: ShapePolicy = "auto", weight_layout: WeightLayout = "out_in", split: Any = 1
 ) -> tuple[int, int, int]:
     """``(count, m, n)``: the parameter is ``count`` matrices of m outputs × n inputs (rows are output neurons:
     what the lr scale, NorMuon's row statistics and a block split refer to).
@@ -93,17 +116,25 @@ def matrix_layout(
     * ``split=k``: each matrix's m output rows are cut into k equal blocks of m/k rows, each orthogonalized (and
       lr-scaled, row-normalized, nuclear-scaled) on its own: a fused QKV projection (k = 3), gate and up in one
       weight (k = 2), attention heads (k = heads). The parameter is then ``count·k`` matrices of m/k × n.
+    * ``split=(s₁, s₂, …)``: blocks of those row counts (they must sum to m), each on its own as above — the q,
+      k and v of grouped-query attention in one weight. Unequal blocks stay whole matrices in the layout (the
+      backends cut them, ``backends.torch.polar``): ``(count, m, n)``.
     """
     count, m, n = _whole_matrices(shape, policy, weight_layout)
-    if split == 1:
-        return count, m, n
-    _check_split(split)
-    if m % split:
+    k, sizes = row_blocks(split)
+    if isinstance(split, (tuple, list)) and sum(split) != m:
         raise ValueError(
-            f"split={split} cuts each matrix's {m} output rows into equal blocks, but {m} is not a multiple of "
-            f"{split} (parameter of shape {tuple(shape)})"
+            f"split={tuple(split)} cuts each matrix's output rows into blocks of those sizes, which sum to "
+            f"{sum(split)}, but the parameter of shape {tuple(shape)} has {m} output rows per matrix"
         )
-    return count * split, m // split, n
+    if sizes is not None or k == 1:
+        return count, m, n
+    if m % k:
+        raise ValueError(
+            f"split={k} cuts each matrix's {m} output rows into equal blocks, but {m} is not a multiple of "
+            f"{k} (parameter of shape {tuple(shape)})"
+        )
+    return count * k, m // k, n
 
 
 def _whole_matrices(shape: tuple[int, ...], policy: ShapePolicy, weight_layout: WeightLayout) -> tuple[int, int, int]:
@@ -184,7 +215,9 @@ class MatrixOptions:
     backend: str
     elementwise: Elementwise
     weight_layout: WeightLayout
-    split: int
+    split: int  # equal blocks of output rows per matrix (1: whole, or unequal ``blocks``)
+    #: Row counts of unequal blocks (``split=(s₁, s₂, …)``), cut by the backends from whole matrices; else None.
+    blocks: tuple[int, ...] | None
     #: The polar engine's resolved options and the lr scale per (m, n, device, arithmetic), filled by the backends
     #: as they meet shapes (``backends.torch._polar_plan``); shared by the per-step copies of this record.
     polar_plans: dict[tuple[Any, ...], tuple[PolarPlan, float]] = field(default_factory=dict, compare=False, repr=False)
@@ -252,7 +285,7 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
         ("elementwise", elementwise, ELEMENTWISE),
     ):
         _check_choice(name, value, choices)
-    _check_split(split)
+    equal_blocks, blocks = row_blocks(split)
     if not isinstance(row_norm, bool):
         raise TypeError("row_norm must be a bool")
     sched = as_schedule(schedule)
@@ -293,7 +326,8 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
         backend=backend,
         elementwise=elementwise,
         weight_layout=weight_layout,
-        split=split,
+        split=equal_blocks,
+        blocks=blocks,
         backends=resolved,
     )
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .options import lr_scale, matrix_layout
+from .options import lr_scale, matrix_layout, row_blocks
 
 #: Module names treated as the output head by :func:`split_params` (the last component of the module path). A
 #: head module that is a direct child of the model is taken whole (ConvNeXt's ``head.fc``); a nested one only
@@ -172,37 +172,63 @@ def is_transposed_linear(module: nn.Module) -> bool:
 AUTO_SPLIT_NAMES: dict[str, int] = {"c_attn": 3, "qkv": 3, "wqkv": 3, "qkv_proj": 3, "gate_up_proj": 2}
 
 
-def _auto_split(name: str, module: nn.Module, out: int, inputs: int) -> int:
-    """The block count ``split="auto"`` gives the weight of ``module`` (named ``name``; or its parameter of that
-    path), 1 if none."""
+def _auto_split(name: str, module: nn.Module, out: int, inputs: int, parent: nn.Module | None) -> int | tuple[int, ...]:
+    """The blocks ``split="auto"`` gives the weight of ``module`` (named ``name``; or its parameter of that path):
+    a block count (1: none), or q, k, v sizes for grouped-query attention (``_grouped_query_sizes``)."""
     if isinstance(module, nn.MultiheadAttention):
         return 3  # its in_proj_weight holds q, k and v (3·embed_dim rows)
     k = AUTO_SPLIT_NAMES.get(name.rsplit(".", 1)[-1].lower(), 1)
-    if k == 3 and out != 3 * inputs:  # q, k, v of the model's width; anything else (grouped-query) is not guessed
-        return 1
+    if k == 3 and out != 3 * inputs:  # not q, k, v of the model's width: grouped-query, if the heads say so
+        return _grouped_query_sizes(parent, out) or 1
     return k if out % k == 0 else 1
 
 
+def _grouped_query_sizes(attention: nn.Module | None, out: int) -> tuple[int, int, int] | None:
+    """(q, k, v) row counts of a fused grouped-query projection, from the head counts its attention module
+    declares — ``head_dim``, ``num_heads`` or ``num_attention_heads``, ``num_key_value_heads`` (as attributes or
+    on its ``config``: transformers' Phi-3) — if they account for all ``out`` rows; else None (not guessed)."""
+    if attention is None:
+        return None
+    config = getattr(attention, "config", None)
+
+    def declared(*names: str) -> int | None:
+        for owner in (attention, config):
+            for name in names:
+                value = getattr(owner, name, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+        return None
+
+    head_dim = declared("head_dim")
+    heads = declared("num_heads", "num_attention_heads")
+    kv_heads = declared("num_key_value_heads", "num_kv_heads")
+    if head_dim is None or heads is None or kv_heads is None or (heads + 2 * kv_heads) * head_dim != out:
+        return None
+    return heads * head_dim, kv_heads * head_dim, kv_heads * head_dim
+
+
 def matrix_options_by_module(
-    module: nn.Module, given: dict[str, Any], split: str | dict[str, int] | None = None
+    module: nn.Module, given: dict[str, Any], split: str | dict[str, Any] | None = None
 ) -> dict[int, tuple[tuple[str, Any], ...]]:
     """The group options ``module``'s layers need beyond their group's, by weight ``id``: ``nn.Conv1d`` weights
     (out, in, k) are one out × in·k matrix (``shape_policy="flatten"``; a 3-D weight is otherwise a batch), and
     ``Conv1D`` weights are stored (in, out) (``weight_layout="in_out"``) — each unless ``given`` sets that option.
     ``split``: ``"auto"`` (fused projections, ``AUTO_SPLIT_NAMES`` and ``nn.MultiheadAttention``) or a mapping
     from module names (a suffix of the path: ``"attn.c_attn"``, ``"c_attn"``), or names of matrix parameters
-    other than a module's ``weight`` (``"experts.gate_up_proj"``), to block counts."""
+    other than a module's ``weight`` (``"experts.gate_up_proj"``), to block counts or block sizes."""
     special: dict[int, tuple[tuple[str, Any], ...]] = {}
     matched: set[str] = set()
+    modules = dict(module.named_modules())
 
-    def split_of(path: str, held_by: nn.Module, out: int, inputs: int) -> int:
+    def split_of(path: str, held_by: nn.Module, out: int, inputs: int) -> int | tuple[int, ...]:
         if split == "auto":
-            return _auto_split(path, held_by, out, inputs)
-        k = 1
+            parent = modules.get(path.rsplit(".", 1)[0] if "." in path else "")
+            return _auto_split(path, held_by, out, inputs, parent)
+        k: int | tuple[int, ...] = 1
         if isinstance(split, dict):
             for key, value in split.items():
                 if path == key or path.endswith("." + key):
-                    k = value
+                    k = tuple(value) if isinstance(value, list) else value
                     matched.add(key)
         return k
 
@@ -244,7 +270,7 @@ class ParamRow:
     shape: tuple[int, ...]
     orientation: str  # "out×in", "in×out" (stored transposed), "–" for AdamW
     algorithm: str  # "muon", "normuon", "polargrad", "adamw", or "not optimized"
-    split: int | None  # row blocks per matrix; None for AdamW
+    split: int | tuple[int, ...] | None  # row blocks per matrix, or unequal blocks' sizes; None for AdamW
     lr_factor: str  # the lr scale of each (block) matrix, "‖M‖_*" for PolarGrad, "–" for AdamW
     why: str
 
@@ -263,7 +289,7 @@ class Explanation:
                 "×".join(map(str, r.shape)),
                 r.orientation,
                 r.algorithm,
-                "–" if r.split is None else str(r.split),
+                "–" if r.split is None else "+".join(map(str, r.split)) if isinstance(r.split, tuple) else str(r.split),
                 r.lr_factor,
                 r.why,
             )
@@ -284,7 +310,8 @@ def explain(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **
         print(orthoptim.explain(model, split="auto"))    # ... with fused projections cut into their parts
         print(orthoptim.explain(model, opt))             # what an optimizer already built does
 
-    The lr factor is ``lr_scale`` of each matrix (of each block, with ``split``) under its group's ``scale_mode``.
+    The lr factor is ``lr_scale`` of each matrix (of each block, with ``split``; "a/b" for blocks of unequal
+    sizes whose factors differ) under its group's ``scale_mode``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"explain(model): an nn.Module, got {type(model).__name__}")
@@ -315,8 +342,10 @@ def explain(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **
             continue
         layout, split = group.get("weight_layout", "out_in"), group.get("split", 1)
         _, m, n = matrix_layout(shape, group["shape_policy"], layout, split)
+        blocks, sizes = row_blocks(split)
         algorithm = "normuon" if group.get("row_norm") else "polargrad" if group["scale_mode"] == "nuclear" else "muon"
-        factor = "‖M‖_*" if group["scale_mode"] == "nuclear" else f"{lr_scale(group['scale_mode'], m, n):.3g}"
+        factors = [lr_scale(group["scale_mode"], s, n) for s in sizes or (m,)]
+        factor = "‖M‖_*" if group["scale_mode"] == "nuclear" else "/".join(f"{f:.3g}" for f in dict.fromkeys(factors))
         notes = ["hidden matrix"]
         if layout == "in_out":
             notes.append("stored (in, out): transformers' Conv1D")
@@ -325,10 +354,14 @@ def explain(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **
             notes.append("flattened to out × in·k")  # a convolution: one row per output channel
         elif p.ndim > 2:
             notes.append(f"{math.prod(shape[:-2])} matrices (experts or heads)")
-        if split > 1:
-            notes.append(f"{split} blocks of {m} rows, each its own polar factor")
+        if sizes is not None:
+            rows_each = ", ".join(map(str, sizes))
+            notes.append(f"{len(sizes)} blocks of {rows_each} rows, each its own polar factor and lr factor")
+        elif blocks > 1:
+            notes.append(f"{blocks} blocks of {m} rows, each its own polar factor")
         elif any(k == "split" for k, _ in special.get(id(p), ())):
             notes.append('a fused projection: split="auto" would cut it')
         orientation = "in×out" if layout == "in_out" else "out×in"
-        rows.append(ParamRow(name, shape, orientation, algorithm, split, factor, "; ".join(notes)))
+        shown = blocks if sizes is None else sizes
+        rows.append(ParamRow(name, shape, orientation, algorithm, shown, factor, "; ".join(notes)))
     return Explanation(tuple(rows))

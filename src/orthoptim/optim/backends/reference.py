@@ -12,7 +12,8 @@ For a parameter θ with gradient G and momentum B (each matrix of it, in its (ou
        ← M / (margin·‖M̂M̂ᵀ‖_F^{1/2}·‖M‖_F),  M̂ = M/‖M‖_F          "schatten4"
        ← D M̂,  Dᵢᵢ = (Σⱼ|(M̂M̂ᵀ)ᵢⱼ|)^{-1/2} / margin               "aol"
     X ← aX + (bA + cA²)X,  A = XXᵀ, for each (a, b, c) of the schedule (m ≤ n; a tall matrix is transposed);
-    with split=k each matrix's rows are cut into k blocks first, each block its own M from here on
+    with split=k each matrix's rows are cut into k blocks first (split=(s₁, s₂, …): blocks of those sizes),
+    each block its own M from here on
     O ← X
     NorMuon (arXiv 2510.05491):  v ← β₂v + (1 − β₂)·meanⱼ Oᵢⱼ²;  Ô = O / √(v + ε) (rows);  O ← Ô·‖O‖_F/‖Ô‖_F
     PolarGrad (arXiv 2505.21799): U = ⟨O, M⟩·O (≈ ‖M‖_*·polar(M));  otherwise U = scale(m, n)·O
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ...polar.workspace import Workspace
-from ..options import MatrixOptions, lr_scale
+from ..options import MatrixOptions, block_ranges, lr_scale
 
 
 def prepare(
@@ -57,18 +58,26 @@ def prepare(
         mu = opts.momentum
         B = mu * B + (1.0 - mu) * G
         M = mu * B + (1.0 - mu) * G if opts.nesterov else B
-        O = torch.stack([_orthogonalize(M[k], opts) for k in range(count)])
+        U = torch.empty_like(M)
+        rows_v = []
+        # Unequal blocks (split=(s₁, s₂, …)) are cut here; equal ones are already matrices of their own.
+        for a, z in block_ranges(opts.blocks) if opts.blocks is not None else [(0, m)]:
+            Mb = M[:, a:z]
+            O = torch.stack([_orthogonalize(Mb[k], opts) for k in range(count)])
+            if opts.row_norm:
+                assert second is not None
+                v_old = second[i].double().reshape(count, m)[:, a:z]
+                v = opts.beta2 * v_old + (1.0 - opts.beta2) * O.square().mean(dim=-1)
+                normed = O / (v + opts.row_eps).sqrt().unsqueeze(-1)
+                size = torch.linalg.matrix_norm(O) / torch.linalg.matrix_norm(normed).clamp_min(1e-300)
+                O = normed * size.view(-1, 1, 1)
+                rows_v.append(v)
+            if opts.nuclear:
+                U[:, a:z] = (O * Mb).sum(dim=(-2, -1), keepdim=True) * O
+            else:
+                U[:, a:z] = lr_scale(opts.scale_mode, z - a, n) * O
         if opts.row_norm:
-            assert second is not None
-            v = opts.beta2 * second[i].double().reshape(count, m) + (1.0 - opts.beta2) * O.square().mean(dim=-1)
-            normed = O / (v + opts.row_eps).sqrt().unsqueeze(-1)
-            size = torch.linalg.matrix_norm(O) / torch.linalg.matrix_norm(normed).clamp_min(1e-300)
-            O = normed * size.view(-1, 1, 1)
-            new_second.append(v)
-        if opts.nuclear:
-            U = (O * M).sum(dim=(-2, -1), keepdim=True) * O
-        else:
-            U = lr_scale(opts.scale_mode, m, n) * O
+            new_second.append(torch.cat(rows_v, dim=1))
         lr, wd = float(opts.lr), float(opts.weight_decay)
         theta = matrices(p, count, m, n) * (1.0 - lr * wd) - lr * U
         finite &= torch.isfinite(U).all()

@@ -30,7 +30,7 @@ from torch import Tensor
 from ...polar.orthogonalize import PolarPlan, polar_plan, run_plan
 from ...polar.workspace import Workspace, scratch_like
 from ..megabatch import Megabatch
-from ..options import MatrixOptions, lr_scale
+from ..options import MatrixOptions, block_ranges, lr_scale
 from . import Backend
 from . import triton as fused
 
@@ -243,7 +243,19 @@ def polar(
     the parameters' — the final add takes mixed dtypes, so a conversion pass over every update is saved.
     ``M`` is the step's own temporary: it is normalized in place, except in the nuclear mode, which needs it
     afterwards for ``⟨O, M⟩`` — there only where the normalization reads ``M`` without writing it (the
-    float64-factor way of a non-float64 ``M``, ``polar/devices.py``)."""
+    float64-factor way of a non-float64 ``M``, ``polar/devices.py``).
+
+    With unequal row blocks (``opts.blocks``: ``split=(s₁, s₂, …)``) ``plan`` is not used: each block of every
+    matrix is orthogonalized on its own, same-size blocks of the whole batch in one call (``_by_size``), and
+    written into its rows of ``O``; ``M`` is not changed."""
+    if opts.blocks is not None:
+        O = out
+        if O is None:
+            O = torch.empty(M.shape, dtype=plan.dtype if compute_dtype_out else M.dtype, device=M.device)
+        for size, ranges, stack in _by_size(M, opts.blocks):
+            block_plan = _polar_plan(opts, size, M.shape[-1], M.device, copies)[0]
+            _put_blocks(O, ranges, run_plan(stack, block_plan, out_dtype=O.dtype, overwrite_input=True))
+        return O
     return run_plan(
         M,
         plan,
@@ -278,9 +290,12 @@ def _polar_plan(opts: MatrixOptions, m: int, n: int, device: torch.device, copie
 
 def step_factors(opts: MatrixOptions, scale: float) -> tuple[float | Tensor, float | Tensor]:
     """``(alpha, decay)``: the final add's factor −lr·scale (1 in the nuclear mode, whose update carries
-    −lr·‖M‖_*) and ``1 − lr·wd`` (exactly 1.0 without weight decay: nothing to apply); 0-d tensors for a tensor
-    lr, read live (schedulers fill it in place)."""
+    −lr·‖M‖_*; −lr with unequal blocks, whose update carries each block's scale) and ``1 − lr·wd`` (exactly 1.0
+    without weight decay: nothing to apply); 0-d tensors for a tensor lr, read live (schedulers fill it in
+    place)."""
     lr, wd = opts.lr, opts.weight_decay
+    if opts.blocks is not None:  # unequal blocks carry their own lr scales (``finish_update``)
+        scale = 1.0
     alpha = 1.0 if opts.nuclear else -lr * scale
     decay = 1.0 if not isinstance(wd, Tensor) and wd == 0 else 1.0 - lr * wd
     return alpha, decay
@@ -322,7 +337,36 @@ def finish_update(
     (if ``need_flags``) is finite iff every entry of the update is. ``O`` is the step's own tensor and becomes
     the update in place. ``defer``: the last multiply — NorMuon's row factor (where ``_row_normalize`` defers it;
     not before the nuclear scale, which needs the scaled update) or the nuclear scale's −lr·⟨O, M⟩ — is left
-    for the commit: returned as ``factor``, ``O`` unscaled; the commit multiplies exactly as here."""
+    for the commit: returned as ``factor``, ``O`` unscaled; the commit multiplies exactly as here.
+
+    With unequal row blocks (``opts.blocks``) all of that is per block — NorMuon's Frobenius rescale, PolarGrad's
+    ⟨O, M⟩ — and each block's lr scale is applied here (``step_factors`` then adds with −lr): nothing deferred."""
+    if opts.blocks is not None:
+        update, new_second, factor = _finish_blocks(backend, O, M, old_second, opts)
+    else:
+        update, new_second, factor = _finish_matrices(backend, O, M, old_second, opts, work, defer)
+    if not need_flags:
+        return update, new_second, None, factor
+    # |O| ≲ 1.3 entrywise (a Newton–Schulz output), so the sum cannot overflow: it is non-finite iff some entry
+    # is. With a deferred factor f the update is O·f: with |O| ≤ 2 an entry can overflow only where |f| exceeds
+    # half the largest float, so O's sum plus 2‖f‖₁ is finite iff every entry of O·f is (a factor beyond 2⁻¹ of
+    # the range skips the step even if O·f would just fit: never met at real learning rates).
+    if factor is None:
+        return update, new_second, update.sum(), None
+    size = torch.linalg.vector_norm(factor, ord=1, dtype=torch.promote_types(factor.dtype, torch.float32))
+    return update, new_second, torch.add(update.sum(), size, alpha=2.0), factor
+
+
+def _finish_matrices(
+    backend: Backend,
+    O: Tensor,
+    M: Tensor,
+    old_second: Tensor | None,
+    opts: MatrixOptions,
+    work: Workspace | None,
+    defer: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``finish_update``'s ``(update, new second moment, deferred factor)`` with each matrix of the batch whole."""
     new_second, factor = None, None
     if opts.row_norm:
         assert old_second is not None
@@ -341,16 +385,46 @@ def finish_update(
         update, factor = (O, scale) if defer else (O.mul_(scale), None)
     else:
         update = O  # −lr·scale is applied by the final add (``step_factors``)
-    if not need_flags:
-        return update, new_second, None, factor
-    # |O| ≲ 1.3 entrywise (a Newton–Schulz output), so the sum cannot overflow: it is non-finite iff some entry
-    # is. With a deferred factor f the update is O·f: with |O| ≤ 2 an entry can overflow only where |f| exceeds
-    # half the largest float, so O's sum plus 2‖f‖₁ is finite iff every entry of O·f is (a factor beyond 2⁻¹ of
-    # the range skips the step even if O·f would just fit: never met at real learning rates).
-    if factor is None:
-        return update, new_second, O.sum(), None
-    size = torch.linalg.vector_norm(factor, ord=1, dtype=torch.promote_types(factor.dtype, torch.float32))
-    return update, new_second, torch.add(O.sum(), size, alpha=2.0), factor
+    return update, new_second, factor
+
+
+def _finish_blocks(
+    backend: Backend, O: Tensor, M: Tensor, old_second: Tensor | None, opts: MatrixOptions
+) -> tuple[Tensor, Tensor | None, None]:
+    """``finish_update`` for unequal row blocks: the same-size blocks of the batch stacked (``_by_size``), each
+    stack finished as whole matrices (``_finish_matrices``) and scaled by its shape's lr scale, the results
+    written back into ``O``'s rows and into a fresh second moment."""
+    assert opts.blocks is not None
+    n = O.shape[-1]
+    new_second = None if old_second is None else torch.empty_like(old_second)
+    inputs = {size: stack for size, _, stack in _by_size(M, opts.blocks)} if opts.nuclear else {}
+    seconds = {size: stack for size, _, stack in _by_size(old_second, opts.blocks)} if old_second is not None else {}
+    for size, ranges, stack in _by_size(O, opts.blocks):
+        update, v, _ = _finish_matrices(backend, stack, inputs.get(size, M), seconds.get(size), opts, None, False)
+        scale = 1.0 if opts.nuclear else lr_scale(opts.scale_mode, size, n)
+        if scale != 1.0:
+            update = update.mul_(scale)  # in float32 (a Python scalar), rounded once into the update's dtype
+        _put_blocks(O, ranges, update)
+        if new_second is not None and v is not None:
+            _put_blocks(new_second, ranges, v)
+    return O, new_second, None
+
+
+def _by_size(X: Tensor, sizes: tuple[int, ...]) -> list[tuple[int, list[tuple[int, int]], Tensor]]:
+    """The row blocks of ``sizes`` (dim 1 of a (B, m, …) batch) grouped by size: ``(size, row ranges, stack)``,
+    the stack a copy of shape (B·blocks, size, …) — block by block, each block's B matrices in order — so
+    same-size blocks (a grouped-query weight's k and v) go through the polar engine in one call."""
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for start, stop in block_ranges(sizes):
+        ranges.setdefault(stop - start, []).append((start, stop))
+    return [(size, r, torch.cat([X[:, a:b] for a, b in r])) for size, r in ranges.items()]
+
+
+def _put_blocks(out: Tensor, ranges: list[tuple[int, int]], stack: Tensor) -> None:
+    """Write ``_by_size``'s ``stack`` back into the rows ``ranges`` of ``out``."""
+    count = out.shape[0]
+    for j, (a, b) in enumerate(ranges):
+        out[:, a:b].copy_(stack[j * count : (j + 1) * count])
 
 
 def _row_normalize(
