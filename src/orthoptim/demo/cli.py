@@ -11,6 +11,7 @@ from ..timing import resolve_device
 from .data import load_corpus
 from .model import GPTConfig
 from .train import (
+    KNOWN_OPTIMIZERS,
     OPTIMIZERS,
     REFERENCE,
     TUNED_WARMUP,
@@ -49,7 +50,8 @@ def add_demo_parser(subparsers: Any) -> None:
     p.add_argument(
         "--optimizers",
         default=",".join(OPTIMIZERS),
-        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: %(default)s)",
+        help=f"comma-separated, from {', '.join(KNOWN_OPTIMIZERS)} (default: %(default)s; hybrid_qkv and "
+        "hybrid_heads: hybrid with the fused qkv weight orthogonalized as q, k, v blocks or per head)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument(
@@ -91,9 +93,9 @@ def _optimizer_names(text: str) -> list[str]:
     names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))  # order kept, repeats dropped
     if not names:
         raise ValueError(f"--optimizers is empty; choose from {', '.join(OPTIMIZERS)}")
-    unknown = [n for n in names if n not in OPTIMIZERS]
+    unknown = [n for n in names if n not in KNOWN_OPTIMIZERS]
     if unknown:
-        raise ValueError(f"unknown optimizer {unknown[0]!r} in --optimizers; choose from {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"unknown optimizer {unknown[0]!r} in --optimizers; choose from {', '.join(KNOWN_OPTIMIZERS)}")
     return names
 
 
@@ -128,8 +130,8 @@ def _warmups(text: str | None, names: list[str]) -> dict[str, float]:
         name, sep, fraction = (x.strip() for x in item.partition("="))
         if not sep:
             raise ValueError(f"--warmup: {item!r} is not NAME=FRACTION (or pass one fraction for all)")
-        if name not in OPTIMIZERS:
-            raise ValueError(f"--warmup: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+        if name not in KNOWN_OPTIMIZERS:
+            raise ValueError(f"--warmup: unknown optimizer {name!r}; choose from {', '.join(KNOWN_OPTIMIZERS)}")
         warmups[name] = _fraction(fraction)
     return warmups
 

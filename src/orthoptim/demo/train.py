@@ -11,7 +11,9 @@ Optimizers compared (``OPTIMIZERS``):
   RMSNorm gains (``orthoptim.split_params``);
 - ``adamw``: ``torch.optim.AdamW`` on everything;
 - ``torch_muon``: ``torch.optim.Muon`` on the same hidden matrices plus ``torch.optim.AdamW`` on the rest, two
-  optimizers stepped together.
+  optimizers stepped together;
+- on request (``SPLIT_VARIANTS``): ``hybrid_qkv`` and ``hybrid_heads``, ``hybrid`` with the fused ``qkv`` weight
+  orthogonalized as q, k and v blocks (``split=3``) or per head (``split=3·heads``), at hybrid's lrs and warmup.
 
 The learning rates (``TUNED_LRS``) and warmup fractions (``TUNED_WARMUP``) are per-optimizer tuned defaults,
 chosen once by the sweep recorded next to them; they are not swept at run time. Pass ``lrs=`` / ``warmup=`` to
@@ -42,6 +44,10 @@ from .data import Corpus, TrainBatches, val_batches
 from .model import GPT, GPTConfig
 
 OPTIMIZERS: tuple[str, ...] = ("hybrid", "adamw", "torch_muon")
+#: Hybrid with the fused ``qkv`` weight cut into blocks (``split=``), run on request (``--optimizers``), with
+#: hybrid's learning rates and warmup: q, k and v each orthogonalized on its own, or each head's q, k and v.
+SPLIT_VARIANTS: dict[str, str] = {"hybrid_qkv": "q, k, v", "hybrid_heads": "per head"}
+KNOWN_OPTIMIZERS: tuple[str, ...] = (*OPTIMIZERS, *SPLIT_VARIANTS)
 REFERENCE = "adamw"  # "steps to reach" is measured against this optimizer's final validation loss
 # Every AdamW (alone or beside Muon) uses the same betas: beta2 = 0.95 as in karpathy/nanoGPT train.py, Hybrid too.
 ADAM_BETAS = (0.9, 0.95)
@@ -70,6 +76,8 @@ TUNED_LRS: dict[str, dict[str, float]] = {
 }
 # Fraction of the steps spent in linear warmup, per optimizer (then linear decay to zero); same sweep.
 TUNED_WARMUP: dict[str, float] = {"hybrid": 0.2, "adamw": 0.3, "torch_muon": 0.1}
+for _variant in SPLIT_VARIANTS:  # not tuned on their own: the comparison holds everything but the split fixed
+    TUNED_LRS[_variant], TUNED_WARMUP[_variant] = TUNED_LRS["hybrid"], TUNED_WARMUP["hybrid"]
 
 
 @dataclass(frozen=True)
@@ -132,8 +140,10 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 def build_optimizers(name: str, model: nn.Module, lrs: dict[str, float]) -> list[torch.optim.Optimizer]:
     """The optimizer(s) for ``name``, stepped together; hidden matrices as ``orthoptim.split_params`` finds them."""
-    if name == "hybrid":
-        return [orthoptim.Hybrid(model, lr=lrs["lr"], adamw_lr=lrs["adamw_lr"], adamw_betas=ADAM_BETAS)]
+    if name == "hybrid" or name in SPLIT_VARIANTS:
+        heads = model.cfg.heads if isinstance(model, GPT) else 1
+        split = {"hybrid": 1, "hybrid_qkv": {"qkv": 3}, "hybrid_heads": {"qkv": 3 * heads}}[name]
+        return [orthoptim.Hybrid(model, lr=lrs["lr"], adamw_lr=lrs["adamw_lr"], adamw_betas=ADAM_BETAS, split=split)]
     if name == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=lrs["lr"], betas=ADAM_BETAS, weight_decay=0.0)]
     if name == "torch_muon":
@@ -142,7 +152,7 @@ def build_optimizers(name: str, model: nn.Module, lrs: dict[str, float]) -> list
             torch.optim.Muon(matrices, lr=lrs["lr"], weight_decay=0.0),
             torch.optim.AdamW(others, lr=lrs["adamw_lr"], betas=ADAM_BETAS, weight_decay=0.0),
         ]
-    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(KNOWN_OPTIMIZERS)}")
 
 
 def _autocast(device: torch.device) -> AbstractContextManager[object]:
