@@ -96,3 +96,45 @@ def test_llama_and_bert_keep_their_projections_whole_and_heads_on_adamw(family: 
     assert all(k == 1 for algorithm, k in groups.values() if algorithm == "muon")  # nothing fused to cut
     rows = {r.name: r for r in orthoptim.explain(model, opt).rows}
     assert rows[hidden].lr_factor == f"{math.sqrt(64 / 32):.3g}"
+
+
+def test_phi3_grouped_query_qkv_is_cut_into_its_q_k_and_v() -> None:
+    """Phi-3 stores q, k and v of grouped-query attention in one ``qkv_proj`` weight: q 4 heads × 8, k and v 2 heads
+    × 8 (rows 32, 16, 16 of 64). ``split="auto"`` reads those sizes from the attention module; each block moves by
+    its own polar factor and its own lr scale (q is 32×32: 1; k and v 16×32: 1)."""
+    config = transformers.Phi3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    model = transformers.Phi3ForCausalLM(config).double()
+    opt = orthoptim.Hybrid(model, split="auto", compute_dtype="float64", **STEP)
+    groups = _groups(opt, model)
+    assert tuple(groups["model.layers.0.self_attn.qkv_proj.weight"][1]) == (32, 16, 16)
+    assert groups["model.layers.0.mlp.gate_up_proj.weight"] == ("muon", 2)
+    qkv = model.model.layers[0].self_attn.qkv_proj.weight
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    # Blocks with singular values in [0.2, 1] (a random square q block has some near 0, where 8 iteration steps
+    # have not converged yet: the check would test the schedule, not the split).
+    gen = torch.Generator().manual_seed(1)
+    parts = []
+    for rows in (32, 16, 16):
+        U, _ = torch.linalg.qr(torch.randn(rows, rows, generator=gen, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(32, rows, generator=gen, dtype=torch.float64))
+        parts.append(U @ torch.diag(torch.linspace(1.0, 0.2, rows, dtype=torch.float64)) @ V.mT)
+    G = torch.cat(parts)
+    qkv.grad = G.clone()
+    before = qkv.detach().clone()
+    opt.step()
+    moved = qkv.detach() - before
+    for a, z in [(0, 32), (32, 48), (48, 64)]:
+        want = -0.1 * lr_scale("original", z - a, 32) * _polar(G[a:z])
+        assert torch.allclose(moved[a:z], want, atol=1e-9), (a, z)
+    row = next(r for r in orthoptim.explain(model, opt).rows if r.name == "model.layers.0.self_attn.qkv_proj.weight")
+    assert row.split == (32, 16, 16) and "3 blocks of 32, 16, 16 rows" in row.why
