@@ -477,7 +477,10 @@ def run_rank(rank: int, world: int, port: int, names: list[str], outdir: str, pa
     ``paths="cuda"`` runs every optimizer with ``backend="torch@cuda"``, the torch backend's CUDA choices (stacked
     momentum held to the commit, device-side skip selects), which the CPU would not otherwise take; ``paths="fused"``
     with ``backend="triton"``, the fused elementwise kernels under Triton's interpreter (TRITON_INTERPRET=1 from the
-    parent)."""
+    parent); ``paths="nd"`` runs ``_dist_worker_nd``'s scenarios (beyond one mesh dimension) instead."""
+    table = SCENARIOS
+    if paths == "nd":  # the scenarios beyond one mesh dimension, on the CPU's step path
+        from ._dist_worker_nd import SCENARIOS as table
     if paths == "cuda":
         F32["backend"] = "torch@cuda"
     if paths == "fused":
@@ -493,7 +496,7 @@ def run_rank(rank: int, world: int, port: int, names: list[str], outdir: str, pa
     try:
         for name in names:
             try:
-                SCENARIOS[name](rank, world, outdir)
+                table[name](rank, world, outdir)
                 results[name] = "ok"
             except Exception:
                 results[name] = traceback.format_exc()

@@ -30,6 +30,7 @@ from orthoptim.distributed import (
 )
 
 from ._dist_worker import SCENARIOS, run_rank
+from ._dist_worker_nd import SCENARIOS as ND_SCENARIOS
 from .conftest import require_interpreted_fused_kernels
 
 #: (ranks, which step paths): the CPU's own, CUDA's forced on the CPU, and CUDA's with the fused elementwise
@@ -49,7 +50,8 @@ def _free_port() -> int:
 def _launch(world: int, paths: str) -> dict[str, list[str]] | str:
     """Run every scenario on ``world`` ranks; per scenario the per-rank outcomes, or why the launch failed."""
     outdir = tempfile.mkdtemp(prefix=f"orthoptim-dist{world}-{paths}-")
-    args = (world, _free_port(), list(SCENARIOS), outdir, paths)
+    names = list(ND_SCENARIOS if paths == "nd" else SCENARIOS)
+    args = (world, _free_port(), names, outdir, paths)
     ctx = mp.start_processes(run_rank, args=args, nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     failure = ""
@@ -74,7 +76,7 @@ def _launch(world: int, paths: str) -> dict[str, list[str]] | str:
             return f"rank {r} recorded nothing; {failure or 'no error reported'}"
         with open(path) as f:
             per_rank.append(json.load(f))
-    results = {name: [res.get(name, f"not reached ({failure})") for res in per_rank] for name in SCENARIOS}
+    results = {name: [res.get(name, f"not reached ({failure})") for res in per_rank] for name in names}
     return results
 
 
@@ -94,6 +96,19 @@ def test_scenario(world: int, paths: str, scenario: str) -> None:
     if paths == "fused":
         require_interpreted_fused_kernels()  # and TRITON_INTERPRET=1 in this process's environment, which ranks inherit
     results = _results(world, paths)
+    assert not isinstance(results, str), results
+    failed = {r: out for r, out in enumerate(results[scenario]) if out != "ok"}
+    assert not failed, "\n".join(f"rank {r}:\n{out}" for r, out in failed.items())
+
+
+@pytest.mark.parametrize("scenario", list(ND_SCENARIOS))
+@pytest.mark.slow  # spawned ranks; `make test-fast` leaves them out
+def test_beyond_one_mesh_dimension(scenario: str) -> None:
+    """One scenario of ``_dist_worker_nd`` (HSDP, tensor parallel, TP × FSDP, expert parallel, refusals, DCP
+    across mesh shapes) on every rank of a 4-rank gloo group: all of them in one launch."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    results = _results(4, "nd")
     assert not isinstance(results, str), results
     failed = {r: out for r, out in enumerate(results[scenario]) if out != "ok"}
     assert not failed, "\n".join(f"rank {r}:\n{out}" for r, out in failed.items())
@@ -134,3 +149,37 @@ def test_process_group_resolution_without_torch_distributed() -> None:
     assert "process_group" not in opt.param_groups[0] and "process_group" not in opt.state_dict()["param_groups"][0]
     with pytest.raises(ValueError, match="not initialized"):
         orthoptim.NorMuon([p], process_group=object())
+
+
+def test_chunk_blocks_match_torch_layout() -> None:
+    """orthoptim's block of every mesh coordinate against torch's layout helper (plain data, no processes), for
+    1-D to 3-D meshes, every Shard/Replicate mix on 2-D and 3-D tensors, even and uneven sizes."""
+    import itertools
+
+    tensor = pytest.importorskip("torch.distributed.tensor")
+    utils = pytest.importorskip("torch.distributed.tensor._utils")
+    from orthoptim.distributed import chunk_block
+
+    R, S = tensor.Replicate, tensor.Shard
+    for shape in ((7, 5), (8, 12), (3, 10, 6)):
+        choices = [R(), *(S(d) for d in range(len(shape)))]
+        for mesh_shape in ((4,), (2, 2), (3, 2), (2, 1, 2)):
+            for placements in itertools.product(choices, repeat=len(mesh_shape)):
+                for coord in itertools.product(*(range(k) for k in mesh_shape)):
+                    block = chunk_block(shape, mesh_shape, coord, placements)
+                    local, offset = utils._compute_local_shape_and_global_offset(
+                        shape, mesh_shape, list(coord), placements
+                    )
+                    assert block.sizes == tuple(local), (shape, mesh_shape, placements, coord)
+                    assert not block.numel or block.starts == tuple(offset), (shape, mesh_shape, placements, coord)
+
+
+def test_blocks_that_do_not_tile_are_refused() -> None:
+    from orthoptim.distributed.placement import Block, _tiles
+
+    two = [Block((0, 0), (4, 6)), Block((4, 0), (4, 6))]
+    assert _tiles((8, 6), two) and _tiles((8, 6), [*two, *two])  # replicas repeat a block
+    assert _tiles((8, 6), [Block((0, 0), (8, 6)), Block((0, 0), (0, 6))])  # empty blocks are ignored
+    assert not _tiles((8, 6), [Block((0, 0), (5, 6)), Block((4, 0), (4, 6))])  # overlap
+    assert not _tiles((8, 6), [Block((0, 0), (3, 6)), Block((4, 0), (4, 6))])  # gap
+    assert not _tiles((8, 6), [Block((0, 0), (4, 3)), Block((4, 3), (4, 3))])  # a checkerboard's half

@@ -5,7 +5,8 @@ computes what; the optimizer (``orthoptim.optim.base``) hands it the computation
 
 * ``owners``   — which rank orthogonalizes which matrix (greedy largest-first, balancing FLOPs; deterministic).
 * ``exchange`` — replicated parameters (DDP): orthogonalize the owned slice, ``all_gather_into_tensor`` (async).
-* ``fsdp``     — DTensor ``Shard(0)`` parameters (FSDP2): rows to the owner, update rows back (``all_to_all``).
+* ``placement`` — which block of a DTensor parameter each rank holds, on any mesh (FSDP2, HSDP, TP, EP).
+* ``fsdp``     — DTensor parameters: blocks to the owner, update blocks back to every holder (``all_to_all``).
 * ``agree``    — the non-finite skip flag (one MAX all-reduce) and the check that all ranks hold the same
   parameters (count, shapes, dtypes) and have gradients for the same ones (one fixed-size all-reduce).
 * ``group``    — the ``process_group=`` default and its validation.
@@ -16,16 +17,21 @@ from .exchange import GatherHandle, gather_bytes, orthogonalize_split
 from .fsdp import check_sharded, gather_to_owners, is_dtensor, scatter_from_owners, shard_sizes, zeros_row_state
 from .group import DEFAULT_PROCESS_GROUP, GroupRef, resolve_process_group
 from .owners import assign_owners, matrix_flops, rank_counts
+from .placement import Block, BlockLayout, block_layout, chunk_block, row_state_placements
 
 __all__ = [
     "DEFAULT_PROCESS_GROUP",
+    "Block",
+    "BlockLayout",
     "GatherHandle",
     "GroupRef",
     "ParamLayout",
     "agree_ok",
     "agree_params",
     "assign_owners",
+    "block_layout",
     "check_sharded",
+    "chunk_block",
     "gather_bytes",
     "gather_to_owners",
     "is_dtensor",
@@ -34,6 +40,7 @@ __all__ = [
     "presence_mismatch",
     "rank_counts",
     "resolve_process_group",
+    "row_state_placements",
     "scatter_from_owners",
     "shard_sizes",
     "zeros_row_state",

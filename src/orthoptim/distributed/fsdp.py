@@ -1,21 +1,22 @@
-"""Sharded parameters (FSDP2 / DTensor ``Shard(0)``): whole matrices travel to their owner and rows come back.
+"""Sharded parameters (DTensor on any mesh: FSDP2, HSDP, tensor and expert parallel): whole parameters travel
+to their owner and each rank's block of the update comes back.
 
-``torch.distributed.fsdp.fully_shard`` places every parameter as a DTensor sharded on dim 0 over a 1-D mesh,
-``torch.chunk``-style: rank r holds rows ``[r·c, min((r+1)·c, d0))`` with ``c = ceil(d0 / world)`` — possibly
-none when d0 < world. Seen as a stack of rows of length n (a parameter is ``count`` matrices m×n, i.e.
-``count·m`` rows, ``optim.options.matrix_layout``), each rank's shard is a contiguous range of whole rows.
+Every rank holds one rectangular block of each DTensor parameter (``placement.block_layout``): FSDP2's
+``Shard(0)`` gives ``torch.chunk`` ranges of rows, ``(Replicate(), Shard(0))`` (HSDP) the same rows on every
+replica, tensor parallel's ``Shard(1)`` ranges of columns, 2-D meshes products of both.
 
-Scheme (per step, per param group): every rank computes the momentum of its own rows (elementwise, exact); one
-``all_to_all_single`` sends each parameter's rows to its owner, which then holds the whole matrix — and whole
-rows and the whole matrix for NorMuon's statistics and PolarGrad's nuclear norm, so both are exact rather than
-per-shard approximations; the owner computes the update; a second ``all_to_all_single`` sends each rank its
-rows of the update back. Only the owner ever holds a full matrix (no ``full_tensor()`` on every rank), and the
-traffic per parameter is its size twice (in and out), whatever the world size.
+Scheme (per step, per param group): every rank computes the momentum of its own block (elementwise, exact;
+replicas compute the same values); one ``all_to_all_single`` sends each parameter's distinct blocks — one
+source per block, replicas do not all send — to its owner, which then holds the whole parameter: whole rows
+and whole matrices for NorMuon's statistics and PolarGrad's nuclear norm, so both are exact rather than
+per-shard approximations. The owner computes the update; a second ``all_to_all_single`` sends every rank
+holding a block (replicas included) its block back. Only the owner ever holds a whole parameter (no
+``full_tensor()`` on every rank). Traffic per parameter: its size in, and its size times the replication
+out, whatever the world size.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .placement import BlockLayout, block_layout, row_state_placements
 
 
 def is_dtensor(t: object) -> bool:
@@ -37,69 +40,31 @@ def shard_sizes(d0: int, world: int) -> list[int]:
     return [max(0, min(d0, (r + 1) * chunk) - r * chunk) for r in range(world)]
 
 
-def check_sharded(p: Any, group_ranks: Sequence[int] | None, rank: int) -> list[int]:
-    """Validate a DTensor parameter and return its dim-0 rows per rank (``shard_sizes``).
-
-    Supported: a 1-D device mesh whose ranks are the optimizer's process group (``group_ranks``, global ranks in
-    group order; ``None`` when the optimizer runs locally: a one-rank mesh), placement ``(Shard(0),)``, this
-    rank's local shard as ``torch.chunk`` gives it. Anything else raises ``ValueError`` naming what differs.
-    """
-    from torch.distributed.tensor import Shard
-
-    shape = tuple(p.shape)
-    mesh = p.device_mesh
-    if mesh.ndim != 1:
-        raise ValueError(
-            f"DTensor parameter of shape {shape} lives on a {mesh.ndim}-D device mesh; orthoptim supports 1-D "
-            "meshes (FSDP2 fully_shard over one mesh dimension)"
-        )
-    if tuple(p.placements) != (Shard(0),):
-        raise ValueError(
-            f"DTensor parameter of shape {shape} has placements {tuple(p.placements)}; orthoptim supports "
-            "(Shard(0),) — as torch.distributed.fsdp.fully_shard places parameters"
-        )
-    mesh_ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
-    if group_ranks is None:
-        if len(mesh_ranks) != 1:
-            raise ValueError(
-                f"DTensor parameter of shape {shape} is sharded over {len(mesh_ranks)} ranks but the optimizer "
-                "runs locally (process_group=None, or torch.distributed not initialized): pass the mesh's group, "
-                "process_group=mesh.get_group(), or leave the default"
-            )
-        world = 1
-    else:
-        if mesh_ranks != list(group_ranks):
-            raise ValueError(
-                f"DTensor parameter of shape {shape} is sharded over ranks {mesh_ranks} but the optimizer's "
-                f"process group is ranks {list(group_ranks)}; pass process_group=mesh.get_group()"
-            )
-        world = len(mesh_ranks)
-    sizes = shard_sizes(shape[0], world)
-    local = tuple(p.to_local().shape)
-    if local != (sizes[rank], *shape[1:]):
-        raise ValueError(
-            f"DTensor parameter of shape {shape}: this rank holds a shard of shape {local}, expected "
-            f"{(sizes[rank], *shape[1:])} (torch.chunk of dim 0 over {world} ranks); uneven custom sharding is "
-            "not supported"
-        )
-    return sizes
+def check_sharded(p: Any, group_ranks: Sequence[int] | None, rank: int) -> BlockLayout:
+    """Validate a DTensor parameter and return every group rank's block of it (``placement.block_layout``):
+    ``ValueError`` naming the shape, placements and what is supported for anything the executor cannot move."""
+    return block_layout(p, group_ranks, rank)
 
 
 def zeros_row_state(p: Any, rows: int) -> Any:
-    """A float32 DTensor holding one value per stacked matrix row of ``p``, sharded like ``p``'s rows.
+    """A float32 DTensor holding one value per stacked matrix row of ``p``, laid out like ``p``'s rows.
 
-    Global shape ``(d0, rows // d0)`` with ``d0 = p.shape[0]``, placed ``Shard(0)`` on ``p``'s mesh: each rank
-    holds the statistics of exactly the rows it holds of ``p`` (the plain-tensor layout ``(count, m)`` reshaped),
-    so the state stays sharded and checkpoints with ``torch.distributed.checkpoint`` like the momentum.
+    Global shape ``(d0, rows // d0)`` with ``d0 = p.shape[0]`` (the plain-tensor layout ``(count, m)``
+    reshaped), on ``p``'s mesh, sharded where ``p``'s dim 0 is and replicated on the other mesh dimensions
+    (``placement.row_state_placements``): each rank holds the statistics of exactly the rows it holds some of.
+    A plain DTensor, so ``torch.distributed.checkpoint`` saves it once per distinct block and reshards it on
+    load like the momentum.
     """
     from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     d0 = p.shape[0]
     per = rows // d0
-    local = torch.zeros(p.to_local().shape[0], per, dtype=torch.float32, device=p.to_local().device)
-    return DTensor.from_local(
-        local, p.device_mesh, p.placements, run_check=False, shape=torch.Size((d0, per)), stride=(per, 1)
-    )
+    placements = row_state_placements(p.placements)
+    shape = torch.Size((d0, per))
+    local_shape, _ = compute_local_shape_and_global_offset(shape, p.device_mesh, placements)
+    local = torch.zeros(local_shape, dtype=torch.float32, device=p.to_local().device)
+    return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=shape, stride=(per, 1))
 
 
 def _all_to_all(
@@ -131,65 +96,70 @@ def _by_dtype(dtypes: Sequence[torch.dtype]) -> list[tuple[torch.dtype, list[int
 
 
 def gather_to_owners(
-    pieces: Sequence[Tensor], owners: Sequence[int], rows: Sequence[Sequence[int]], rank: int, group: Any
+    pieces: Sequence[Tensor], owners: Sequence[int], layouts: Sequence[BlockLayout], rank: int, group: Any
 ) -> list[Tensor | None]:
-    """Send every item's local rows to its owner; return the whole item (rows of all ranks, in rank order) for
-    the items this rank owns, ``None`` for the others.
+    """Send every item's block to its owner, one source per distinct block; return the whole item (shape
+    ``layouts[i].shape``) for the items this rank owns, ``None`` for the others.
 
-    ``pieces[i]`` is this rank's ``(rows[i][rank], width_i)`` part of item i; ``rows[i][r]`` the rows rank r
-    holds (its length is the world size; ``group=None`` is the default group). One ``all_to_all_single`` per
-    dtype; every rank must pass the same items in the same order.
+    ``pieces[i]`` is this rank's block of item i (any tensor of its block's numel). One ``all_to_all_single``
+    per dtype; every rank must pass the same items in the same order (``group=None``: the default group).
     """
-    result: list[Tensor | None] = [None] * len(pieces)
-    world = len(rows[0]) if rows else 1
+    world = layouts[0].world if layouts else 1
     if world == 1:  # one rank holds and owns everything
-        return list(pieces)
+        return [t.reshape(lay.shape) for t, lay in zip(pieces, layouts, strict=True)]
+    result: list[Tensor | None] = [None] * len(pieces)
+    sources = [lay.sources(o) for lay, o in zip(layouts, owners, strict=True)]
     for dtype, items in _by_dtype([t.dtype for t in pieces]):
         device = pieces[items[0]].device
         send: list[list[Tensor]] = [[] for _ in range(world)]
         for i in items:
-            send[owners[i]].append(pieces[i])
+            if rank in sources[i]:
+                send[owners[i]].append(pieces[i])
         mine = [i for i in items if owners[i] == rank]
-        widths = {i: math.prod(pieces[i].shape[1:]) for i in mine}
-        recv = [[rows[i][s] * widths[i] for i in mine] for s in range(world)]
+        recv = [[layouts[i].blocks[s].numel for i in mine if s in sources[i]] for s in range(world)]
         got = _all_to_all(send, recv, dtype, device, group)
-        for j, i in enumerate(mine):
-            parts = [got[s][j].view(rows[i][s], *pieces[i].shape[1:]) for s in range(world)]
-            result[i] = torch.cat(parts)
+        taken = [0] * world
+        for i in mine:
+            whole = torch.empty(layouts[i].shape, dtype=dtype, device=device)
+            for s in sources[i]:
+                block = layouts[i].blocks[s]
+                whole[block.index()] = got[s][taken[s]].view(block.sizes)
+                taken[s] += 1
+            result[i] = whole
     return result
 
 
 def scatter_from_owners(
     results: Sequence[Tensor | None],
-    like: Sequence[tuple[tuple[int, ...], torch.dtype]],
+    dtypes: Sequence[torch.dtype],
     owners: Sequence[int],
-    rows: Sequence[Sequence[int]],
+    layouts: Sequence[BlockLayout],
     rank: int,
     device: Any,
     group: Any,
 ) -> list[Tensor]:
-    """The inverse of :func:`gather_to_owners`: each owner sends rank r rows ``rows[i][r]`` of its whole result
-    ``results[i]``; every rank returns its rows of every item.
-
-    ``like[i] = (trailing shape, dtype)`` of item i's result (known on every rank, not only the owner).
+    """The inverse of :func:`gather_to_owners`: each owner sends every rank holding a non-empty block of item i
+    (replicas included) that block of its whole result ``results[i]``; every rank returns its block of every
+    item, flat (1-D). ``dtypes[i]``: item i's result dtype (known on every rank, not only the owner).
     """
-    world = len(rows[0]) if rows else 1
+    world = layouts[0].world if layouts else 1
     if world == 1:
-        return [t for t in results if t is not None]
+        return [t.reshape(-1) for t in results if t is not None]
     out: list[Tensor] = [torch.empty(0)] * len(results)
-    for dtype, items in _by_dtype([dt for _, dt in like]):
+    for dtype, items in _by_dtype(dtypes):
         send: list[list[Tensor]] = [[] for _ in range(world)]
         for i in items:
             full = results[i]
             if owners[i] == rank:
                 assert full is not None
-                for r, part in enumerate(full.split(list(rows[i]))):
-                    send[r].append(part)
-        recv = [[rows[i][rank] * math.prod(like[i][0]) for i in items if owners[i] == s] for s in range(world)]
+                for r, block in enumerate(layouts[i].blocks):
+                    if block.numel:
+                        send[r].append(full[block.index()].reshape(-1))
+        recv = [[layouts[i].blocks[rank].numel for i in items if owners[i] == s] for s in range(world)]
         got = _all_to_all(send, recv, dtype, device, group)
         taken = [0] * world
         for i in items:
             s = owners[i]
-            out[i] = got[s][taken[s]].view(rows[i][rank], *like[i][0])
+            out[i] = got[s][taken[s]]
             taken[s] += 1
     return out

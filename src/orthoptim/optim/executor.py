@@ -6,9 +6,13 @@ hands the backend's computation to it:
 
 - **replicated** parameters (DDP): every rank computes the momentum of every matrix but orthogonalizes only
   the matrices it owns; the results are all-gathered (``distributed.orthogonalize_split``);
-- **sharded** DTensor ``Shard(0)`` parameters (FSDP2): each rank computes the momentum of its rows and sends
-  them to the matrix's owner, which computes the whole update — NorMuon's row statistics and Frobenius rescale,
-  PolarGrad's nuclear norm, on whole matrices, as on one device — and sends each rank its rows back.
+- **sharded** DTensor parameters on any device mesh (FSDP2 ``Shard(0)``, HSDP ``(Replicate, Shard(0))``, tensor
+  parallel ``Shard(0)``/``Shard(1)``, their 2-D combinations): each rank computes the momentum of its block
+  (``distributed.placement``) and one holder of each distinct block sends it to the parameter's owner, which
+  computes the whole update — NorMuon's row statistics and Frobenius rescale, PolarGrad's nuclear norm, on
+  whole matrices, as on one device — and sends every holder (replicas included) its block back;
+- **local** DTensor parameters whose every rank holds whole matrices (expert parallel: ``(E, m, n)`` sharded
+  over the experts): each rank orthogonalizes its own matrices, nothing moves.
 
 Owners balance the orthogonalization FLOPs over all groups at once (largest first to the least-loaded rank).
 The plan depends only on the parameters' shapes, so every rank builds the same one and issues the same
@@ -17,6 +21,7 @@ collectives in the same order whatever the data. It is cached per set of paramet
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import (
+    BlockLayout,
     GroupRef,
     ParamLayout,
     agree_params,
@@ -43,7 +49,7 @@ from .adamw import adamw_prepare
 from .backends import reference
 from .backends import torch as torch_backend
 from .megabatch import CPU_MEGABATCH_BYTES, Megabatch, plan_megabatches
-from .options import MatrixOptions, lr_scale
+from .options import MatrixOptions, lr_scale, matrix_layout
 
 
 def local_shards(tensors: list[Tensor]) -> list[Tensor]:
@@ -57,9 +63,11 @@ class _GroupSplit:
 
     plain: list[Megabatch] = field(default_factory=list)  # replicated parameters
     counts: list[tuple[int, ...]] = field(default_factory=list)  # per plain megabatch: matrices per rank
-    sharded: list[Megabatch] = field(default_factory=list)  # DTensor parameters, by whole-matrix shape
+    sharded: list[Megabatch] = field(default_factory=list)  # DTensor parameters gathered whole, by matrix shape
     owners: dict[int, int] = field(default_factory=dict)  # sharded position → owner rank
-    rows: dict[int, list[int]] = field(default_factory=dict)  # sharded position → stacked rows held per rank
+    blocks: dict[int, BlockLayout] = field(default_factory=dict)  # sharded position → every rank's block
+    row_blocks: dict[int, BlockLayout] = field(default_factory=dict)  # the same for its NorMuon row statistics
+    local: list[Megabatch] = field(default_factory=list)  # DTensors whose every shard is whole matrices (experts)
 
 
 class LocalExecutor:
@@ -182,6 +190,22 @@ class DistributedExecutor:
                 )
             if split.sharded:
                 pending.extend(self._sharded(backend, params, grads, *state, split, opts, need_flags, selects, pg))
+            if split.local:  # each rank's own whole matrices, as on one process: no exchange
+                second = None if state[1] is None else local_shards(state[1])
+                pending.extend(
+                    torch_backend.prepare(
+                        backend,
+                        local_shards(params),
+                        local_shards(grads),
+                        local_shards(state[0]),
+                        second,
+                        state[2],
+                        split.local,
+                        opts,
+                        need_flags=need_flags,
+                        selects=selects,
+                    )
+                )
         return pending
 
     #: The encoded layout of the parameters last checked, keyed by their ids per group: encoded once per parameter
@@ -234,30 +258,33 @@ class DistributedExecutor:
         costs: list[int] = []
         refs: list[tuple[_GroupSplit, int, int]] = []  # (split, plain megabatch k or -1, sharded position)
         ranks = None if self.pg_ref is None else self.pg_ref.ranks
-        for group, opts, params, _, _ in gathered:
+        for group, opts, params, _, lists in gathered:
             if opts is None or opts.backend == "reference":
                 splits.append(None)
                 continue
             shapes = layouts(group, opts, params)
             split = _GroupSplit()
-            for sharded in (False, True):
-                pos = [i for i, p in enumerate(params) if is_dtensor(p) == sharded]
-                sub = plan_megabatches(
-                    [shapes[i] for i in pos], [params[i].dtype for i in pos], [params[i].device for i in pos]
+            blocks = {i: check_sharded(p, ranks, self.rank) for i, p in enumerate(params) if is_dtensor(p)}
+            local = {i for i, b in blocks.items() if _whole_matrices_everywhere(params[i], b, opts)}
+            for kind in ("plain", "sharded", "local"):
+                pos = [i for i in range(len(params)) if _kind(i, blocks, local) == kind]
+                # Local megabatches count this rank's matrices only (its own shards: no collective depends on them).
+                lay = [_local_layout(shapes[i], blocks[i], self.rank) if kind == "local" else shapes[i] for i in pos]
+                sub = plan_megabatches(lay, [params[i].dtype for i in pos], [params[i].device for i in pos])
+                setattr(
+                    split,
+                    kind,
+                    [Megabatch(tuple(pos[j] for j in mb.indices), mb.matrix_shape, mb.counts) for mb in sub],
                 )
-                mbs = [Megabatch(tuple(pos[j] for j in mb.indices), mb.matrix_shape, mb.counts) for mb in sub]
-                if sharded:
-                    split.sharded = mbs
-                else:
-                    split.plain = mbs
             for k, mb in enumerate(split.plain):
                 costs += [matrix_flops(*mb.matrix_shape)] * mb.matrices
                 refs += [(split, k, -1)] * mb.matrices
+            second = lists.get("second_moment") if opts.row_norm else None
             for mb in split.sharded:
                 for i, count in zip(mb.indices, mb.counts, strict=True):
-                    p = params[i]
-                    per_row = shapes[i][0] * shapes[i][1] // p.shape[0]  # stacked matrix rows per dim-0 index
-                    split.rows[i] = [r * per_row for r in check_sharded(p, ranks, self.rank)]
+                    split.blocks[i] = blocks[i]
+                    if second is not None:
+                        split.row_blocks[i] = check_sharded(second[i], ranks, self.rank)
                     costs.append(count * matrix_flops(*mb.matrix_shape))
                     refs.append((split, -1, i))
             splits.append(split)
@@ -288,26 +315,25 @@ class DistributedExecutor:
         selects: bool,
         process_group: Any,
     ) -> list[torch_backend.Pending]:
-        """Phase 1 for DTensor ``Shard(0)`` parameters, grouped by whole-matrix shape (see the module docstring).
-        The pending state is flat (1-D) over this rank's shards; ``split.rows[i][r]`` is how many stacked matrix
-        rows rank r holds."""
-        owners, rows, rank = split.owners, split.rows, self.rank
+        """Phase 1 for DTensor parameters gathered whole, grouped by matrix shape (see the module docstring). The
+        pending state is flat (1-D) over this rank's blocks; ``split.blocks[i]`` is where every rank's block of
+        parameter i lies (``split.row_blocks[i]``: of its NorMuon row statistics)."""
+        owners, rank = split.owners, self.rank
         row_norm = opts.row_norm
         pieces: list[Tensor] = []
         item_owner: list[int] = []
-        item_rows: list[list[int]] = []
+        item_blocks: list[BlockLayout] = []
         staged = []
         for mb in split.sharded:
-            m, n = mb.matrix_shape
             idx = mb.indices
             p_loc, b_loc, g_loc = (local_shards([t[i] for i in idx]) for t in (params, bufs, grads))
             numels = tuple(t.numel() for t in p_loc)
             M, old, new = torch_backend.momentum_input(backend, b_loc, g_loc, opts, (sum(numels),), selects=selects)
             base = len(pieces)
             for i, part in zip(idx, M.split(numels), strict=True):
-                pieces.append(part.view(-1, n))
+                pieces.append(part)
                 item_owner.append(owners[i])
-                item_rows.append(rows[i])
+                item_blocks.append(split.blocks[i])
             s_loc, old_s, s_numels = None, None, None
             if row_norm:
                 assert second is not None
@@ -315,23 +341,24 @@ class DistributedExecutor:
                 s_numels = tuple(t.numel() for t in s_loc)
                 old_s = torch.cat([s.reshape(-1) for s in s_loc])
                 for i, part in zip(idx, old_s.split(s_numels), strict=True):
-                    pieces.append(part.view(-1, 1))
+                    pieces.append(part)
                     item_owner.append(owners[i])
-                    item_rows.append(rows[i])
+                    item_blocks.append(split.row_blocks[i])
             staged.append((mb, base, p_loc, b_loc, g_loc, numels, M, old, new, s_loc, old_s, s_numels))
-        full = gather_to_owners(pieces, item_owner, item_rows, rank, process_group)
+        full = gather_to_owners(pieces, item_owner, item_blocks, rank, process_group)
         orth = torch_backend.orthogonalize_megabatch(backend, opts)
         results: list[Tensor | None] = [None] * len(pieces)
-        like: list[tuple[tuple[int, ...], torch.dtype]] = []
+        dtypes: list[torch.dtype] = []
         flags: list[Tensor | None] = []
         for mb, base, _, _, _, _, M, *_ in staged:
             m, n = mb.matrix_shape
             k = len(mb.indices)
-            like += [((n,), M.dtype)] * k + ([((1,), torch.float32)] * k if row_norm else [])
+            dtypes += [M.dtype] * k + ([torch.float32] * k if row_norm else [])
             mine = [j for j, i in enumerate(mb.indices) if owners[i] == rank]
             if not mine:
                 flags.append(None)
                 continue
+            # The owner's whole parameters, contiguous in their own shape: (count, m, n) is a view of each.
             counts = [mb.counts[j] for j in mine]
             M_full = torch.cat([_full(full, base + j).view(c, m, n) for j, c in zip(mine, counts, strict=True)])
             v_full = None
@@ -341,12 +368,12 @@ class DistributedExecutor:
             update, new_v, out_sum, _ = torch_backend.finish_update(backend, O, M_full, v_full, opts, need_flags)
             flags.append(out_sum)
             for j, u in zip(mine, update.split(counts), strict=True):
-                results[base + j] = u.reshape(-1, n)
+                results[base + j] = u.reshape(item_blocks[base + j].shape)
             if new_v is not None:
                 for j, v in zip(mine, new_v.split(counts), strict=True):
-                    results[base + k + j] = v.reshape(-1, 1)
+                    results[base + k + j] = v.reshape(item_blocks[base + k + j].shape)
         device = pieces[0].device if pieces else torch.device("cpu")
-        back = scatter_from_owners(results, like, item_owner, item_rows, rank, device, process_group)
+        back = scatter_from_owners(results, dtypes, item_owner, item_blocks, rank, device, process_group)
         pending = []
         for (mb, base, p_loc, b_loc, g_loc, numels, _, old, new, s_loc, old_s, s_numels), out_sum in zip(
             staged, flags, strict=True
@@ -373,6 +400,33 @@ def _split_starter(counts: list[tuple[int, ...]], rank: int, process_group: Any)
         return orthogonalize_split(M, counts[k], rank, process_group, fn).wait
 
     return start
+
+
+def _kind(i: int, blocks: dict[int, BlockLayout], local: set[int]) -> str:
+    """Which of ``_GroupSplit``'s lists parameter i goes to."""
+    return "plain" if i not in blocks else "local" if i in local else "sharded"
+
+
+def _whole_matrices_everywhere(p: Tensor, blocks: BlockLayout, opts: MatrixOptions) -> bool:
+    """Whether every rank holds a non-empty part of DTensor ``p`` made of whole matrices — experts sharded over
+    the expert dimension — so that each rank orthogonalizes its own matrices and nothing moves. Only where the
+    leading dims index matrices (``matrix_layout``'s batch form, ≥ 3-D) and the parameter is not whole on every
+    rank (replicated matrices are better split among owners, as DDP's)."""
+    shape = tuple(p.shape)
+    count, m, n = matrix_layout(shape, opts.shape_policy, opts.weight_layout, 1)
+    batch = len(shape) >= 3 and count == math.prod(shape[:-2]) and (m, n) == shape[-2:]
+    return (
+        batch
+        and all(b.numel for b in blocks.blocks)
+        and blocks.whole_along((len(shape) - 2, len(shape) - 1))
+        and not blocks.replicated()
+    )
+
+
+def _local_layout(shape: tuple[int, int, int], blocks: BlockLayout, rank: int) -> tuple[int, int, int]:
+    """``(count, m, n)`` of this rank's part of a parameter made of whole matrices (its share of the count)."""
+    count, m, n = shape
+    return count * blocks.blocks[rank].numel // math.prod(blocks.shape), m, n
 
 
 def _full(full: Sequence[Tensor | None], i: int) -> Tensor:
