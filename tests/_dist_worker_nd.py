@@ -257,47 +257,77 @@ def refusals(rank: int, world: int, tmp: str) -> None:
 
 
 def checkpoint_across_meshes(rank: int, world: int, tmp: str) -> None:
-    """NorMuon state made by ``init_state()`` and two HSDP steps on a (2, 2) mesh, saved with DCP, loaded into a
-    (4,) FSDP2 model and optimizer: the same whole momentum and row statistics, and the next step equal to the
-    HSDP run's next step."""
+    """NorMuon state made by ``init_state()`` and two HSDP steps on a (2, 2) mesh, saved with DCP, then loaded
+    (a) into a (4,) FSDP2 model and optimizer with DCP and (b) on rank 0 alone, into a plain model and a
+    process-less optimizer (``dcp_to_torch_save``, then ``load_state_dict``): the same whole momentum and row
+    statistics, and the next step of both equal to the HSDP run's next step."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     def build(mesh: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = _mlp()
-        fully_shard(model, mesh=mesh)
-        opt = orthoptim.NorMuon(list(model.parameters()), lr=0.02, **F32)
+        if mesh is not None:
+            fully_shard(model, mesh=mesh)
+        opt = orthoptim.NorMuon(list(model.parameters()), lr=0.02, **F32, **({} if mesh else {"process_group": None}))
         opt.init_state()
         return model, opt
 
-    def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
-        for s in steps:
-            gen = torch.Generator().manual_seed(100 + s)
-            x, y = torch.randn(2 * world, 16, generator=gen), torch.randn(2 * world, 12, generator=gen)
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x[2 * rank : 2 * rank + 2]), y[2 * rank : 2 * rank + 2]).backward()
-            opt.step()
+    def backward(model: nn.Module, s: int) -> None:
+        gen = torch.Generator().manual_seed(100 + s)
+        x, y = torch.randn(2 * world, 16, generator=gen), torch.randn(2 * world, 12, generator=gen)
+        model.zero_grad()
+        nn.functional.mse_loss(model(x[2 * rank : 2 * rank + 2]), y[2 * rank : 2 * rank + 2]).backward()
 
     model, opt = build(init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")))
-    train(model, opt, range(2))
+    for s in range(2):
+        backward(model, s)
+        opt.step()
     model_sd, optim_sd = get_state_dict(model, opt)
     path = os.path.join(tmp, "ckpt-hsdp")
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
     fresh, fresh_opt = build(init_device_mesh("cpu", (4,)))
     model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
-        assert torch.equal(p.full_tensor(), q.full_tensor())
-        for key in ("momentum_buffer", "second_moment", "step"):
-            x, y = opt.state[p][key], fresh_opt.state[q][key]
-            assert torch.equal(full_value(x), full_value(y)), key
-    train(model, opt, range(2, 3))
-    train(fresh, fresh_opt, range(2, 3))
-    assert_close([q.full_tensor() for q in fresh.parameters()], [p.full_tensor() for p in model.parameters()], "dcp")
+    plain, plain_opt = build(None)
+    if rank == 0:  # one process, no mesh: the checkpoint as one file, loaded by position
+        dcp_to_torch_save(path, os.path.join(tmp, "ckpt.pt"))
+        saved = torch.load(os.path.join(tmp, "ckpt.pt"), weights_only=False)
+        names = [n for n, _ in plain.named_parameters()]
+        plain.load_state_dict(saved["model"])
+        groups = [{**g, "params": list(range(len(names)))} for g in saved["optim"]["param_groups"]]
+        plain_opt.load_state_dict(
+            {"state": dict(enumerate(saved["optim"]["state"][n] for n in names)), "param_groups": groups}
+        )
+    differ = []  # every collective first (full_tensor), the checks after: a failing rank leaves none hanging
+    for p, q, r in zip(model.parameters(), fresh.parameters(), plain.parameters(), strict=True):
+        for key in ("param", "momentum_buffer", "second_moment", "step"):
+            x, y, z = (
+                (p, q, r) if key == "param" else (opt.state[p][key], fresh_opt.state[q][key], plain_opt.state[r][key])
+            )
+            whole = full_value(x)
+            if not torch.equal(whole, full_value(y)):
+                differ.append(f"{key} of {tuple(p.shape)} after the load into (4,)")
+            if rank == 0 and not torch.equal(whole.reshape(z.shape), z.detach()):
+                differ.append(f"{key} of {tuple(p.shape)} after the load into one process: {whole} {z}")
+    assert not differ, differ
+    backward(model, 2)
+    grads = [p.grad.full_tensor() for p in model.parameters()]
+    opt.step()
+    backward(fresh, 2)
+    fresh_opt.step()
+    want = [p.full_tensor() for p in model.parameters()]
+    assert_close([q.full_tensor() for q in fresh.parameters()], want, "dcp into (4,)")
+    if rank == 0:
+        for r, g in zip(plain.parameters(), grads, strict=True):
+            r.grad = g
+        plain_opt.step()
+        assert_close([r.detach() for r in plain.parameters()], want, "dcp into one process")
 
 
 SCENARIOS: dict[str, Callable[[int, int, str], None]] = {
