@@ -183,3 +183,17 @@ def test_blocks_that_do_not_tile_are_refused() -> None:
     assert not _tiles((8, 6), [Block((0, 0), (5, 6)), Block((4, 0), (4, 6))])  # overlap
     assert not _tiles((8, 6), [Block((0, 0), (3, 6)), Block((4, 0), (4, 6))])  # gap
     assert not _tiles((8, 6), [Block((0, 0), (4, 3)), Block((4, 3), (4, 3))])  # a checkerboard's half
+
+
+def test_exchange_bytes_count_one_source_per_block() -> None:
+    """HSDP (Replicate, Shard(0)) on a (2, 2) mesh, an (8, 6) parameter owned by rank 0: rank 1 sends rows 4-7
+    (its replica rank 3 does not), rank 0 sends 24 entries back to each of ranks 1, 2, 3 (hand count)."""
+    tensor = pytest.importorskip("torch.distributed.tensor")
+    from orthoptim.distributed import BlockLayout
+
+    layout = BlockLayout.of((8, 6), (2, 2), [tensor.Replicate(), tensor.Shard(0)])
+    assert layout.holders() == [[0, 2], [1, 3]] and layout.sources(0) == [0, 1]
+    assert layout.exchange_bytes(0, 4) == [4 * (24 + 3 * 24), 4 * (24 + 24), 4 * 24, 4 * 24]
+    assert not layout.local_matrices()
+    experts = BlockLayout.of((4, 8, 6), (2, 2), [tensor.Replicate(), tensor.Shard(0)])
+    assert experts.local_matrices() and not BlockLayout.of((4, 8, 6), (4,), [tensor.Shard(1)]).local_matrices()

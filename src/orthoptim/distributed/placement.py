@@ -79,6 +79,48 @@ class BlockLayout:
         """Whether every rank holds the whole tensor."""
         return all(b.sizes == self.shape for b in self.blocks)
 
+    def local_matrices(self) -> bool:
+        """Whether every rank holds a non-empty stack of whole matrices (the last two dims: experts sharded over
+        the leading ones), so each can orthogonalize its own and nothing needs to move; not when every rank holds
+        everything (replicated matrices are better split among owners, as DDP's)."""
+        last = (len(self.shape) - 2, len(self.shape) - 1)
+        return (
+            len(self.shape) >= 3
+            and all(b.numel for b in self.blocks)
+            and self.whole_along(last)
+            and not self.replicated()
+        )
+
+    @classmethod
+    def of(cls, shape: Sequence[int], mesh_shape: Sequence[int], placements: Sequence[Any]) -> BlockLayout:
+        """The blocks of a tensor of ``shape`` placed ``placements`` on a mesh of ``mesh_shape`` whose ranks are
+        its coordinates in row-major order (``init_device_mesh``'s); raises ``ValueError`` if they do not tile
+        it. Plain data: what :func:`block_layout` computes for a DTensor, without one (the benchmarks' plans)."""
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        strided = any(isinstance(p, _StridedShard) for p in placements)
+        where = _strided_block if strided else chunk_block
+        coords = itertools.product(*(range(k) for k in mesh_shape))
+        layout = cls(tuple(shape), tuple(where(shape, mesh_shape, c, placements) for c in coords))
+        if not _tiles(layout.shape, layout.blocks):
+            raise ValueError(f"placements {tuple(placements)} on a {tuple(mesh_shape)} mesh do not tile {shape}")
+        return layout
+
+    def exchange_bytes(self, owner: int, element_size: int) -> list[int]:
+        """Bytes each rank sends plus receives in one step for this parameter (the executor's exchange): its
+        distinct blocks to ``owner`` (one source each), the owner's update blocks back to every holder, copies
+        within a rank not counted."""
+        moved = [0] * self.world
+        for r in self.sources(owner):
+            if r != owner:
+                moved[r] += self.blocks[r].numel * element_size
+                moved[owner] += self.blocks[r].numel * element_size
+        for r, block in enumerate(self.blocks):
+            if r != owner and block.numel:
+                moved[r] += block.numel * element_size
+                moved[owner] += block.numel * element_size
+        return moved
+
 
 def _describe(p: Any) -> str:
     return f"DTensor parameter of shape {tuple(p.shape)} with placements {tuple(p.placements)} on {p.device_mesh}"

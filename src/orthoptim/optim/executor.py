@@ -408,19 +408,11 @@ def _kind(i: int, blocks: dict[int, BlockLayout], local: set[int]) -> str:
 
 
 def _whole_matrices_everywhere(p: Tensor, blocks: BlockLayout, opts: MatrixOptions) -> bool:
-    """Whether every rank holds a non-empty part of DTensor ``p`` made of whole matrices — experts sharded over
-    the expert dimension — so that each rank orthogonalizes its own matrices and nothing moves. Only where the
-    leading dims index matrices (``matrix_layout``'s batch form, ≥ 3-D) and the parameter is not whole on every
-    rank (replicated matrices are better split among owners, as DDP's)."""
+    """Whether DTensor ``p``'s matrices are its last two dims (``matrix_layout``'s batch form) and every rank
+    holds whole ones (``BlockLayout.local_matrices``: experts sharded over the expert dimension)."""
     shape = tuple(p.shape)
     count, m, n = matrix_layout(shape, opts.shape_policy, opts.weight_layout, 1)
-    batch = len(shape) >= 3 and count == math.prod(shape[:-2]) and (m, n) == shape[-2:]
-    return (
-        batch
-        and all(b.numel for b in blocks.blocks)
-        and blocks.whole_along((len(shape) - 2, len(shape) - 1))
-        and not blocks.replicated()
-    )
+    return count == math.prod(shape[:-2]) and (m, n) == shape[-2:] and blocks.local_matrices()
 
 
 def _local_layout(shape: tuple[int, int, int], blocks: BlockLayout, rank: int) -> tuple[int, int, int]:
