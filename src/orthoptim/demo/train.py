@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -142,7 +143,12 @@ def build_optimizers(name: str, model: nn.Module, lrs: dict[str, float]) -> list
     """The optimizer(s) for ``name``, stepped together; hidden matrices as ``orthoptim.split_params`` finds them."""
     if name == "hybrid" or name in SPLIT_VARIANTS:
         heads = model.cfg.heads if isinstance(model, GPT) else 1
-        split = {"hybrid": 1, "hybrid_qkv": {"qkv": 3}, "hybrid_heads": {"qkv": 3 * heads}}[name]
+        splits: dict[str, int | dict[str, Any]] = {
+            "hybrid": 1,
+            "hybrid_qkv": {"qkv": 3},
+            "hybrid_heads": {"qkv": 3 * heads},
+        }
+        split = splits[name]
         return [orthoptim.Hybrid(model, lr=lrs["lr"], adamw_lr=lrs["adamw_lr"], adamw_betas=ADAM_BETAS, split=split)]
     if name == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=lrs["lr"], betas=ADAM_BETAS, weight_decay=0.0)]
