@@ -192,7 +192,7 @@ def test_exchange_bytes_count_one_source_per_block() -> None:
     from orthoptim.distributed import BlockLayout
 
     layout = BlockLayout.of((8, 6), (2, 2), [tensor.Replicate(), tensor.Shard(0)])
-    assert layout.holders() == [[0, 2], [1, 3]] and layout.sources(0) == [0, 1]
+    assert layout.holders() == [[0, 2], [1, 3]] and layout.sources(0) == (0, 1)
     assert layout.exchange_bytes(0, 4) == [4 * (24 + 3 * 24), 4 * (24 + 24), 4 * 24, 4 * 24]
     assert not layout.local_matrices()
     experts = BlockLayout.of((4, 8, 6), (2, 2), [tensor.Replicate(), tensor.Shard(0)])

@@ -66,10 +66,14 @@ class BlockLayout:
                 by_block.setdefault(b, []).append(r)
         return list(by_block.values())
 
-    def sources(self, owner: int) -> list[int]:
+    def sources(self, owner: int) -> tuple[int, ...]:
         """One rank per distinct block that sends it to ``owner``: the owner itself where it holds the block,
-        else a replica picked by the owner's rank (so replicas share the sending over parameters)."""
-        return [owner if owner in rs else rs[owner % len(rs)] for rs in self.holders()]
+        else a replica picked by the owner's rank (so replicas share the sending over parameters). Kept per
+        owner: the step asks for it every time."""
+        cache: dict[int, tuple[int, ...]] = self.__dict__.setdefault("_sources", {})  # not a field: frozen
+        if owner not in cache:
+            cache[owner] = tuple(owner if owner in rs else rs[owner % len(rs)] for rs in self.holders())
+        return cache[owner]
 
     def whole_along(self, dims: Sequence[int]) -> bool:
         """Whether every block spans the whole tensor along each of ``dims``."""
@@ -184,19 +188,13 @@ def block_layout(p: Any, group_ranks: Sequence[int] | None, rank: int) -> BlockL
     rank sees alike, so every rank raises the same error (no collective, no hang).
     """
     from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
-    try:
-        from torch.distributed.tensor.placement_types import _StridedShard
-    except ImportError:  # pragma: no cover - older torch without it
-        _StridedShard = ()  # type: ignore[assignment,misc]
     shape = tuple(int(x) for x in p.shape)
     mesh = p.device_mesh
     placements = tuple(p.placements)
-    strided = False
     for placement in placements:
-        if isinstance(placement, _StridedShard):
-            strided = True
-        elif not isinstance(placement, (Shard, Replicate)):
+        if not isinstance(placement, (Shard, Replicate, _StridedShard)):
             raise ValueError(f"{_describe(p)}: placement {placement} is not supported; {SUPPORTED}")
     mesh_ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
     if group_ranks is None:
@@ -212,15 +210,16 @@ def block_layout(p: Any, group_ranks: Sequence[int] | None, rank: int) -> BlockL
             f"{_describe(p)}: its mesh holds ranks {sorted(mesh_ranks)} but the optimizer's process group is "
             f"ranks {list(group_ranks)}; {SUPPORTED}"
         )
-    position = {g: i for i, g in enumerate(group_ranks)}
     mesh_shape = tuple(int(x) for x in mesh.mesh.shape)
-    where = chunk_block if not strided else _strided_block
-    blocks: list[Block | None] = [None] * len(group_ranks)
-    for coord in itertools.product(*(range(k) for k in mesh_shape)):
-        blocks[position[int(mesh.mesh[coord])]] = where(shape, mesh_shape, coord, placements)
-    done = tuple(b for b in blocks if b is not None)
-    if not _tiles(shape, done):
-        raise ValueError(f"{_describe(p)}: its shards are not rectangular blocks that tile it; {SUPPORTED}")
+    try:
+        in_mesh_order = BlockLayout.of(shape, mesh_shape, placements)
+    except ValueError:
+        raise ValueError(f"{_describe(p)}: its shards are not rectangular blocks that tile it; {SUPPORTED}") from None
+    position = {g: i for i, g in enumerate(group_ranks)}
+    blocks: list[Block] = list(in_mesh_order.blocks)
+    for k, g in enumerate(mesh_ranks):  # mesh order (row-major coordinates) → the group's order
+        blocks[position[g]] = in_mesh_order.blocks[k]
+    done = tuple(blocks)
     local = tuple(int(x) for x in p.to_local().shape)
     if local != done[rank].sizes:
         raise ValueError(
@@ -235,10 +234,11 @@ def row_state_placements(placements: Sequence[Any]) -> list[Any]:
     where the parameter's dim 0 is (so each rank holds the statistics of the rows it holds, as with FSDP2),
     replicated on every other mesh dimension (a column shard's rank needs all of its rows' statistics)."""
     from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     out: list[Any] = []
     for placement in placements:
-        if isinstance(placement, Shard) and placement.dim == 0:
+        if isinstance(placement, (Shard, _StridedShard)) and placement.dim == 0:
             out.append(placement)  # a _StridedShard on dim 0 stays one: the rows are cut as the parameter's
         else:
             out.append(Replicate())
