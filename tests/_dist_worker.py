@@ -339,6 +339,35 @@ def split_blocks_match_single_process(rank: int, world: int, tmp: str) -> None:
         assert_replicas_equal(got, f"{name}, split=2")
 
 
+def split_sizes_match_single_process(rank: int, world: int, tmp: str) -> None:
+    """``split=(8, 4, 4)`` (blocks of unequal sizes, as grouped-query q, k, v) over DTensor Shard(0) and
+    replicated parameters, 3-D experts included, every class, with a NaN on one rank at the second step: every
+    rank skips it, and the run equals one process's on the other steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    sharded, plain = [(16, 32), (16, 8), (4, 16, 12)], [(16, 24), (16, 16)]
+    shapes = [*sharded, *plain]
+    for name, make in CLASSES.items():
+        make = partial(make, split=(8, 4, 4), nonfinite="skip")
+        full = make_params(shapes)
+        params = [nn.Parameter(shard(p.detach(), mesh)) for p in full[: len(sharded)]] + full[len(sharded) :]
+        opt = make(params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skip's warning: counted below instead
+            for s in range(3):
+                grads = full_grads(shapes, s)
+                if s == 1 and rank == world - 1:
+                    grads[0][-1, 0] = float("nan")  # in the last rank's rows of a sharded weight
+                for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                    p.grad = shard(g, mesh) if i < len(sharded) else g
+                opt.step()
+        assert opt.nonfinite_skips == 1, (name, opt.nonfinite_skips)
+        got = [full_value(p) for p in params]
+        assert_close(got, run_reference(make, shapes, [0, 2]), f"{name}, split=(8, 4, 4)")
+        assert_replicas_equal(got, f"{name}, split=(8, 4, 4)")
+
+
 def _without_vectors(make: Callable[..., torch.optim.Optimizer], k: int, ps: list, **kw: Any) -> Any:
     """The optimizer over every parameter but the two vectors at k−2, k−1 (only Hybrid takes vectors)."""
     return make([*ps[: k - 2], *ps[k:]], **kw)
@@ -461,6 +490,7 @@ SCENARIOS: dict[str, Callable[[int, int, str], None]] = {
         grad_missing_on_one_rank,
         dtensor_matches_single_process,
         split_blocks_match_single_process,
+        split_sizes_match_single_process,
         one_rank_mesh,
         fsdp2_training,
         fsdp2_checkpoint,
