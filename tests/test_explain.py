@@ -96,6 +96,25 @@ def test_the_explain_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "no attribute 'Nope'" in capsys.readouterr().err
 
 
+def test_the_explain_command_takes_every_form_of_split(capsys: pytest.CaptureFixture[str]) -> None:
+    from orthoptim.cli import parse_split
+
+    assert parse_split("auto") == "auto" and parse_split("3") == 3 and parse_split("32+16+16") == (32, 16, 16)
+    assert parse_split("c_attn=3, qkv=8+4+4") == {"c_attn": 3, "qkv": (8, 4, 4)}
+    assert main(["explain", "tests.test_explain:TinyGPT", "--split", "c_attn=24+12+12"]) == 0
+    assert "24+12+12" in capsys.readouterr().out
+    for bad, says in [
+        ("three", "block count"),
+        ("32+x", "block count"),
+        ("c_attn=", "c_attn="),
+        ("=3", "not name=count"),
+        ("c_attn=3,c_attn=2", "given twice"),
+        ("c_attn=20+20+20", "c_attn"),  # sizes that do not sum to the rows: Hybrid's error, naming the weight
+    ]:
+        assert main(["explain", "tests.test_explain:TinyGPT", "--split", bad]) == 2, bad
+        assert says in capsys.readouterr().err, bad
+
+
 def test_a_head_named_by_the_model_itself_goes_to_adamw() -> None:
     """A head whose module name says nothing (``proj_out``), known by the model's ``get_output_embeddings()``
     (transformers) or ``get_classifier()`` (timm)."""

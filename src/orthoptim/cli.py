@@ -92,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         help="a callable that builds the model, as module.path:name (a class or function called with no arguments)",
     )
-    ex.add_argument("--split", default=None, help='"auto" (fused projections cut into their parts) or a block count')
+    ex.add_argument(
+        "--split",
+        default=None,
+        help='"auto" (fused projections cut into their parts), a block count (3), block sizes (32+16+16), or '
+        "name=count/sizes pairs, comma-separated (c_attn=3,qkv_proj=32+16+16): Hybrid's split=",
+    )
     ex.add_argument("--row-norm", action="store_true", help="NorMuon on the matrices (Hybrid's row_norm=True)")
     return parser
 
@@ -120,9 +125,37 @@ def _explain(args: argparse.Namespace) -> int:
     model = factory()
     options: dict[str, Any] = {"row_norm": args.row_norm}
     if args.split is not None:
-        options["split"] = args.split if args.split == "auto" else int(args.split)
+        options["split"] = parse_split(args.split)
     print(explain(model, **options))
     return 0
+
+
+def parse_split(text: str) -> int | tuple[int, ...] | str | dict[str, int | tuple[int, ...]]:
+    """``--split``'s value as Hybrid's ``split=``: ``auto``; ``3`` (equal blocks); ``32+16+16`` (block sizes);
+    ``c_attn=3,qkv_proj=32+16+16`` (a name → count or sizes mapping)."""
+
+    def one(spec: str, what: str) -> int | tuple[int, ...]:
+        parts = spec.split("+")
+        if not all(part.strip().isdigit() for part in parts):
+            raise ValueError(f"--split {what}{spec!r}: give a block count (3) or block sizes joined by '+' (32+16+16)")
+        sizes = tuple(int(part) for part in parts)
+        return sizes if len(sizes) > 1 else sizes[0]
+
+    text = text.strip()
+    if text == "auto":
+        return "auto"
+    if "=" not in text:
+        return one(text, "")
+    mapping: dict[str, int | tuple[int, ...]] = {}
+    for entry in text.split(","):
+        name, sep, spec = entry.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--split: entry {entry!r} is not name=count or name=sizes (e.g. c_attn=3)")
+        if name in mapping:
+            raise ValueError(f"--split: {name!r} is given twice")
+        mapping[name] = one(spec.strip(), f"{name}=")
+    return mapping
 
 
 def _failed(command: str, exc: Exception) -> int:

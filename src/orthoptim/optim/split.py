@@ -230,6 +230,12 @@ def matrix_options_by_module(
                 if path == key or path.endswith("." + key):
                     k = tuple(value) if isinstance(value, list) else value
                     matched.add(key)
+                    try:  # checked here, where the weight's name is known (rows: its true output dimension)
+                        matrix_layout((out, inputs), split=k)
+                    except ValueError as exc:
+                        raise ValueError(
+                            f"Hybrid(split={{{key!r}: {value!r}}}): {path} ({out} outputs × {inputs} inputs): {exc}"
+                        ) from None
         return k
 
     for name, m in module.named_modules():
