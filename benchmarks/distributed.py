@@ -42,7 +42,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import orthoptim
-import orthoptim.optim.backends.torch as update  # the torch backend: its orthogonalize calls are counted
+import orthoptim.optim.backends.torch as update  # the torch backend: its polar calls are counted
 from orthoptim.distributed import BlockLayout, assign_owners, gather_bytes, matrix_flops, rank_counts, shard_sizes
 from orthoptim.distributed.exchange import uses_all_gather
 
@@ -220,13 +220,13 @@ def _time(rank: int, world: int, layers: int, steps: int, layout: str) -> dict[s
     for p, g in zip(params, grads, strict=True):
         p.grad = g
     counted = [0]
-    original = update.orthogonalize
+    original = update.polar
 
-    def counting(M: torch.Tensor, **kw: Any) -> torch.Tensor:
+    def counting(M: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
         counted[0] += M.shape[0]
-        return original(M, **kw)
+        return original(M, *args, **kw)
 
-    update.orthogonalize = counting  # type: ignore[assignment]
+    update.polar = counting  # type: ignore[assignment]
     opt.step()  # warm-up: state, plan
     counted[0] = 0
     times = []
@@ -237,7 +237,7 @@ def _time(rank: int, world: int, layers: int, steps: int, layout: str) -> dict[s
         elapsed = torch.tensor([time.perf_counter() - t0])
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step takes as long as its slowest rank
         times.append(float(elapsed))
-    update.orthogonalize = original  # type: ignore[assignment]
+    update.polar = original  # type: ignore[assignment]
     per_rank = torch.tensor([counted[0] / steps])
     gathered = [torch.zeros(1) for _ in range(world)]
     dist.all_gather(gathered, per_rank)

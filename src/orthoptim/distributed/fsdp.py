@@ -10,7 +10,9 @@ replicas compute the same values); one ``all_to_all_single`` sends each paramete
 source per block, replicas do not all send — to its owner, which then holds the whole parameter: whole rows
 and whole matrices for NorMuon's statistics and PolarGrad's nuclear norm, so both are exact rather than
 per-shard approximations. The owner computes the update; a second ``all_to_all_single`` sends every rank
-holding a block (replicas included) its block back. Only the owner ever holds a whole parameter (no
+holding a block (replicas included) its block back. Both are asynchronous and issued per megabatch
+(``start_gather_to_owners``/``start_scatter_from_owners``), so the executor sends the next megabatch's blocks
+and returns the last one's update while it orthogonalizes one. Only the owner ever holds a whole parameter (no
 ``full_tensor()`` on every rank). Traffic per parameter: its size in, and its size times the replication
 out, whatever the world size.
 """
@@ -18,7 +20,7 @@ out, whatever the world size.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -67,24 +69,30 @@ def zeros_row_state(p: Any, rows: int) -> Any:
     return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=shape, stride=(per, 1))
 
 
-def _all_to_all(
+def _start_all_to_all(
     send: Sequence[Sequence[Tensor]], recv_numels: Sequence[Sequence[int]], dtype: torch.dtype, device: Any, group: Any
-) -> list[list[Tensor]]:
-    """One ``all_to_all_single``: ``send[d]`` (1-D tensors) go to rank d; returns, per source rank s, the
-    tensors of ``recv_numels[s]`` elements it sent here, in order."""
+) -> Callable[[], list[list[Tensor]]]:
+    """Start one ``all_to_all_single`` (asynchronous): ``send[d]`` (1-D tensors) go to rank d. The returned
+    function waits for it and gives, per source rank s, the tensors of ``recv_numels[s]`` elements it sent here,
+    in order."""
     in_splits = [sum(t.numel() for t in pieces) for pieces in send]
     out_splits = [sum(sizes) for sizes in recv_numels]
     flat = [t.reshape(-1) for pieces in send for t in pieces]
     inp = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
     out = torch.empty(sum(out_splits), dtype=dtype, device=device)
-    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-    parts = out.split([n for sizes in recv_numels for n in sizes])
-    result: list[list[Tensor]] = []
-    k = 0
-    for sizes in recv_numels:
-        result.append(list(parts[k : k + len(sizes)]))
-        k += len(sizes)
-    return result
+    work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
+
+    def finish() -> list[list[Tensor]]:
+        work.wait()  # the work object keeps `inp` alive until the exchange has read it
+        parts = out.split([n for sizes in recv_numels for n in sizes])
+        result: list[list[Tensor]] = []
+        k = 0
+        for sizes in recv_numels:
+            result.append(list(parts[k : k + len(sizes)]))
+            k += len(sizes)
+        return result
+
+    return finish
 
 
 def _by_dtype(dtypes: Sequence[torch.dtype]) -> list[tuple[torch.dtype, list[int]]]:
@@ -95,20 +103,22 @@ def _by_dtype(dtypes: Sequence[torch.dtype]) -> list[tuple[torch.dtype, list[int
     return list(groups.items())
 
 
-def gather_to_owners(
+def start_gather_to_owners(
     pieces: Sequence[Tensor], owners: Sequence[int], layouts: Sequence[BlockLayout], rank: int, group: Any
-) -> list[Tensor | None]:
-    """Send every item's block to its owner, one source per distinct block; return the whole item (shape
-    ``layouts[i].shape``) for the items this rank owns, ``None`` for the others.
+) -> Callable[[], list[Tensor | None]]:
+    """Start sending every item's block to its owner, one source per distinct block (asynchronous: the caller
+    computes meanwhile). The returned function waits and gives the whole item (shape ``layouts[i].shape``) for
+    the items this rank owns, ``None`` for the others.
 
     ``pieces[i]`` is this rank's block of item i (any tensor of its block's numel). One ``all_to_all_single``
-    per dtype; every rank must pass the same items in the same order (``group=None``: the default group).
+    per dtype; every rank must start the same items in the same order (``group=None``: the default group).
     """
     world = layouts[0].world if layouts else 1
     if world == 1:  # one rank holds and owns everything
-        return [t.reshape(lay.shape) for t, lay in zip(pieces, layouts, strict=True)]
-    result: list[Tensor | None] = [None] * len(pieces)
+        whole = [t.reshape(lay.shape) for t, lay in zip(pieces, layouts, strict=True)]
+        return lambda: list(whole)
     sources = [lay.sources(o) for lay, o in zip(layouts, owners, strict=True)]
+    started = []
     for dtype, items in _by_dtype([t.dtype for t in pieces]):
         device = pieces[items[0]].device
         send: list[list[Tensor]] = [[] for _ in range(world)]
@@ -117,19 +127,26 @@ def gather_to_owners(
                 send[owners[i]].append(pieces[i])
         mine = [i for i in items if owners[i] == rank]
         recv = [[layouts[i].blocks[s].numel for i in mine if s in sources[i]] for s in range(world)]
-        got = _all_to_all(send, recv, dtype, device, group)
-        taken = [0] * world
-        for i in mine:
-            whole = torch.empty(layouts[i].shape, dtype=dtype, device=device)
-            for s in sources[i]:
-                block = layouts[i].blocks[s]
-                whole[block.index()] = got[s][taken[s]].view(block.sizes)
-                taken[s] += 1
-            result[i] = whole
-    return result
+        started.append((dtype, device, mine, _start_all_to_all(send, recv, dtype, device, group)))
+
+    def finish() -> list[Tensor | None]:
+        result: list[Tensor | None] = [None] * len(pieces)
+        for dtype, device, mine, wait in started:
+            got = wait()
+            taken = [0] * world
+            for i in mine:
+                whole = torch.empty(layouts[i].shape, dtype=dtype, device=device)
+                for s in sources[i]:
+                    block = layouts[i].blocks[s]
+                    whole[block.index()] = got[s][taken[s]].view(block.sizes)
+                    taken[s] += 1
+                result[i] = whole
+        return result
+
+    return finish
 
 
-def scatter_from_owners(
+def start_scatter_from_owners(
     results: Sequence[Tensor | None],
     dtypes: Sequence[torch.dtype],
     owners: Sequence[int],
@@ -137,15 +154,17 @@ def scatter_from_owners(
     rank: int,
     device: Any,
     group: Any,
-) -> list[Tensor]:
-    """The inverse of :func:`gather_to_owners`: each owner sends every rank holding a non-empty block of item i
-    (replicas included) that block of its whole result ``results[i]``; every rank returns its block of every
-    item, flat (1-D). ``dtypes[i]``: item i's result dtype (known on every rank, not only the owner).
+) -> Callable[[], list[Tensor]]:
+    """The inverse of :func:`start_gather_to_owners`: each owner sends every rank holding a non-empty block of
+    item i (replicas included) that block of its whole result ``results[i]``; the returned function waits and
+    gives this rank's block of every item, flat (1-D). ``dtypes[i]``: item i's result dtype (known on every rank,
+    not only the owner).
     """
     world = layouts[0].world if layouts else 1
     if world == 1:
-        return [t.reshape(-1) for t in results if t is not None]
-    out: list[Tensor] = [torch.empty(0)] * len(results)
+        flat = [t.reshape(-1) for t in results if t is not None]
+        return lambda: list(flat)
+    started = []
     for dtype, items in _by_dtype(dtypes):
         send: list[list[Tensor]] = [[] for _ in range(world)]
         for i in items:
@@ -156,10 +175,17 @@ def scatter_from_owners(
                     if block.numel:
                         send[r].append(full[block.index()].reshape(-1))
         recv = [[layouts[i].blocks[rank].numel for i in items if owners[i] == s] for s in range(world)]
-        got = _all_to_all(send, recv, dtype, device, group)
-        taken = [0] * world
-        for i in items:
-            s = owners[i]
-            out[i] = got[s][taken[s]]
-            taken[s] += 1
-    return out
+        started.append((items, _start_all_to_all(send, recv, dtype, device, group)))
+
+    def finish() -> list[Tensor]:
+        out: list[Tensor] = [torch.empty(0)] * len(results)
+        for items, wait in started:
+            got = wait()
+            taken = [0] * world
+            for i in items:
+                s = owners[i]
+                out[i] = got[s][taken[s]]
+                taken[s] += 1
+        return out
+
+    return finish

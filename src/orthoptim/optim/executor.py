@@ -36,12 +36,12 @@ from ..distributed import (
     agree_params,
     assign_owners,
     check_sharded,
-    gather_to_owners,
     is_dtensor,
     matrix_flops,
     orthogonalize_split,
     rank_counts,
-    scatter_from_owners,
+    start_gather_to_owners,
+    start_scatter_from_owners,
 )
 from ..polar.workspace import Workspace
 from . import backends
@@ -345,41 +345,56 @@ class DistributedExecutor:
                     item_owner.append(owners[i])
                     item_blocks.append(split.row_blocks[i])
             staged.append((mb, base, p_loc, b_loc, g_loc, numels, M, old, new, s_loc, old_s, s_numels))
-        full = gather_to_owners(pieces, item_owner, item_blocks, rank, process_group)
+        # Pipelined per megabatch: megabatch t+1's blocks travel while megabatch t is orthogonalized, and t's
+        # update travels back while t+1 is (asynchronous all_to_all; every rank issues them in the same order).
+        spans = [(base, base + len(mb.indices) * (2 if row_norm else 1)) for mb, base, *_ in staged]
+
+        def start_gather(t: int) -> Callable[[], list[Tensor | None]]:
+            lo, hi = spans[t]
+            return start_gather_to_owners(pieces[lo:hi], item_owner[lo:hi], item_blocks[lo:hi], rank, process_group)
+
         orth = torch_backend.orthogonalize_megabatch(backend, opts)
-        results: list[Tensor | None] = [None] * len(pieces)
-        dtypes: list[torch.dtype] = []
         flags: list[Tensor | None] = []
-        for mb, base, _, _, _, _, M, *_ in staged:
+        returning: list[Callable[[], list[Tensor]]] = []
+        arriving = start_gather(0) if staged else None
+        for t, (mb, base, _, _, _, _, M, *_) in enumerate(staged):
+            assert arriving is not None
+            full = arriving()
+            arriving = start_gather(t + 1) if t + 1 < len(staged) else None
+            lo, hi = spans[t]
             m, n = mb.matrix_shape
             k = len(mb.indices)
-            dtypes += [M.dtype] * k + ([torch.float32] * k if row_norm else [])
+            results: list[Tensor | None] = [None] * (hi - lo)
+            dtypes = [M.dtype] * k + ([torch.float32] * k if row_norm else [])
             mine = [j for j, i in enumerate(mb.indices) if owners[i] == rank]
-            if not mine:
-                flags.append(None)
-                continue
-            # The owner's whole parameters, contiguous in their own shape: (count, m, n) is a view of each.
-            counts = [mb.counts[j] for j in mine]
-            M_full = torch.cat([_full(full, base + j).view(c, m, n) for j, c in zip(mine, counts, strict=True)])
-            v_full = None
-            if row_norm:
-                v_full = torch.cat([_full(full, base + k + j).view(c, m) for j, c in zip(mine, counts, strict=True)])
-            O = orth(M_full)
-            update, new_v, out_sum, _ = torch_backend.finish_update(backend, O, M_full, v_full, opts, need_flags)
+            out_sum = None
+            if mine:
+                # The owner's whole parameters, contiguous in their own shape: (count, m, n) is a view of each.
+                counts = [mb.counts[j] for j in mine]
+                M_full = torch.cat([_full(full, j).view(c, m, n) for j, c in zip(mine, counts, strict=True)])
+                v_full = None
+                if row_norm:
+                    v_full = torch.cat([_full(full, k + j).view(c, m) for j, c in zip(mine, counts, strict=True)])
+                O = orth(M_full)
+                update, new_v, out_sum, _ = torch_backend.finish_update(backend, O, M_full, v_full, opts, need_flags)
+                for j, u in zip(mine, update.split(counts), strict=True):
+                    results[j] = u.reshape(item_blocks[base + j].shape)
+                if new_v is not None:
+                    for j, v in zip(mine, new_v.split(counts), strict=True):
+                        results[k + j] = v.reshape(item_blocks[base + k + j].shape)
             flags.append(out_sum)
-            for j, u in zip(mine, update.split(counts), strict=True):
-                results[base + j] = u.reshape(item_blocks[base + j].shape)
-            if new_v is not None:
-                for j, v in zip(mine, new_v.split(counts), strict=True):
-                    results[base + k + j] = v.reshape(item_blocks[base + k + j].shape)
-        device = pieces[0].device if pieces else torch.device("cpu")
-        back = scatter_from_owners(results, dtypes, item_owner, item_blocks, rank, device, process_group)
+            returning.append(
+                start_scatter_from_owners(
+                    results, dtypes, item_owner[lo:hi], item_blocks[lo:hi], rank, M.device, process_group
+                )
+            )
         pending = []
-        for (mb, base, p_loc, b_loc, g_loc, numels, _, old, new, s_loc, old_s, s_numels), out_sum in zip(
-            staged, flags, strict=True
+        for (mb, _, p_loc, b_loc, g_loc, numels, _, old, new, s_loc, old_s, s_numels), out_sum, back_of in zip(
+            staged, flags, returning, strict=True
         ):
             k = len(mb.indices)
-            update = torch.cat([back[base + j].reshape(-1) for j in range(k)])
+            back = back_of()
+            update = torch.cat([back[j].reshape(-1) for j in range(k)])
             alpha, decay = torch_backend.step_factors(opts, lr_scale(opts.scale_mode, *mb.matrix_shape))
             p = torch_backend.Pending(
                 backend, p_loc, b_loc, g_loc, opts.momentum, update, alpha, numels, decay, out_sum
@@ -387,7 +402,7 @@ class DistributedExecutor:
             p.old_bufs, p.new_bufs = old, new
             if row_norm:
                 p.second, p.old_second, p.second_counts = s_loc, old_s, s_numels
-                p.new_second = torch.cat([back[base + k + j].reshape(-1) for j in range(k)])
+                p.new_second = torch.cat([back[k + j].reshape(-1) for j in range(k)])
             p.step_counters = [steps[i] for i in mb.indices]
             pending.append(p)
         return pending
