@@ -1,25 +1,21 @@
 #!/usr/bin/env bash
-# Every GPU measurement benchmarks/RESULTS.md "GPU" still owes, as stages of one script, so that a session lent a GPU
-# machine spends its device time measuring rather than typing commands.
+# Every GPU measurement benchmarks/RESULTS.md "GPU" still owes, as stages of one script, so that time on a GPU
+# machine goes to measuring rather than typing commands.
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]            # in the repository root on the GPU machine
 #   DEVICE=cpu bash benchmarks/gpu_session.sh quick all   # smoke test of the script itself, anywhere (small sizes)
 #
-# Stages, in this order by default (`all`): env tests speed profile doctor bench accuracy train examples. A device
-# command runs at most 10 minutes: split them over calls, e.g. `env tests speed profile doctor bench` then
-# `accuracy train examples`. `quick` (a first argument) shrinks every stage to smoke size.
+# Stages, in this order by default (`all`): env tests speed profile doctor bench accuracy train examples. Split
+# long runs over several invocations, e.g. `env tests speed profile doctor bench` then `accuracy train examples`.
+# `quick` (a first argument) shrinks every stage to smoke size.
 #
 # Environment: OUT (default ./gpu-session): where the files go — session.log (every stage's output, appended),
-# gpu_speed.json, step_profile.json, bench.json, accuracy.png, train_gpt.png, train_gpt.json: inside what the device
-# tool brings back.
-# PYTHON (default python3: on the lent machines the interpreter that holds torch with CUDA, triton, tqdm,
-# matplotlib and pytest). DION: a microsoft/dion checkout to time beside orthoptim (benchmarks/gpu_speed.py
-# --dion-path; never committed). DEVICE (default cuda). orthoptim runs from src/ (PYTHONPATH): nothing is installed.
-#
-# dion on the device machine (nothing can be fetched there): here, `fetch` github:microsoft/dion, then
-#   echo /.dion/ >> .git/info/exclude; mkdir -p .dion
-#   git -C /work/.mirror/microsoft+dion/repo archive HEAD dion | tar -x -C .dion
-# and in the device call: carry [".dion"], command `DION=.dion bash benchmarks/gpu_session.sh env tests speed`.
+# gpu_speed.json, step_profile.json, bench.json, accuracy.png, train_gpt.png, train_gpt.json.
+# PYTHON (default python3: an interpreter that holds torch with CUDA, triton, tqdm, matplotlib and pytest).
+# DION: a directory holding microsoft/dion's `dion` package, to time beside orthoptim (benchmarks/gpu_speed.py
+# --dion-path; never committed), e.g. a checkout's `dion/` copied to an ignored `.dion/`, then
+# `DION=.dion bash benchmarks/gpu_session.sh env tests speed`. DEVICE (default cuda). orthoptim runs from src/
+# (PYTHONPATH): nothing is installed.
 set -u -o pipefail
 
 PY=${PYTHON:-python3}

@@ -241,7 +241,7 @@ def _poly_part(A: torch.Tensor, b: float, c: float, out: torch.Tensor | None = N
 #: ones as one batch, as on accelerators. Measured 2026-11-23 (2-core CPU, bfloat16, defaults, batches of 8, time
 #: matrix by matrix ÷ batched, two runs): 128×512 1.44/1.46, 128×2048 1.28, 128×4096 1.02, 256×256 1.40,
 #: 384×384 1.10/1.15, 448×448 0.97, 256×1024 1.12/0.96, 512×512 0.93/0.97, 384×1536 0.79/0.93, 256×2048 0.83,
-#: 512×2048 0.92, 4 × 768×768 1.01 (an earlier session: 12 × 768×{768, 2304, 3072} 10–17% faster one by one).
+#: 512×2048 0.92, 4 × 768×768 1.01 (an earlier measurement: 12 × 768×{768, 2304, 3072} 10–17% faster one by one).
 #: The old rule (≥ 65536 entries) sent the demo's 128×512 matrices one by one: its optimizer step was 1.2× slower.
 PER_MATRIX_MIN_ROWS = 256
 PER_MATRIX_MIN_ENTRIES = 2**18
