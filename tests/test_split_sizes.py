@@ -85,6 +85,28 @@ def test_the_torch_backend_cuts_unequal_blocks_as_the_reference(backend: str, na
 
 
 @pytest.mark.parametrize("name", ["Muon", "NorMuon", "PolarGrad"])
+def test_the_fused_kernels_take_unequal_blocks_as_the_reference(name: str) -> None:
+    """``backend="triton"`` (the fused elementwise kernels, under Triton's interpreter on the CPU): float32
+    parameters computed in float32, three steps, against the float64 reference: float32 rounding."""
+    from .conftest import require_interpreted_fused_kernels
+
+    require_interpreted_fused_kernels()
+    results = []
+    for which in ("reference", "triton"):
+        gen = torch.Generator().manual_seed(2)
+        ps = [nn.Parameter(torch.randn(s, generator=gen)) for s in [(48, 16), (2, 48, 24)]]
+        lr = 2e-3 if name == "PolarGrad" else 0.02
+        opt = getattr(orthoptim, name)(ps, lr=lr, weight_decay=0.01, compute_dtype="float32", split=GQA, backend=which)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        results.append([p.detach().clone() for p in ps])
+    for a, b in zip(*results, strict=True):
+        assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["Muon", "NorMuon", "PolarGrad"])
 def test_default_precision_agrees_with_the_reference(name: str) -> None:
     """float32 parameters with the CPU's default compute dtype (bfloat16 where the CPU multiplies it natively,
     float32 elsewhere): two steps agree with the float64 reference to that dtype's iteration error (relative to
