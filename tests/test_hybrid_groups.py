@@ -292,6 +292,44 @@ def test_module_keyword_sorts_like_hybrid_of_the_module() -> None:
     assert [g["shape_policy"] for g in policy.param_groups if g["algorithm"] == "muon"] == ["batch"]
 
 
+def test_a_pair_split_by_hand_with_the_module_gets_the_model_s_layer_options() -> None:
+    """Hybrid((matrices, others), module=m): the pair decides the algorithm (here a router moved to AdamW), the
+    model each matrix's options as Hybrid(m) sets them — Conv1D's (in, out) layout and a split by name, Conv1d's
+    flatten."""
+    from .test_weight_layout import Conv1D
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, WIDTH)
+            self.c_attn = Conv1D(3 * WIDTH, WIDTH)
+            self.conv = nn.Conv1d(WIDTH, WIDTH, 3)
+            self.gate = nn.Linear(WIDTH, 4, bias=False)  # a router
+            self.up = nn.Linear(WIDTH, 2 * WIDTH)
+
+    model = Block()
+    matrices, others = orthoptim.split_params(model)
+    matrices = [p for p in matrices if p is not model.gate.weight]
+    others.append(model.gate.weight)
+    opt = orthoptim.Hybrid((matrices, others), module=model, split={"c_attn": 3})
+    whole = orthoptim.Hybrid(model, split={"c_attn": 3})
+    options = {"weight_layout", "shape_policy", "split"}
+
+    def by_param(o: orthoptim.Hybrid) -> dict[int, tuple[str, dict[str, Any]]]:
+        return {
+            id(p): (g["algorithm"], {k: g[k] for k in options if k in g}) for g in o.param_groups for p in g["params"]
+        }
+
+    got, want = by_param(opt), by_param(whole)
+    assert got[id(model.gate.weight)][0] == "adamw" and want[id(model.gate.weight)][0] == "muon"
+    del got[id(model.gate.weight)], want[id(model.gate.weight)]
+    assert got == want
+    assert got[id(model.c_attn.weight)] == ("muon", {"weight_layout": "in_out", "shape_policy": "auto", "split": 3})
+    assert got[id(model.conv.weight)][1]["shape_policy"] == "flatten"
+    with pytest.raises(ValueError, match="no module or parameter named"):
+        orthoptim.Hybrid((matrices, others), module=model, split={"c_atn": 3})
+
+
 def test_bad_groups_are_refused_up_front() -> None:
     model = tiny()
     with pytest.raises(TypeError, match=r"nn\.Module"):
@@ -306,8 +344,8 @@ def test_bad_groups_are_refused_up_front() -> None:
         orthoptim.Hybrid([{"params": [model.attn.weight]}], module=[model])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="module="):
         orthoptim.Hybrid(model, module=model)
-    with pytest.raises(TypeError, match="module="):
-        orthoptim.Hybrid(([model.attn.weight], [model.attn.bias]), module=model)
+    with pytest.raises(TypeError, match="needs the model"):
+        orthoptim.Hybrid(([model.attn.weight], [model.attn.bias]), split="auto")
     with pytest.raises(TypeError, match="ordered"):
         orthoptim.Hybrid([{"params": {model.attn.weight, model.attn.bias}}])
     with pytest.raises(TypeError, match="Tensors"):

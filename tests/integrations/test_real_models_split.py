@@ -5,6 +5,7 @@ polar factor of that block of its gradient (one step from zero momentum)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def _polar(G: torch.Tensor) -> torch.Tensor:
     return U @ Vt
 
 
-def test_mixtral_experts_gate_up_are_orthogonalized_per_expert_and_half() -> None:
+def _tiny_mixtral() -> Any:
     config = transformers.MixtralConfig(
         vocab_size=64,
         hidden_size=32,
@@ -38,7 +39,11 @@ def test_mixtral_experts_gate_up_are_orthogonalized_per_expert_and_half() -> Non
         num_local_experts=4,
         num_experts_per_tok=2,
     )
-    model = transformers.MixtralForCausalLM(config)  # float32: its grouped expert products take no float64
+    return transformers.MixtralForCausalLM(config)
+
+
+def test_mixtral_experts_gate_up_are_orthogonalized_per_expert_and_half() -> None:
+    model = _tiny_mixtral()  # float32: its grouped expert products take no float64
     opt = orthoptim.Hybrid(model, split="auto", compute_dtype="float64", **STEP)
     groups = _groups(opt, model)
     gate_up = model.model.layers[0].mlp.experts.gate_up_proj  # (experts, 2·intermediate, hidden)
@@ -138,3 +143,19 @@ def test_phi3_grouped_query_qkv_is_cut_into_its_q_k_and_v() -> None:
         assert torch.allclose(moved[a:z], want, atol=1e-9), (a, z)
     row = next(r for r in orthoptim.explain(model, opt).rows if r.name == "model.layers.0.self_attn.qkv_proj.weight")
     assert row.split == (32, 16, 16) and "3 blocks of 32, 16, 16 rows" in row.why
+
+
+def test_the_readme_recipe_sends_mixtral_s_router_to_adamw_and_keeps_the_expert_split() -> None:
+    """README, "a mixture-of-experts router": the pair split by hand with ``module=model``."""
+    model = _tiny_mixtral()
+    matrices, others = orthoptim.split_params(model)
+    routers = {id(m.gate.weight) for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate")}
+    opt = orthoptim.Hybrid(
+        ([p for p in matrices if id(p) not in routers], others + [p for p in matrices if id(p) in routers]),
+        module=model,
+        split="auto",
+    )
+    groups = _groups(opt, model)
+    assert groups["model.layers.0.mlp.gate.weight"][0] == "adamw"
+    assert groups["model.layers.0.mlp.experts.gate_up_proj"] == ("muon", 2)
+    assert groups["model.layers.0.self_attn.q_proj.weight"] == ("muon", 1)

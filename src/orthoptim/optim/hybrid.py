@@ -93,7 +93,9 @@ class Hybrid(Muon):
       ``shape_policy="flatten"`` unless ``shape_policy`` is passed, and transformers' GPT-2 ``Conv1D`` weights,
       stored (in, out), one with ``weight_layout="in_out"`` unless ``weight_layout`` is passed — their lr scale
       and NorMuon's rows then follow the (out, in) orientation, as for the ``nn.Linear`` they stand for;
-    - a pair ``(matrices, others)``;
+    - a pair ``(matrices, others)``, split by you (e.g. :func:`split_params`' result with a parameter moved);
+      with ``module=`` (the model they belong to) its ``nn.Conv1d`` and ``Conv1D`` matrices get their groups
+      as for ``Hybrid(model)``, and ``split="auto"`` or a name mapping applies;
     - a list of param groups (dicts). A group with ``"algorithm": "muon"`` or ``"adamw"`` is taken as it is. A
       group without ``"algorithm"`` (torch style, e.g. the decay/no-decay list transformers' Trainer builds) is
       sorted per parameter: one with ≥ 2 dims is orthogonalized, anything else goes to AdamW — and so does a
@@ -125,7 +127,7 @@ class Hybrid(Muon):
 
     Keyword arguments are :class:`orthoptim.Muon`'s for the matrices (``lr`` default 0.02, ``weight_decay`` 0)
     plus ``adamw_lr`` (3e-4), ``adamw_betas`` ((0.9, 0.95)), ``adamw_eps`` (1e-8), ``adamw_weight_decay`` (0),
-    and ``module`` (above; only with param groups). ``split``: a block count for every matrix (Muon's), or, with
+    and ``module`` (above; with a pair or param groups). ``split``: a block count for every matrix (Muon's), or, with
     the model at hand, ``"auto"`` — fused projections cut into their parts: GPT-2's ``c_attn``, ``qkv``/``Wqkv``/
     ``qkv_proj`` with 3·in outputs (q, k, v), ``nn.MultiheadAttention``'s ``in_proj_weight`` into 3,
     ``gate_up_proj`` into 2, and a grouped-query ``qkv``/``qkv_proj`` into its q, k and v sizes when its attention
@@ -178,13 +180,18 @@ class Hybrid(Muon):
             params = [{"params": [p for p in module.parameters() if p.requires_grad]}]
         groups: list[dict[str, Any]] = []
         if isinstance(params, tuple):
-            if module is not None:
-                raise TypeError("Hybrid(module=) is for param groups; a pair (matrices, others) is already split")
             if len(params) != 2:
                 raise ValueError("Hybrid(params): a tuple must be (matrix_params, other_params)")
             mats, rest = list(params[0]), list(params[1])
-            if mats:
-                groups.append({"params": mats, "algorithm": "muon"})
+            # The matrices as the caller split them; the model, when given, says which need options of their own
+            # (Conv1d's flatten, Conv1D's (in, out) layout, a block split), as in Hybrid(model).
+            special = matrix_options_by_module(module, kw, by_module) if module is not None else {}
+            by_options: dict[tuple[tuple[str, Any], ...], list[Any]] = {(): []}
+            for p in mats:
+                by_options.setdefault(special.get(id(p), ()), []).append(p)
+            for extra, half in by_options.items():
+                if half:
+                    groups.append({"params": half, "algorithm": "muon", **dict(extra)})
             if rest:
                 groups.append({"params": rest, "algorithm": "adamw", **adamw})
         else:
