@@ -215,11 +215,8 @@ def block_layout(p: Any, group_ranks: Sequence[int] | None, rank: int) -> BlockL
         in_mesh_order = BlockLayout.of(shape, mesh_shape, placements)
     except ValueError:
         raise ValueError(f"{_describe(p)}: its shards are not rectangular blocks that tile it; {SUPPORTED}") from None
-    position = {g: i for i, g in enumerate(group_ranks)}
-    blocks: list[Block] = list(in_mesh_order.blocks)
-    for k, g in enumerate(mesh_ranks):  # mesh order (row-major coordinates) → the group's order
-        blocks[position[g]] = in_mesh_order.blocks[k]
-    done = tuple(blocks)
+    at = {g: k for k, g in enumerate(mesh_ranks)}  # mesh order (row-major coordinates) → the group's order
+    done = tuple(in_mesh_order.blocks[at[g]] for g in group_ranks)
     local = tuple(int(x) for x in p.to_local().shape)
     if local != done[rank].sizes:
         raise ValueError(
