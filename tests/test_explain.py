@@ -142,3 +142,54 @@ def test_a_head_named_by_the_model_itself_goes_to_adamw() -> None:
         assert rows["body.weight"].algorithm == "muon"
         matrices, _ = orthoptim.split_params(model)
         assert [tuple(p.shape) for p in matrices] == [(16, 16)]
+
+
+class TimmLikeViT(nn.Module):
+    """Laid out as timm's distilled Swin/DeiT/LeViT models: a relative-position bias table (offsets × heads,
+    indexed per token pair), a layer scale stored (C, 1, 1), a weight-normed projection (gain (out, 1)), a
+    depthwise transposed convolution, and two heads that ``get_classifier()`` returns as a pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(49, 4))
+        self.qkv = nn.Linear(16, 48)
+        self.proj = nn.utils.parametrizations.weight_norm(nn.Linear(16, 16))
+        self.gamma = nn.Parameter(torch.ones(16, 1, 1))
+        self.up = nn.ConvTranspose2d(16, 16, 2, groups=16)
+        self.head = nn.Linear(16, 10)
+        self.head_dist = nn.Linear(16, 10)
+
+    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
+        return self.head, self.head_dist
+
+
+def test_tables_gains_and_a_pair_of_heads_go_to_adamw() -> None:
+    model = TimmLikeViT()
+    hidden = {"qkv.weight", "proj.parametrizations.weight.original1"}  # weight_norm's direction (out, in)
+    rows = {r.name: r for r in orthoptim.explain(model).rows}
+    assert {name for name, r in rows.items() if r.algorithm == "muon"} == hidden
+    assert "attention-bias table" in rows["relative_position_bias_table"].why
+    assert rows["gamma"].why.startswith("vector stored 16×1×1")
+    assert rows["proj.parametrizations.weight.original0"].why.startswith("vector stored 16×1")  # the gain
+    assert "depthwise" in rows["up.weight"].why
+    assert "get_classifier()" in rows["head_dist.weight"].why and "get_classifier()" in rows["head.weight"].why
+    matrices, others = orthoptim.split_params(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in matrices} == hidden
+    assert len(matrices) + len(others) == len(names)
+    # Named param groups without the model: the name and shape rules alone give the same matrices.
+    opt = orthoptim.Hybrid([{"params": list(model.named_parameters())}])
+    muon = [n for g in opt.param_groups if g["algorithm"] == "muon" for n in g["param_names"]]
+    assert set(muon) == hidden | {"up.weight"}  # a depthwise convolution is known by its module only
+
+
+def test_a_wrapped_model_splits_as_the_model_inside() -> None:
+    """torch.compile's OptimizedModule and DataParallel prefix every name (``_orig_mod.``, ``module.``); the head
+    rules that look at the model's direct children and accessors see through them."""
+    model = TinyResNet()
+    expected = {id(p) for p in orthoptim.split_params(model)[0]}
+    assert expected == {id(model.conv1.weight)}
+    for wrapped in (torch.compile(model), nn.DataParallel(model), nn.DataParallel(torch.compile(model))):
+        assert {id(p) for p in orthoptim.split_params(wrapped)[0]} == expected, type(wrapped).__name__
+        opt = orthoptim.Hybrid(wrapped)
+        assert [p for g in opt.param_groups if g["algorithm"] == "muon" for p in g["params"]] == [model.conv1.weight]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .muon import Muon
-from .split import _excluded_ids, _name_says_excluded, matrix_options_by_module
+from .split import _excluded_ids, _name_says_excluded, is_vector, matrix_options_by_module
 
 
 def _check_algorithm(group: dict[str, Any]) -> None:
@@ -65,7 +65,7 @@ def _sort_group(
         name, p = item if isinstance(item, tuple) else (None, item)
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"Hybrid: optimizer params must be Tensors, but one is {type(p).__name__}")
-        to_adamw = p.ndim < 2 or id(p) in excluded or (name is not None and _name_says_excluded(name))
+        to_adamw = p.ndim < 2 or is_vector(p) or id(p) in excluded or (name is not None and _name_says_excluded(name))
         if to_adamw:
             to_adamw_items.append(item)
         else:

@@ -17,7 +17,7 @@ from .options import lr_scale, matrix_layout, row_blocks
 #: Module names treated as the output head by :func:`split_params` (the last component of the module path). A
 #: head module that is a direct child of the model is taken whole (ConvNeXt's ``head.fc``); a nested one only
 #: its own parameters (BERT's per-layer ``attention.output`` holds hidden ``dense`` layers).
-HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "output", "classifier", "decoder")
+HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "head_dist", "output", "classifier", "decoder")
 #: Direct children of the model with these names are classifier heads too: torchvision's ResNet, RegNet,
 #: Inception and GoogLeNet end in a top-level ``fc``.
 TOP_LEVEL_HEAD_NAMES: tuple[str, ...] = ("fc",)
@@ -25,6 +25,10 @@ TOP_LEVEL_HEAD_NAMES: tuple[str, ...] = ("fc",)
 #: embeddings too: a ViT's ``pos_embed``, ``cls_token``, ``register_tokens``, a GPT's raw ``wpe``-style tables named
 #: ``*embed*``. Matched against the last component of the parameter's name, lower-cased.
 EMBEDDING_NAME_PARTS: tuple[str, ...] = ("embed", "token")
+#: Parameters registered directly whose own name contains one of these are lookup tables of attention biases, not
+#: linear maps: Swin's and BEiT's ``relative_position_bias_table`` (relative offsets × heads, indexed per token
+#: pair), EfficientFormer's and LeViT's ``attention_biases``, SAM's ``rel_pos_h``. Matched like the embedding parts.
+TABLE_NAME_PARTS: tuple[str, ...] = ("bias", "rel_pos")
 
 
 def split_params(
@@ -40,11 +44,15 @@ def split_params(
     Hidden matrices are weights with ≥ 2 dims (Linear, conv, stacked experts). Excluded by default, as Muon's
     authors recommend: embedding tables (``nn.Embedding``/``nn.EmbeddingBag``, and parameters whose own name
     contains one of ``embedding_name_parts``, e.g. ``pos_embed``, ``cls_token``), the output head (what the model's
-    ``get_output_embeddings()`` (transformers) or ``get_classifier()`` (timm) returns, and a module
-    whose name is in ``head_names`` — all of it when it is a direct child of ``model``, e.g. ConvNeXt's
-    ``head.fc`` — or a direct child named ``fc``, torchvision's classifier), and any weight shared with an
-    embedding (tied heads). Depthwise convolution weights (``groups > 1``, one input channel per filter) are never
-    matrices. Each parameter appears once (shared parameters are deduplicated).
+    ``get_output_embeddings()`` (transformers) or ``get_classifier()`` (timm; a distilled model's pair of heads)
+    returns, and a module whose name is in ``head_names`` — all of it when it is a direct child of ``model``,
+    e.g. ConvNeXt's ``head.fc`` — or a direct child named ``fc``, torchvision's classifier), and any weight shared
+    with an embedding (tied heads). Never matrices, whatever the options: depthwise convolution weights
+    (``groups > 1``, one input channel per filter), attention-bias tables named by ``TABLE_NAME_PARTS`` (Swin's
+    ``relative_position_bias_table``), and vectors stored with singleton dims (a weight-norm gain ``(out, 1)``,
+    a layer-scale ``(C, 1, 1)``: at most one dim > 1). A model wrapped by ``torch.compile``, ``DataParallel`` or
+    ``DistributedDataParallel`` is split as the model inside. Each parameter appears once (shared parameters are
+    deduplicated).
     """
     excluded = _excluded_ids(
         model,
@@ -57,7 +65,7 @@ def split_params(
     others: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
-            (matrices if p.ndim >= 2 and id(p) not in excluded else others).append(p)
+            (matrices if p.ndim >= 2 and id(p) not in excluded and not is_vector(p) else others).append(p)
     return matrices, others
 
 
@@ -94,6 +102,12 @@ def exclusion_reasons(
     off, by ``id``: embeddings (by type, and by their own name), head weights (by their module's name) and
     depthwise convolution weights. A parameter shared by two (a tied head) keeps the first reason found."""
     reasons: dict[int, str] = {}
+    model = unwrapped(model)  # the direct-child and accessor rules are about the model inside a wrapper
+    for name, p in model.named_parameters():
+        if is_vector(p):
+            reasons.setdefault(id(p), f"vector stored {'×'.join(map(str, p.shape))} (a gain or scale: ≤ 1 dim > 1)")
+        elif p.ndim >= 2 and _own_name_says(name, TABLE_NAME_PARTS):
+            reasons.setdefault(id(p), "attention-bias table (its name)")
     if exclude_embeddings:
         parts = tuple(part.lower() for part in embedding_name_parts)
         for name, mod in model.named_modules():
@@ -108,9 +122,11 @@ def exclusion_reasons(
         # tied or not) and timm's get_classifier().
         for getter in ("get_output_embeddings", "get_classifier"):
             head = _call_quietly(model, getter)
-            if isinstance(head, nn.Module):
-                for p in head.parameters():
-                    reasons.setdefault(id(p), f"output head ({type(model).__name__}.{getter}())")
+            # timm's distilled models (DeiT, LeViT, EfficientFormer) answer with their two heads, a tuple.
+            for module in head if isinstance(head, (tuple, list)) else (head,):
+                if isinstance(module, nn.Module):
+                    for p in module.parameters():
+                        reasons.setdefault(id(p), f"output head ({type(model).__name__}.{getter}())")
         heads = set(head_names)
         for name, mod in model.named_modules():
             top_level = bool(name) and "." not in name
@@ -123,8 +139,9 @@ def exclusion_reasons(
     # Depthwise convolutions (groups = in_channels: weight (C, 1, *k)): each output channel filters one input
     # channel, so the C × k matrix holds C unrelated filters, not one linear map to orthogonalize (timm's Muon
     # sends them to AdamW as well).
+    # A transposed convolution's weight is (in, out/groups, *k): depthwise too when that middle dim is 1.
     for mod in model.modules():
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.groups > 1 and mod.weight.shape[1] == 1:
+        if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and mod.weight.shape[1] == 1:
             reasons.setdefault(id(mod.weight), "depthwise convolution (one input channel per filter)")
     return reasons
 
@@ -141,8 +158,33 @@ def _call_quietly(model: nn.Module, method: str) -> Any:
         return None
 
 
-def _own_name_says_embedding(name: str, parts: tuple[str, ...] = EMBEDDING_NAME_PARTS) -> bool:
+def _own_name_says(name: str, parts: tuple[str, ...]) -> bool:
     return any(part in name.rsplit(".", 1)[-1].lower() for part in parts)
+
+
+def _own_name_says_embedding(name: str, parts: tuple[str, ...] = EMBEDDING_NAME_PARTS) -> bool:
+    return _own_name_says(name, parts)
+
+
+def is_vector(p: torch.Tensor) -> bool:
+    """Whether ``p`` has ≥ 2 dims but at most one of them > 1: a vector in a matrix's shape (a weight-norm gain
+    ``(out, 1)``, a layer scale ``(C, 1, 1)``, Swin-v2's ``logit_scale`` ``(heads, 1, 1)``). Its "polar factor"
+    is its sign pattern scaled, which is no orthogonalized update; AdamW takes it, as it takes gains."""
+    return p.ndim >= 2 and sum(d > 1 for d in p.shape) <= 1
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``) and ``DataParallel``/
+    ``DistributedDataParallel`` (``module``), which hold the same parameters under a prefixed name."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) and isinstance(
+            model, (nn.DataParallel, nn.parallel.DistributedDataParallel)
+        ):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def _name_says_excluded(name: str) -> bool:
@@ -150,7 +192,11 @@ def _name_says_excluded(name: str) -> bool:
     ``embed``/``token``, or the module holding it is named like a head (``lm_head.weight``). An ``nn.Embedding``'s
     table is known by its module's type only (``embed_tokens.weight``, ``wte.weight``), which a name does not show."""
     module = name.rsplit(".", 1)[0] if "." in name else ""
-    return _own_name_says_embedding(name) or (bool(module) and module.rsplit(".", 1)[-1] in HEAD_NAMES)
+    return (
+        _own_name_says_embedding(name)
+        or _own_name_says(name, TABLE_NAME_PARTS)
+        or (bool(module) and module.rsplit(".", 1)[-1] in HEAD_NAMES)
+    )
 
 
 def is_transposed_linear(module: nn.Module) -> bool:
