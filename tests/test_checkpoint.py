@@ -189,3 +189,37 @@ def test_float32_statistics_stay_float32_for_bfloat16_parameters() -> None:
         assert state["second_moment"].dtype == torch.float32 and state["nonfinite_skips"].dtype == torch.float32
         assert torch.equal(state["second_moment"], entry["second_moment"])  # not rounded through bfloat16
         assert state["momentum_buffer"].dtype == torch.bfloat16
+
+
+def test_load_hooks_run_where_torchs_do_around_the_checks() -> None:
+    """torch.optim.Optimizer's load hooks: a pre-hook may rewrite the checkpoint before it is checked (here it
+    repairs a NaN momentum the check would refuse), a post-hook runs only after a load that stands and may write
+    into the state (torch's optimizer tests do) without that being blamed on the checkpoint."""
+    saved = copy.deepcopy(_stepped(_muon).state_dict())
+    damaged = copy.deepcopy(saved)
+    BROKEN["nan momentum"][0](damaged)
+    calls: list[str] = []
+
+    def repair(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
+        calls.append("pre")
+        sd = copy.deepcopy(sd)
+        sd["state"][2]["momentum_buffer"] = saved["state"][2]["momentum_buffer"].clone()
+        return sd
+
+    def mark(opt: torch.optim.Optimizer) -> None:
+        calls.append("post")
+        opt.state["loaded_by_hook"] = True  # type: ignore[index]
+
+    opt = _stepped(_muon, steps=3)
+    opt.register_load_state_dict_post_hook(mark)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match="NaN"):
+        opt.load_state_dict(damaged)
+    assert calls == []  # a refused load fires no post-hook
+    _assert_unchanged(opt, snap)
+    opt.register_load_state_dict_pre_hook(repair)
+    opt.load_state_dict(damaged)
+    assert calls == ["pre", "post"] and opt.state["loaded_by_hook"] is True  # type: ignore[index]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        assert torch.equal(opt.state[p]["momentum_buffer"], saved["state"][i]["momentum_buffer"])

@@ -192,10 +192,37 @@ def test_infinite_options_are_refused(kw: dict[str, float], message: str) -> Non
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
 def test_parameters_must_be_real_floating_point(dtype: torch.dtype) -> None:
     bad = nn.Parameter(torch.zeros(4, 4, dtype=dtype), requires_grad=dtype.is_complex)
-    with pytest.raises(TypeError, match=f"shape \\(4, 4\\) is {dtype}"):
-        orthoptim.Muon([bad])
+    if dtype.is_complex:  # refused at the step, with torch.optim.Muon's RuntimeError and words
+        for cls in (orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad):
+            opt = cls([bad])
+            bad.grad = torch.ones_like(bad)
+            with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support complex parameters"):
+                opt.step()
+            assert torch.equal(bad, torch.zeros_like(bad))
+    else:
+        with pytest.raises(TypeError, match=f"shape \\(4, 4\\) is {dtype}"):
+            orthoptim.Muon([bad])
     with pytest.raises(TypeError, match="real floating-point"):
         orthoptim.Hybrid(([], [bad]))
+
+
+def test_constructor_errors_match_torch_muons() -> None:
+    """The errors torch's optimizer test-suite expects of torch.optim.Muon (torch/testing/_internal/
+    common_optimizers.py, ``optim_error_inputs_func_muon``): same exception types, and torch's words in the message,
+    checked in torch's order — a bad lr before the params are looked at."""
+    p = nn.Parameter(torch.zeros(2, 3))
+    for cls in (torch.optim.Muon, orthoptim.Muon):
+        with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+            cls(None, lr=torch.tensor([1e-3, 1e-3]))  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="Adjust learning rate function arbitrary is not supported"):
+            cls([p], adjust_lr_fn="arbitrary")
+        for kw in ({"lr": -1.0}, {"momentum": -0.1}, {"weight_decay": -1.0}):
+            with pytest.raises(ValueError):
+                cls(None, **kw)  # type: ignore[arg-type]
+    p.grad = torch.sparse_coo_tensor(torch.zeros(2, 1, dtype=torch.int64), torch.ones(1), (2, 3))
+    for cls in (torch.optim.Muon, orthoptim.Muon):
+        with pytest.raises(RuntimeError, match="Muon does not support sparse gradients"):
+            cls([p]).step()
 
 
 def test_the_skip_warning_points_at_the_callers_line() -> None:
@@ -362,3 +389,25 @@ def test_torch_coefficients_keep_the_cpus_native_compute_dtype() -> None:
     assert orthoptim.resolve_compute_dtype(None, torch.device("cpu")) == orthoptim.resolve_compute_dtype(
         opt.param_groups[0]["compute_dtype"], torch.device("cpu")
     )
+
+
+def test_adamw_betas_of_one_are_refused_as_torch_refuses_them() -> None:
+    """β = 1 makes AdamW's bias correction divide by 1 − βᵗ = 0: torch.optim.AdamW refuses it, and so does
+    Hybrid's AdamW half, at construction and in a group added later, instead of writing NaN weights."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    for betas in ((0.9, 1.0), (1.0, 0.95)):
+        with pytest.raises(ValueError):
+            torch.optim.AdamW(model.parameters(), betas=betas)
+        with pytest.raises(ValueError, match=r"betas\[\d\] must be in \[0, 1\)"):
+            orthoptim.Hybrid(model, adamw_betas=betas)
+    opt = orthoptim.Hybrid(model)
+    with pytest.raises(ValueError, match="betas"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "algorithm": "adamw", "betas": (0.9, 1.0)})
+
+
+def test_the_triton_backend_on_cpu_parameters_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a CUDA device Triton has no driver: refused at construction, naming the way out, not at the step."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r'backend="triton" runs its kernels on CUDA devices.*cpu'):
+        orthoptim.Muon([nn.Parameter(torch.zeros(8, 8))], backend="triton")

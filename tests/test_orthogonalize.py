@@ -195,6 +195,12 @@ def test_bad_options_are_named() -> None:
         orthoptim.orthogonalize(G, schedule="nope")
     with pytest.raises(ValueError, match="steps"):
         orthoptim.orthogonalize(G, steps=0)
+    with pytest.raises(TypeError, match="steps must be a positive int, got float"):
+        orthoptim.orthogonalize(G, steps=2.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"workspace must be an orthoptim\.polar\.Workspace"):
+        orthoptim.orthogonalize(G, workspace={})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="out is on meta, but G is on cpu"):
+        orthoptim.orthogonalize(G, out=torch.empty(3, 4, device="meta"))
     with pytest.raises(ValueError, match="compute_dtype"):
         orthoptim.orthogonalize(G, compute_dtype="int8")
     with pytest.raises(ValueError, match="normalization"):

@@ -228,6 +228,18 @@ def test_a_step_count_no_precision_can_save_says_so() -> None:
         orthoptim.Muon([torch.nn.Parameter(torch.randn(4, 4))], ns_steps=4)
 
 
+def test_a_schedule_refused_at_its_own_step_count_is_told_about_its_margin() -> None:
+    """The published cubic5 list without orthoptim's 1.01 margin flips sign just above σ = 1 (where normalization
+    can put the top singular value): the error names that point, unrounded, and the margin — not the step count,
+    which is already the list's own."""
+    coefficients = get_schedule("cubic5").coefficients
+    bare = Schedule("bare_cubic5", coefficients, "cycle", 1.0, len(coefficients))
+    with pytest.raises(ValueError, match=r"\(at σ=1\.00\d+\).*larger margin") as err:
+        orthoptim.orthogonalize(torch.randn(8, 8), schedule=bare)
+    assert "run that many" not in str(err.value)
+    orthoptim.orthogonalize(torch.randn(8, 8), schedule=Schedule("m", coefficients, "cycle", 1.01, len(coefficients)))
+
+
 @pytest.mark.parametrize(
     "kw", [{"points": 0}, {"points": 1}, {"upper": float("inf")}, {"lower": 1.002}, {"bound": float("nan")}]
 )

@@ -29,8 +29,12 @@ def validate_adamw_group(group: dict[str, Any]) -> None:
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    check_number("betas[0]", betas[0], 0.0, 1.0)
-    check_number("betas[1]", betas[1], 0.0, 1.0)
+    for i, beta in enumerate(betas):  # [0, 1), as torch.optim.AdamW: β = 1 divides by 1 − βᵗ = 0 (NaN weights)
+        check_number(f"betas[{i}]", beta, 0.0, 1.0)
+        if float(beta) >= 1.0:
+            raise ValueError(
+                f"betas[{i}] must be in [0, 1) (AdamW's bias correction divides by 1 − beta^t), got {beta}"
+            )
     check_number("eps", group["eps"], 0.0)
     check_param_dtypes(group["params"])
 

@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -205,13 +206,27 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         keeping this optimizer's algorithm options (``checkpoint.ALGORITHM_OPTIONS``); NorMuon's second moments
         are dropped, or start at zero as at a first step. AdamW and orthogonalized groups never convert.
         """
+        # torch's order, with the checks where they belong: the pre-hooks see (and may rewrite) the checkpoint
+        # before anything checks it, and the post-hooks run only after a load that stands — what they write into
+        # the state is theirs, not the checkpoint's. torch's own load runs with the hooks set aside meanwhile.
+        state_dict = state_dict.copy()  # shallow, as torch's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
         saved_groups = state_dict.get("param_groups", [])
         refuse_foreign_groups(saved_groups, self.param_groups)
         converted: list[bool] = []  # torch's own check below names a mismatch in the number of groups
         if len(saved_groups) == len(self.param_groups):
             converted = converted_groups(saved_groups, self.param_groups, convert)
         before: dict[str, Any] = {"state": self.state, "param_groups": self.param_groups}
-        super().load_state_dict(state_dict)
+        hooks = (self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
         try:
             merge_loaded_options(self.param_groups, before["param_groups"], converted, self._validate_group)
             saved_state = saved_state_by_param(state_dict, saved_groups, self.param_groups)
@@ -219,6 +234,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         except Exception:
             self.__setstate__(before)  # a rejected checkpoint changes nothing
             raise
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _agree(self, ok: bool) -> bool:
         """Whether ``ok`` holds on every rank. Only sharded (DTensor) parameters need the all-reduce: every rank
@@ -247,8 +264,10 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"sparse gradients are not supported (parameter of shape {tuple(p.shape)})")
+            if p.grad.is_sparse or (opts is not None and p.is_complex()):  # torch.optim.Muon's errors, its words
+                what = "sparse gradients" if p.grad.is_sparse else f"complex parameters ({p.dtype})"
+                shape = tuple(p.shape)
+                raise RuntimeError(f"{type(self).__name__} does not support {what}: parameter of shape {shape}")
             params.append(p)
             grads.append(p.grad)
             state = self.state[p]

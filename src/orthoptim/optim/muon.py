@@ -117,8 +117,16 @@ class Muon(OrthogonalizedOptimizer):
         weight_layout: WeightLayout = "out_in",
         split: int | tuple[int, ...] = 1,
     ) -> None:
+        # torch.optim.Muon's checks, first and in its order (before the params are looked at), so that a test
+        # written against torch's errors sees the same exception; each group is checked again when it is built.
+        check_number("lr", lr, 0.0)
+        check_number("momentum", momentum, 0.0, 1.0)
+        check_number("weight_decay", weight_decay, 0.0)
         if adjust_lr_fn not in _TORCH_ADJUST:
-            raise ValueError(f"adjust_lr_fn must be one of {_TORCH_ADJUST}, got {adjust_lr_fn!r}")
+            raise ValueError(
+                f"Adjust learning rate function {adjust_lr_fn} is not supported: adjust_lr_fn must be one of "
+                f"{_TORCH_ADJUST}"
+            )
         if scale_mode is not None and adjust_lr_fn is not None and scale_mode != adjust_lr_fn:
             raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} and scale_mode={scale_mode!r} disagree; pass one")
         check_number("eps", eps, 0.0)

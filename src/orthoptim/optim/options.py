@@ -45,7 +45,7 @@ def check_number(name: str, value: Any, lo: float, hi: float | None = None, *, l
     """Raise ``ValueError`` naming ``name`` unless ``value`` is a real number in the stated range."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element (or {name} a number), got shape {tuple(value.shape)}")
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -294,7 +294,9 @@ def matrix_options(group: dict[str, Any]) -> MatrixOptions:
         check_number("beta2", beta2, 0.0, 1.0)
         check_number("row_eps", row_eps, 0.0, lo_open=True)
     params = group["params"]
-    check_param_dtypes(params)
+    # Complex parameters are refused where torch.optim.Muon refuses them, at the step (``base._gather``), with
+    # its RuntimeError; integer and bool ones (which cannot have gradients) here.
+    check_param_dtypes([p for p in params if not p.is_complex()])
     for p in params:
         matrix_layout(tuple(p.shape), shape_policy, weight_layout, split)
         if weight_layout == "in_out" and type(p).__name__ == "DTensor":

@@ -201,7 +201,15 @@ def orthogonalize(
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise TypeError(f"orthogonalize: out_dtype must be a real floating dtype, got {out_dtype!r}")
     result_dtype = G.dtype if out_dtype is None else out_dtype
+    if workspace is not None and not isinstance(workspace, Workspace):
+        raise TypeError(
+            f"orthogonalize: workspace must be an orthoptim.polar.Workspace (or None), got {type(workspace).__name__}"
+        )
     if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"orthogonalize: out must be a tensor (or None), got {type(out).__name__}")
+        if out.device != G.device:
+            raise ValueError(f"orthogonalize: out is on {out.device}, but G is on {G.device}")
         if out.shape != G.shape or out.dtype != result_dtype:
             raise ValueError(
                 f"orthogonalize: out must have shape {tuple(G.shape)} and dtype {result_dtype}, "

@@ -105,7 +105,9 @@ class Schedule:
     def steps_coefficients(self, steps: int | None = None) -> tuple[Triple, ...]:
         """The triples actually applied for ``steps`` iterations (the schedule's default if None)."""
         n = self.default_steps if steps is None else steps
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"steps must be a positive int, got {type(steps).__name__} {steps!r}")
+        if n < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         k = len(self.coefficients)
         if self.mode == "cycle":
@@ -401,7 +403,7 @@ class ScheduleReport:
     def describe(self) -> str:
         return (
             f"{self.steps} steps on σ ∈ [{self.lower:g}, {self.upper:.6g}]: output ∈ "
-            f"[{self.min_gain:.4g} (at σ={self.argmin:.3g}), {self.max_gain:.4g} (at σ={self.argmax:.3g})]; "
+            f"[{self.min_gain:.4g} (at σ={self.argmin:.6g}), {self.max_gain:.4g} (at σ={self.argmax:.6g})]; "
             f"with rounding {self.step_rounding:.3g} per step ∈ [{self.perturbed_min:.4g}, {self.perturbed_max:.4g}]"
         )
 
@@ -587,11 +589,21 @@ def check_precision(sched: Schedule, steps: int | None, precision: str) -> None:
         n = report.steps
         exact = validate_schedule(sched, steps=steps, step_rounding=0.0)
         if not exact.ok:  # no precision helps: the polynomials themselves leave (0, bound] at this step count
+            if n != sched.default_steps:
+                advice = (
+                    f"Its polynomials are designed as a {sched.default_steps}-step sequence: run that many "
+                    "(steps=None), or a schedule made for any step count such as 'jordan' (torch.optim.Muon's one "
+                    "triple)"
+                )
+            else:  # its own step count: it fails on the inputs normalization can hand it (σ slightly above 1)
+                advice = (
+                    f"The check covers the σ ≤ {exact.upper:.6g} that normalization can hand it (1 plus rounding, "
+                    f"over its input margin {sched.margin:g}): give it headroom with a larger margin "
+                    "(Schedule(..., margin=1.01)), or pick a validated schedule (orthoptim.list_schedules())"
+                )
             raise ValueError(
                 f"schedule {sched.name!r} at {n} steps is refused in every compute dtype: even in exact arithmetic "
-                f"{exact.describe()} (it must stay in (0, {exact.bound:g}]). Its polynomials are designed as "
-                f"a {sched.default_steps}-step sequence: run that many (steps=None), or a schedule made for any "
-                "step count such as 'jordan' (torch.optim.Muon's one triple)"
+                f"{exact.describe()} (it must stay in (0, {exact.bound:g}]). {advice}"
             )
         safe = [
             p

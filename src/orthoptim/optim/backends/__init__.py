@@ -16,6 +16,7 @@ shown them correct and faster there (benchmarks/RESULTS.md, "GPU").
 
 from __future__ import annotations
 
+import os as _os
 from dataclasses import dataclass
 
 import torch as _torch  # not bound as ``torch``: that name is this package's ``torch`` backend module
@@ -51,6 +52,11 @@ def select_backend(name: str, device: _torch.device) -> Backend:
     if name == "triton":
         if not triton_available():
             raise ValueError('backend="triton" needs triton installed (pip install triton); use backend="torch"')
+        if device.type != "cuda" and _os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f'backend="triton" runs its kernels on CUDA devices; the parameters are on {device} (Triton\'s '
+                'interpreter, TRITON_INTERPRET=1, runs them on the CPU, slowly: for tests); use backend="torch"'
+            )
         return Backend("triton", host_ways=False, fused=True)
     if name in ("auto", "torch"):
         return Backend("torch", host_ways=device.type == "cpu")
