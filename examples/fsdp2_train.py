@@ -65,8 +65,9 @@ def main() -> None:
             set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
             if rank == 0:
                 print(f"resumed from {args.resume} at optimizer step {_step(opt)}", flush=True)
-        gen = torch.Generator(device=device_type).manual_seed(1000 * _step(opt) + rank)  # each rank its own data
-        for step in range(args.steps):
+        start = _step(opt)  # 0, or the optimizer step the checkpoint was saved at
+        gen = torch.Generator(device=device_type).manual_seed(1000 * start + rank)  # each rank its own data
+        for step in range(start, start + args.steps):
             x = torch.randn(args.batch, 32, generator=gen, device=device_type)
             with torch.no_grad():
                 y = teacher(x)
@@ -74,7 +75,7 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if step % 10 == 0 or step == args.steps - 1:
+            if step in (start, start + args.steps - 1) or step % 10 == 0:
                 mean = loss.detach().clone()
                 dist.all_reduce(mean)
                 if rank == 0:

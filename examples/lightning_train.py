@@ -1,6 +1,6 @@
 """A small byte-level language model trained with Lightning and orthoptim.Hybrid, clipped the orthoptim way.
 
-    pip install "orthoptim[integrations]"
+    pip install -e ".[integrations]"     (in a checkout; `make test-integrations` does it for .venv)
     python examples/lightning_train.py                     # 300 steps, well under a minute on 2 CPU cores
     python examples/lightning_train.py --max-steps 30
 
@@ -93,14 +93,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         resumed.fit(ByteMLP(), data, ckpt_path=str(ckpt))
         with open(Path(logger.log_dir) / "metrics.csv") as f:
             rows = [r for r in csv.DictReader(f) if r.get("loss")]
-    for r in rows[:: max(1, len(rows) // 10)] + rows[-1:]:
+    shown = rows[:: max(1, len(rows) // 10)]
+    for r in shown + ([] if rows[-1] is shown[-1] else rows[-1:]):  # the last row once
         print(
             f"step {int(r['step']):4d}  loss {float(r['loss']):.3f}  clip_norm (AdamW half) {float(r['clip_norm']):.3f}"
             f"  nonfinite_skips {int(float(r['nonfinite_skips']))}"
         )
     first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
-    print(f"{args.max_steps} steps in {seconds:.1f} s; loss {first:.3f} -> {last:.3f} nats/byte; resumed to step "
-          f"{resumed.global_step}")  # fmt: skip
+    print(f"{args.max_steps} steps in {seconds:.1f} s; loss {first:.3f} -> {last:.3f} nats/byte; then resumed from "
+          f"the checkpoint and trained on to step {resumed.global_step} (not logged)")  # fmt: skip
     return {"first_loss": first, "last_loss": last, "resumed_step": resumed.global_step}
 
 

@@ -1,6 +1,6 @@
 """A tiny Llama trained with transformers' Trainer and orthoptim.Hybrid, clipped the orthoptim way.
 
-    pip install "orthoptim[integrations]"
+    pip install -e ".[integrations]"     (in a checkout; `make test-integrations` does it for .venv)
     python examples/transformers_trainer.py                  # ~200 steps, well under a minute on 2 CPU cores
     python examples/transformers_trainer.py --max-steps 20
 
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = LlamaForCausalLM(config)
     with tempfile.TemporaryDirectory() as out:
         training_args = TrainingArguments(
-            output_dir=out, max_steps=args.max_steps, per_device_train_batch_size=args.batch, logging_steps=20,
+            output_dir=out, max_steps=args.max_steps, per_device_train_batch_size=args.batch,
+            logging_steps=max(1, min(20, args.max_steps // 5)),  # several rows: a first and a last loss
             max_grad_norm=0.0,  # Trainer's global clip off: the callback clips
             lr_scheduler_type="cosine", warmup_steps=max(1, args.max_steps // 10), report_to="none",
             save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,

@@ -7,6 +7,10 @@ algorithm and reasons against how the model was built.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +98,21 @@ def test_the_explain_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "module.path:name" in capsys.readouterr().err
     assert main(["explain", "tests.test_explain:Nope"]) == 2
     assert "no attribute 'Nope'" in capsys.readouterr().err
+
+
+def test_the_installed_command_imports_a_model_from_the_current_directory(tmp_path: Path) -> None:
+    """The console script's sys.path starts at its bin directory, not the caller's: `orthoptim explain
+    mymodels:build` run next to mymodels.py must still find it, as `python -m orthoptim` does."""
+    script = Path(sys.executable).with_name("orthoptim")
+    if not script.exists():
+        pytest.skip("the orthoptim console script is not installed next to this interpreter")
+    (tmp_path / "mymodels.py").write_text("import torch\ndef build():\n    return torch.nn.Linear(8, 4)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [str(script), "explain", "mymodels:build"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "weight" in done.stdout and "muon" in done.stdout
 
 
 def test_the_explain_command_takes_every_form_of_split(capsys: pytest.CaptureFixture[str]) -> None:

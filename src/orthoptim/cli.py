@@ -112,6 +112,10 @@ def _explain(args: argparse.Namespace) -> int:
     if ":" not in target:
         raise ValueError(f"model {target!r}: give module.path:name, e.g. torchvision.models:resnet18")
     module_name, _, attr = target.partition(":")
+    # The current directory first, as `python -m` has it: the installed console script's sys.path[0] is its own
+    # bin directory, so a user's `mymodels.py` next to them would not import.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         factory = importlib.import_module(module_name)
     except ImportError as exc:

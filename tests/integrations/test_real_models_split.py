@@ -159,3 +159,51 @@ def test_the_readme_recipe_sends_mixtral_s_router_to_adamw_and_keeps_the_expert_
     assert groups["model.layers.0.mlp.gate.weight"][0] == "adamw"
     assert groups["model.layers.0.mlp.experts.gate_up_proj"] == ("muon", 2)
     assert groups["model.layers.0.self_attn.q_proj.weight"] == ("muon", 1)
+
+
+def _task_models() -> dict[str, Any]:
+    """transformers' task heads and seq2seq stacks, from tiny configs (vocabulary 97, labels 3: no hidden layer has
+    those widths): what each model's own structure says is its
+    head (an nn.Linear to the label/vocabulary space) or a hidden layer of a decoder stack."""
+    llama = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, num_labels=3, pad_token_id=0,
+    )  # fmt: skip
+    bert = transformers.BertConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_labels=3
+    )
+    t5 = transformers.T5Config(
+        vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1, num_heads=4
+    )
+    bart = transformers.BartConfig(
+        vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32,
+    )  # fmt: skip
+    return {
+        "llama_seqcls": transformers.LlamaForSequenceClassification(llama),
+        "llama_tokcls": transformers.LlamaForTokenClassification(llama),
+        "bert_qa": transformers.BertForQuestionAnswering(bert),
+        "bert_pretraining": transformers.BertForPreTraining(bert),
+        "t5": transformers.T5ForConditionalGeneration(t5),
+        "t5_model": transformers.T5Model(t5),
+        "bart_model": transformers.BartModel(bart),
+    }
+
+
+@pytest.mark.parametrize("name", list(_task_models()))
+def test_task_heads_go_to_adamw_and_decoder_stacks_stay_orthogonalized(name: str) -> None:
+    model = _task_models()[name]
+    matrices, _ = orthoptim.split_params(model)
+    chosen = {id(p) for p in matrices}
+    names = {id(p): n for n, p in model.named_parameters()}
+    labels = getattr(model.config, "num_labels", None)
+    for module_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        out = module.weight.shape[0]
+        # A head maps to labels (2 for QA's start/end and BERT's next-sentence head) or to the vocabulary.
+        is_head = out in (labels, 2, model.config.vocab_size) and "attention" not in module_name
+        assert (id(module.weight) in chosen) != is_head, (module_name, tuple(module.weight.shape))
+    decoder_matrices = [names[i] for i in chosen if ".decoder." in f".{names[i]}" or names[i].startswith("decoder.")]
+    if name.startswith(("t5", "bart")):
+        assert decoder_matrices, "the decoder stack's projections are hidden matrices"

@@ -7,8 +7,8 @@
   ``configure_gradient_clipping``.
 
 Nothing here is imported by ``import orthoptim``; importing a submodule without its framework raises an
-``ImportError`` that names the extra (``pip install "orthoptim[integrations]"``). Both use orthoptim's public API
-only (``orthoptim.clip_grad_norm_``, ``opt.nonfinite_skips``).
+``ImportError`` that names the extra (``pip install -e ".[integrations]"`` in a checkout). Both use orthoptim's
+public API only (``orthoptim.clip_grad_norm_``, ``opt.nonfinite_skips``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import orthoptim
 
-EXTRA_HINT = 'pip install "orthoptim[integrations]"'
+EXTRA_HINT = 'pip install -e ".[integrations]" in a checkout of orthoptim (the "integrations" extra)'
 
 
 def missing_framework(module: str, packages: str) -> ImportError:

@@ -15,9 +15,25 @@ from torch import nn
 from .options import lr_scale, matrix_layout, row_blocks
 
 #: Module names treated as the output head by :func:`split_params` (the last component of the module path). A
-#: head module that is a direct child of the model is taken whole (ConvNeXt's ``head.fc``); a nested one only
-#: its own parameters (BERT's per-layer ``attention.output`` holds hidden ``dense`` layers).
-HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "head_dist", "output", "classifier", "decoder")
+#: head module that is a direct child of the model is taken whole (ConvNeXt's ``head.fc``) unless its name is in
+#: ``STACK_NAMES``; a nested one only its own parameters (BERT's per-layer ``attention.output`` holds hidden
+#: ``dense`` layers). transformers' task heads: ``score`` (sequence classification of decoder-only models),
+#: ``qa_outputs`` (question answering), ``seq_relationship`` (BERT's next-sentence head), ``decoder`` (the
+#: vocabulary projection of masked-LM heads, ``cls.predictions.decoder``).
+HEAD_NAMES: tuple[str, ...] = (
+    "lm_head",
+    "head",
+    "head_dist",
+    "output",
+    "classifier",
+    "decoder",
+    "score",
+    "qa_outputs",
+    "seq_relationship",
+)
+#: Head names that, for a direct child of the model, name a whole stack of hidden layers instead: the decoder of
+#: T5, BART (``BartModel``) and ``EncoderDecoderModel``. Only such a module's own parameters count as a head.
+STACK_NAMES: tuple[str, ...] = ("decoder",)
 #: Direct children of the model with these names are classifier heads too: torchvision's ResNet, RegNet,
 #: Inception and GoogLeNet end in a top-level ``fc``.
 TOP_LEVEL_HEAD_NAMES: tuple[str, ...] = ("fc",)
@@ -130,7 +146,7 @@ def exclusion_reasons(
         heads = set(head_names)
         for name, mod in model.named_modules():
             top_level = bool(name) and "." not in name
-            if top_level and (name in heads or name in TOP_LEVEL_HEAD_NAMES):
+            if top_level and ((name in heads and name not in STACK_NAMES) or name in TOP_LEVEL_HEAD_NAMES):
                 for p in mod.parameters():
                     reasons.setdefault(id(p), f"output head ({name})")
             elif name and name.rsplit(".", 1)[-1] in heads:
