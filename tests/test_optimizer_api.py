@@ -196,7 +196,7 @@ def test_parameters_must_be_real_floating_point(dtype: torch.dtype) -> None:
         for cls in (orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad):
             opt = cls([bad])
             bad.grad = torch.ones_like(bad)
-            with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support complex parameters"):
+            with pytest.raises(RuntimeError, match="Muon does not support complex parameters"):
                 opt.step()
             assert torch.equal(bad, torch.zeros_like(bad))
     else:
