@@ -138,10 +138,20 @@ def test_conv_and_batched_weights() -> None:
     run(opt, conv1d, 1)
 
 
-@pytest.mark.parametrize("mode", ["original", "match_rms_adamw", "unit_rms"])
+#: Each scale mode's factor for an m×n matrix, as its source states it (README table).
+SCALE_FACTORS = {
+    "original": lambda m, n: math.sqrt(max(1.0, m / n)),  # KellerJordan/Muon, torch.optim.Muon
+    "match_rms_adamw": lambda m, n: 0.2 * math.sqrt(max(m, n)),  # arXiv 2502.16982
+    "unit_rms": lambda m, n: math.sqrt(max(m, n)),
+    "spectral_norm": lambda m, n: math.sqrt(m / n),  # arXiv 2310.17813; microsoft/dion adjust_lr="spectral_norm"
+}
+
+
+@pytest.mark.parametrize("mode", list(SCALE_FACTORS))
 def test_scale_modes_set_the_update_size(mode: str) -> None:
     """One step, no momentum or decay, fully converged polar factor: Δθ = −lr·scale·UVᵀ (float64 SVD)."""
     for shape in ((24, 40), (40, 24)):
+        assert math.isclose(lr_scale(mode, *shape), SCALE_FACTORS[mode](*shape), rel_tol=1e-12)  # type: ignore[arg-type]
         (p,) = make_params([shape])
         w0 = p.detach().clone()
         g = torch.randn(shape, generator=torch.Generator().manual_seed(5))

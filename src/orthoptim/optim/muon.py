@@ -59,7 +59,8 @@ class Muon(OrthogonalizedOptimizer):
             else float32; ``orthoptim.polar.resolve_compute_dtype``).
         iteration: ``"auto"`` | ``"standard"`` | ``"gram"`` — the form of Newton–Schulz (``orthoptim.orthogonalize``;
             "auto" runs the Gram form for rectangular matrices in float32, where it needs fewer operations).
-        scale_mode: ``"original"`` | ``"match_rms_adamw"`` | ``"unit_rms"`` | ``"nuclear"`` (see README table).
+        scale_mode: ``"original"`` | ``"match_rms_adamw"`` | ``"unit_rms"`` | ``"spectral_norm"`` | ``"nuclear"``
+            (see README table; ``orthoptim.optim.lr_scale``).
         shape_policy: ``"auto"`` | ``"flatten"`` | ``"batch"`` (``orthoptim.optim.options.matrix_layout``).
         nonfinite: ``"skip"`` (default) | ``"raise"`` | ``"propagate"`` (``orthoptim.optim.base``'s docstring).
         warn_nonfinite: warn when a step is skipped (reads the device flag once per step; rank 0 only).

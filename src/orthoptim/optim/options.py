@@ -26,7 +26,7 @@ from .backends import Backend, select_backend
 
 NonFiniteMode: TypeAlias = Literal["skip", "raise", "propagate"]
 ShapePolicy: TypeAlias = Literal["auto", "flatten", "batch"]
-ScaleMode: TypeAlias = Literal["original", "match_rms_adamw", "unit_rms", "nuclear"]
+ScaleMode: TypeAlias = Literal["original", "match_rms_adamw", "unit_rms", "spectral_norm", "nuclear"]
 #: How a parameter stores each matrix: (out, in) as ``nn.Linear``, or (in, out) as transformers' GPT-2 ``Conv1D``.
 WeightLayout: TypeAlias = Literal["out_in", "in_out"]
 #: How the step is executed (``optim/backends``): ``"auto"`` picks per device (``backends.select_backend``).
@@ -34,7 +34,7 @@ BackendName: TypeAlias = Literal["auto", "reference", "torch", "triton"]
 
 NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "propagate")
 SHAPE_POLICIES: tuple[str, ...] = ("auto", "flatten", "batch")
-SCALE_MODES: tuple[str, ...] = ("original", "match_rms_adamw", "unit_rms", "nuclear")
+SCALE_MODES: tuple[str, ...] = ("original", "match_rms_adamw", "unit_rms", "spectral_norm", "nuclear")
 WEIGHT_LAYOUTS: tuple[str, ...] = ("out_in", "in_out")
 #: Accepted ``backend=`` values. ``"torch@cpu"`` / ``"torch@cuda"`` run the torch backend with the choices
 #: measured fastest on that device type whatever the parameters' device (tests run the GPU's choices on the CPU).
@@ -174,6 +174,8 @@ def lr_scale(mode: ScaleMode, m: int, n: int) -> float:
     match_rms_adamw 0.2·√max(m, n)      Moonlight (arXiv 2502.16982): update RMS ≈ AdamW's, so AdamW's lr and
                                         weight decay carry over; torch.optim.Muon ``"match_rms_adamw"``
     unit_rms       √max(m, n)           update RMS = 1 (an orthogonal m×n matrix has RMS 1/√max(m, n))
+    spectral_norm  √(m/n)               RMS→RMS operator norm 1, the spectral condition (arXiv 2310.17813);
+                                        microsoft/dion ``adjust_lr="spectral_norm"`` (dion/megabatch_base.py)
     nuclear        1                    PolarGrad (arXiv 2505.21799): the update is ‖M‖_*·polar(M) instead
     ============== ==================== =====================================================================
     """
@@ -183,6 +185,8 @@ def lr_scale(mode: ScaleMode, m: int, n: int) -> float:
         return 0.2 * math.sqrt(max(m, n))
     if mode == "unit_rms":
         return math.sqrt(max(m, n))
+    if mode == "spectral_norm":
+        return math.sqrt(m / n)
     if mode == "nuclear":
         return 1.0
     raise ValueError(f"unknown scale mode {mode!r}; choose one of {SCALE_MODES}")
