@@ -171,6 +171,7 @@ class TimmLikeViT(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.relative_position_bias_table = nn.Parameter(torch.zeros(49, 4))
+        self.patch_pos = nn.Parameter(torch.zeros(1, 49, 16))  # TNT's position table, a batch of one "matrix"
         self.qkv = nn.Linear(16, 48)
         self.proj = nn.utils.parametrizations.weight_norm(nn.Linear(16, 16))
         self.gamma = nn.Parameter(torch.ones(16, 1, 1))
@@ -188,6 +189,7 @@ def test_tables_gains_and_a_pair_of_heads_go_to_adamw() -> None:
     rows = {r.name: r for r in orthoptim.explain(model).rows}
     assert {name for name, r in rows.items() if r.algorithm == "muon"} == hidden
     assert "attention-bias table" in rows["relative_position_bias_table"].why
+    assert rows["patch_pos"].algorithm == "adamw" and "embedding" in rows["patch_pos"].why
     assert rows["gamma"].why.startswith("vector stored 16×1×1")
     assert rows["proj.parametrizations.weight.original0"].why.startswith("vector stored 16×1")  # the gain
     assert "depthwise" in rows["up.weight"].why

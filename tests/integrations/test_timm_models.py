@@ -29,6 +29,9 @@ MODELS = [
     "efficientnet_b0",
     "fastvit_t8",
     "mobilevit_xxs",
+    "tnt_s_patch16_224",
+    "swinv2_tiny_window8_256",
+    "vit_base_patch16_siglip_224",
 ]
 
 
@@ -48,7 +51,7 @@ def _must_be_adamw(model: nn.Module) -> dict[str, str]:
         own = name.rsplit(".", 1)[-1]
         if p.ndim < 2 or sum(d > 1 for d in p.shape) <= 1:
             why.setdefault(name, "vector")
-        elif own in ("pos_embed", "cls_token", "dist_token") or "relative_position_bias_table" in own:
+        elif own in ("pos_embed", "cls_token", "dist_token", "patch_pos", "pixel_pos") or "bias_table" in own:
             why.setdefault(name, "table")
         elif own == "attention_biases":
             why.setdefault(name, "table")

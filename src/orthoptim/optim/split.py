@@ -39,8 +39,9 @@ STACK_NAMES: tuple[str, ...] = ("decoder",)
 TOP_LEVEL_HEAD_NAMES: tuple[str, ...] = ("fc",)
 #: Parameters registered directly (not an ``nn.Embedding``'s weight) whose own name contains one of these are
 #: embeddings too: a ViT's ``pos_embed``, ``cls_token``, ``register_tokens``, a GPT's raw ``wpe``-style tables named
-#: ``*embed*``. Matched against the last component of the parameter's name, lower-cased.
-EMBEDDING_NAME_PARTS: tuple[str, ...] = ("embed", "token")
+#: ``*embed*``, TNT's ``patch_pos``/``pixel_pos`` position tables. Matched against the last component of the
+#: parameter's name, lower-cased.
+EMBEDDING_NAME_PARTS: tuple[str, ...] = ("embed", "token", "pos_", "_pos")
 #: Parameters registered directly whose own name contains one of these are lookup tables of attention biases, not
 #: linear maps: Swin's and BEiT's ``relative_position_bias_table`` (relative offsets × heads, indexed per token
 #: pair), EfficientFormer's and LeViT's ``attention_biases``, SAM's ``rel_pos_h``. Matched like the embedding parts.
