@@ -21,7 +21,7 @@ def test_missing_framework_names_the_extra(monkeypatch: pytest.MonkeyPatch, modu
     for name in hidden:
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes `import name` fail
     monkeypatch.delitem(sys.modules, module, raising=False)
-    with pytest.raises(ImportError, match=r'pip install "orthoptim\[integrations\]"'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[integrations\]"'):
         importlib.import_module(module)
     monkeypatch.delitem(sys.modules, module, raising=False)  # leave no half-imported module behind
 
