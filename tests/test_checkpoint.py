@@ -6,6 +6,7 @@ it was — the same state and group objects, the same values, still stepping."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -223,3 +224,45 @@ def test_load_hooks_run_where_torchs_do_around_the_checks() -> None:
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         assert torch.equal(opt.state[p]["momentum_buffer"], saved["state"][i]["momentum_buffer"])
+
+
+def test_a_torch_muon_checkpoint_converts_on_request() -> None:
+    """Switching a run from torch.optim.Muon: without ``convert`` the checkpoint is refused with the way out; with it
+    the momentum buffers and torch's lr, weight decay, momentum, nesterov and adjust_lr_fn carry over, the schedule
+    is this optimizer's, and the next step is the closed form on the float64-SVD polar factor of the Nesterov
+    momentum."""
+    gen = torch.Generator().manual_seed(3)
+    params = [nn.Parameter(torch.randn(16, 40, generator=gen, dtype=torch.float64)) for _ in range(2)]
+    theirs = torch.optim.Muon(params, lr=0.03, weight_decay=0.05, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        theirs.step()
+    saved = copy.deepcopy(theirs.state_dict())
+    ours = orthoptim.Muon(params, lr=0.5, schedule="polar_express", ns_steps=12, compute_dtype="float64")
+    with pytest.raises(ValueError, match="convert=True"):
+        ours.load_state_dict(saved)
+    ours.load_state_dict(saved, convert=True)
+    group = ours.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["momentum"], group["nesterov"]) == (0.03, 0.05, 0.9, True)
+    assert group["scale_mode"] == "match_rms_adamw" and group["ns_steps"] == 12
+    for p in params:
+        assert torch.equal(ours.state[p]["momentum_buffer"], theirs.state[p]["momentum_buffer"])
+    # Copies: the loaded state may share memory with the checkpoint's tensors (torch's load does not copy them).
+    buffers = [theirs.state[p]["momentum_buffer"].clone() for p in params]
+    before = [p.detach().clone() for p in params]
+    grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    ours.step()
+    for p, w, g, b in zip(params, before, grads, buffers, strict=True):
+        buf = torch.lerp(b, g, 1 - 0.9)
+        M = torch.lerp(g, buf, 0.9)
+        U, _, Vt = torch.linalg.svd(M, full_matrices=False)
+        want = w * (1 - 0.03 * 0.05) - 0.03 * 0.2 * math.sqrt(40) * (U @ Vt)  # match_rms_adamw: 0.2·√max(m, n)
+        torch.testing.assert_close(p.detach(), want, atol=1e-6, rtol=0)
+    # A NorMuon loads it as from orthoptim.Muon: the momentum carries over, the second moments start at zero.
+    normuon = orthoptim.NorMuon(params, lr=0.02)
+    normuon.load_state_dict(theirs.state_dict(), convert=True)
+    assert all(float(normuon.state[p]["second_moment"].abs().sum()) == 0.0 for p in params)
+    assert normuon.param_groups[0]["row_norm"] is True

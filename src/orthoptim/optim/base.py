@@ -54,6 +54,7 @@ from .backends import torch as torch_backend
 from .backends.triton import PointerTables
 from .checkpoint import (
     converted_groups,
+    from_torch_muon,
     merge_loaded_options,
     normalize_loaded_state,
     refuse_foreign_groups,
@@ -204,7 +205,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         A checkpoint of another orthoptim algorithm (Muon, NorMuon, PolarGrad: ``row_norm``/``scale_mode``) is
         refused by name; ``convert=True`` loads it anyway, carrying the momentum, steps and skip counts over and
         keeping this optimizer's algorithm options (``checkpoint.ALGORITHM_OPTIONS``); NorMuon's second moments
-        are dropped, or start at zero as at a first step. AdamW and orthogonalized groups never convert.
+        are dropped, or start at zero as at a first step. AdamW and orthogonalized groups never convert. A
+        torch.optim.Muon checkpoint loads with ``convert=True`` too (``checkpoint.from_torch_muon``): its
+        momentum buffers, lr, weight decay, momentum and nesterov carry over, this optimizer's schedule stays.
         """
         # torch's order, with the checks where they belong: the pre-hooks see (and may rewrite) the checkpoint
         # before anything checks it, and the post-hooks run only after a load that stands — what they write into
@@ -214,6 +217,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             hook_result = pre_hook(self, state_dict)
             if hook_result is not None:
                 state_dict = hook_result
+        if convert:  # a torch.optim.Muon checkpoint, in orthoptim's form (others unchanged)
+            state_dict = from_torch_muon(state_dict, self.param_groups)
         saved_groups = state_dict.get("param_groups", [])
         refuse_foreign_groups(saved_groups, self.param_groups)
         converted: list[bool] = []  # torch's own check below names a mismatch in the number of groups

@@ -196,17 +196,55 @@ def normalize_loaded_state(
         raise error or ValueError("load_state_dict: another rank refused its part of the checkpoint")
 
 
+def _is_torch_muons(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a saved group is torch.optim.Muon's (its ``ns_coefficients``, no ``schedule``) facing an
+    orthogonalized group of this optimizer."""
+    return current.get("algorithm") != "adamw" and "schedule" not in saved and "ns_coefficients" in saved
+
+
+def from_torch_muon(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """A torch.optim.Muon checkpoint (``state_dict()``) in orthoptim's form, for ``load_state_dict(...,
+    convert=True)``: each group keeps torch's lr, weight_decay, momentum, nesterov, eps and ``adjust_lr_fn`` (as
+    ``scale_mode``) and takes this optimizer's other options (schedule, steps, normalization); each parameter keeps
+    its momentum buffer — torch's update of it is the same lerp as orthoptim's — and its step counters start at 0
+    (torch.optim.Muon keeps none). Groups of other checkpoints are returned as they are."""
+    saved_groups = state_dict.get("param_groups", [])
+    if len(saved_groups) != len(groups) or not any(map(_is_torch_muons, saved_groups, groups)):
+        return state_dict  # torch's own check names a mismatch in the number of groups
+    new_groups, keys = [], set()
+    for saved, current in zip(saved_groups, groups, strict=True):
+        if not _is_torch_muons(saved, current):
+            new_groups.append(saved)
+            continue
+        taken = {k: saved[k] for k in ("lr", "weight_decay", "momentum", "nesterov", "eps") if k in saved}
+        mine = {k: v for k, v in current.items() if k not in ("params", "param_names")}
+        # Muon's own algorithm options, so that a NorMuon or PolarGrad loading it converts as from orthoptim.Muon.
+        muon = {"row_norm": False, "scale_mode": saved.get("adjust_lr_fn") or "original"}
+        names = {"param_names": saved["param_names"]} if "param_names" in saved else {}
+        new_groups.append({**mine, **taken, **muon, "params": saved["params"], **names})
+        keys.update(saved["params"])
+    state = {
+        k: {**v, "step": v.get("step", 0), "nonfinite_skips": 0} if k in keys else v
+        for k, v in state_dict.get("state", {}).items()
+    }
+    return {**state_dict, "param_groups": new_groups, "state": state}
+
+
 def refuse_foreign_groups(saved_groups: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
     """Raise ``ValueError`` for a saved orthogonalized group that no orthoptim optimizer wrote (no ``schedule``:
     torch.optim.Muon's look like that), naming its options and what to do instead."""
     for i, (saved, current) in enumerate(zip(saved_groups, groups, strict=False)):
         if current.get("algorithm", "orthogonalized") != "adamw" and "schedule" not in saved:
             options = sorted(k for k in saved if k != "params")
+            hint = (
+                "torch.optim.Muon's: load_state_dict(state_dict, convert=True) carries its momentum buffers and "
+                "options over"
+                if "ns_coefficients" in saved
+                else "torch.optim.Muon's would have ns_coefficients"
+            )
             raise ValueError(
                 f"load_state_dict: saved param group {i} has no 'schedule' option, so it was not saved by an "
-                f"orthoptim optimizer (its options: {options}; torch.optim.Muon's look like this). To carry a "
-                "torch.optim.Muon run over, copy its momentum buffers into a fresh orthoptim optimizer's state "
-                "after its first step instead"
+                f"orthoptim optimizer (its options: {options}; {hint})"
             )
 
 
