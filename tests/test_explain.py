@@ -176,6 +176,7 @@ class TimmLikeViT(nn.Module):
         self.proj = nn.utils.parametrizations.weight_norm(nn.Linear(16, 16))
         self.gamma = nn.Parameter(torch.ones(16, 1, 1))
         self.up = nn.ConvTranspose2d(16, 16, 2, groups=16)
+        self.up1d = nn.ConvTranspose1d(16, 8, 3)  # weight (in, out, k): one matrix, flattened as stored
         self.head = nn.Linear(16, 10)
         self.head_dist = nn.Linear(16, 10)
 
@@ -185,7 +186,7 @@ class TimmLikeViT(nn.Module):
 
 def test_tables_gains_and_a_pair_of_heads_go_to_adamw() -> None:
     model = TimmLikeViT()
-    hidden = {"qkv.weight", "proj.parametrizations.weight.original1"}  # weight_norm's direction (out, in)
+    hidden = {"qkv.weight", "proj.parametrizations.weight.original1", "up1d.weight"}  # weight_norm's direction
     rows = {r.name: r for r in orthoptim.explain(model).rows}
     assert {name for name, r in rows.items() if r.algorithm == "muon"} == hidden
     assert "attention-bias table" in rows["relative_position_bias_table"].why
@@ -193,6 +194,7 @@ def test_tables_gains_and_a_pair_of_heads_go_to_adamw() -> None:
     assert rows["gamma"].why.startswith("vector stored 16×1×1")
     assert rows["proj.parametrizations.weight.original0"].why.startswith("vector stored 16×1")  # the gain
     assert "depthwise" in rows["up.weight"].why
+    assert "flattened as stored, in × out·k" in rows["up1d.weight"].why and rows["up1d.weight"].lr_factor == "1"
     assert "get_classifier()" in rows["head_dist.weight"].why and "get_classifier()" in rows["head.weight"].why
     matrices, others = orthoptim.split_params(model)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -274,7 +274,8 @@ def matrix_options_by_module(
     module: nn.Module, given: dict[str, Any], split: str | dict[str, Any] | None = None
 ) -> dict[int, tuple[tuple[str, Any], ...]]:
     """The group options ``module``'s layers need beyond their group's, by weight ``id``: ``nn.Conv1d`` weights
-    (out, in, k) are one out × in·k matrix (``shape_policy="flatten"``; a 3-D weight is otherwise a batch), and
+    (out, in, k) are one out × in·k matrix (``shape_policy="flatten"``; a 3-D weight is otherwise a batch), as are
+    ``nn.ConvTranspose1d`` weights (in, out, k), flattened as stored like every transposed convolution's, and
     ``Conv1D`` weights are stored (in, out) (``weight_layout="in_out"``) — each unless ``given`` sets that option.
     ``split``: ``"auto"`` (fused projections, ``AUTO_SPLIT_NAMES`` and ``nn.MultiheadAttention``) or a mapping
     from module names (a suffix of the path: ``"attn.c_attn"``, ``"c_attn"``), or names of matrix parameters
@@ -315,7 +316,7 @@ def matrix_options_by_module(
         if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
             continue
         transposed = is_transposed_linear(m)
-        if isinstance(m, nn.Conv1d) and "shape_policy" not in given:
+        if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)) and "shape_policy" not in given:
             options.append(("shape_policy", "flatten"))
         elif transposed and "weight_layout" not in given:
             options.append(("weight_layout", "in_out"))
@@ -392,6 +393,7 @@ def explain(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **
         raise TypeError(f"explain(model, optimizer): Hybrid options {sorted(hybrid_options)} apply without optimizer")
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     reasons = exclusion_reasons(model)
+    transposed_convs = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvTransposeNd)}
     special = matrix_options_by_module(model, {}, "auto")
     rows: list[ParamRow] = []
     seen: set[int] = set()
@@ -420,7 +422,10 @@ def explain(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **
             notes.append("stored (in, out): transformers' Conv1D")
         policy = group["shape_policy"]
         if p.ndim > 2 and (policy == "flatten" or (policy == "auto" and p.ndim >= 4)):
-            notes.append("flattened to out × in·k")  # a convolution: one row per output channel
+            if id(p) in transposed_convs:  # stored (in, out, *k): the transpose of its out·k × in operator
+                notes.append("flattened as stored, in × out·k (transposed convolution)")
+            else:
+                notes.append("flattened to out × in·k")  # a convolution: one row per output channel
         elif p.ndim > 2:
             notes.append(f"{math.prod(shape[:-2])} matrices (experts or heads)")
         if sizes is not None:
