@@ -266,3 +266,17 @@ def test_a_torch_muon_checkpoint_converts_on_request() -> None:
     normuon.load_state_dict(theirs.state_dict(), convert=True)
     assert all(float(normuon.state[p]["second_moment"].abs().sum()) == 0.0 for p in params)
     assert normuon.param_groups[0]["row_norm"] is True
+
+
+def test_a_torch_adamw_checkpoint_is_named_as_no_orthoptim_optimizers() -> None:
+    """Hybrid facing torch.optim.AdamW's state_dict of the same two groups: refused as not orthoptim's (not as
+    "Muon's"), naming its options."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    hybrid = orthoptim.Hybrid(model)
+    halves = [{"params": g["params"]} for g in hybrid.param_groups]
+    adamw = torch.optim.AdamW(halves)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    adamw.step()
+    with pytest.raises(ValueError, match=r"not saved by an orthoptim optimizer.*torch\.optim\.AdamW's"):
+        hybrid.load_state_dict(adamw.state_dict())

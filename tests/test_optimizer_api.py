@@ -411,3 +411,14 @@ def test_the_triton_backend_on_cpu_parameters_needs_the_interpreter(monkeypatch:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=r'backend="triton" runs its kernels on CUDA devices.*cpu'):
         orthoptim.Muon([nn.Parameter(torch.zeros(8, 8))], backend="triton")
+
+
+def test_hybrid_names_itself_for_unknown_keywords_and_sparse_adamw_gradients() -> None:
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
+    with pytest.raises(TypeError, match=r"Hybrid\.__init__\(\) got an unexpected keyword argument 'betas'"):
+        orthoptim.Hybrid(model, betas=(0.9, 0.99))
+    opt = orthoptim.Hybrid(model)
+    table = model[0].weight
+    table.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 8), (10, 8))
+    with pytest.raises(RuntimeError, match="Hybrid's AdamW half does not support sparse gradients"):
+        opt.step()

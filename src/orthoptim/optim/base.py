@@ -272,7 +272,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             if p.grad.is_sparse or (opts is not None and p.is_complex()):  # torch.optim.Muon's errors, its words
                 what = "sparse gradients" if p.grad.is_sparse else f"complex parameters ({p.dtype})"
                 name = type(self).__name__  # "PolarGrad: Muon does not ...", torch's words for its whole family
-                who = name if name.endswith("Muon") else f"{name}: Muon"
+                who = f"{name}'s AdamW half" if opts is None else name if name.endswith("Muon") else f"{name}: Muon"
                 raise RuntimeError(f"{who} does not support {what}: parameter of shape {tuple(p.shape)}")
             params.append(p)
             grads.append(p.grad)

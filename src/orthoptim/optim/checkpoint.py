@@ -231,20 +231,25 @@ def from_torch_muon(state_dict: dict[str, Any], groups: list[dict[str, Any]]) ->
 
 
 def refuse_foreign_groups(saved_groups: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
-    """Raise ``ValueError`` for a saved orthogonalized group that no orthoptim optimizer wrote (no ``schedule``:
-    torch.optim.Muon's look like that), naming its options and what to do instead."""
+    """Raise ``ValueError`` for a saved group that no orthoptim optimizer wrote (no ``schedule`` and not an
+    ``"adamw"`` group: torch.optim.Muon's and torch.optim.AdamW's look like that), naming its options and what to
+    do instead."""
     for i, (saved, current) in enumerate(zip(saved_groups, groups, strict=False)):
-        if current.get("algorithm", "orthogonalized") != "adamw" and "schedule" not in saved:
-            options = sorted(k for k in saved if k != "params")
+        # orthoptim writes a schedule into every orthogonalized group and "algorithm": "adamw" into AdamW ones.
+        ours = "schedule" in saved or saved.get("algorithm") == "adamw"
+        if not ours:
+            options = sorted(k for k in saved if k not in ("params", "param_names"))
             hint = (
                 "torch.optim.Muon's: load_state_dict(state_dict, convert=True) carries its momentum buffers and "
                 "options over"
-                if "ns_coefficients" in saved
+                if "ns_coefficients" in saved and current.get("algorithm") != "adamw"
+                else "another torch optimizer's, e.g. torch.optim.AdamW's"
+                if "betas" in saved
                 else "torch.optim.Muon's would have ns_coefficients"
             )
             raise ValueError(
-                f"load_state_dict: saved param group {i} has no 'schedule' option, so it was not saved by an "
-                f"orthoptim optimizer (its options: {options}; {hint})"
+                f"load_state_dict: saved param group {i} has neither a 'schedule' option nor 'algorithm': 'adamw', "
+                f"so it was not saved by an orthoptim optimizer (its options: {options}; {hint})"
             )
 
 

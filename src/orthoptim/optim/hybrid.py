@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -83,6 +84,10 @@ def _sort_group(
     return [{"params": half, **g} for g, half in made if half]
 
 
+#: The keywords Hybrid passes on to Muon (its matrices' options).
+_MUON_KEYWORDS = frozenset(inspect.signature(Muon.__init__).parameters) - {"self", "params"}
+
+
 class Hybrid(Muon):
     """One optimizer: an orthogonalized update (Muon, or NorMuon/PolarGrad via ``row_norm``/``scale_mode``) for
     hidden matrices and AdamW for the rest (embeddings, head, biases, gains).
@@ -158,6 +163,9 @@ class Hybrid(Muon):
         split: int | tuple[int, ...] | str | dict[str, Any] = 1,
         **kw: Any,
     ) -> None:
+        unknown = sorted(set(kw) - _MUON_KEYWORDS)
+        if unknown:  # named here: passed on, Muon.__init__ would name itself
+            raise TypeError(f"Hybrid.__init__() got an unexpected keyword argument {unknown[0]!r}")
         adamw = {"lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps, "weight_decay": adamw_weight_decay}
         by_module: str | dict[str, Any] | None = None  # split="auto" or {name: k or sizes}: per module, below
         if isinstance(split, (str, dict)):
