@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adamw import validate_adamw_group
 from .muon import Muon
+from .options import check_number
 from .split import _excluded_ids, _name_says_excluded, is_vector, matrix_options_by_module
 
 
@@ -166,7 +168,22 @@ class Hybrid(Muon):
         unknown = sorted(set(kw) - _MUON_KEYWORDS)
         if unknown:  # named here: passed on, Muon.__init__ would name itself
             raise TypeError(f"Hybrid.__init__() got an unexpected keyword argument {unknown[0]!r}")
-        adamw = {"lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps, "weight_decay": adamw_weight_decay}
+        adamw: dict[str, Any] = {
+            "lr": adamw_lr,
+            "betas": adamw_betas,
+            "eps": adamw_eps,
+            "weight_decay": adamw_weight_decay,
+        }
+        # The options first, as torch's optimizers check them (each group is checked again when built).
+        check_number("lr", lr, 0.0)
+        check_number("weight_decay", weight_decay, 0.0)
+        validate_adamw_group({**adamw, "params": []})
+        adamw["betas"] = tuple(adamw_betas)
+        if isinstance(params, torch.Tensor) or not isinstance(params, (nn.Module, Iterable)):
+            raise TypeError(
+                "Hybrid(params): an nn.Module, a pair (matrices, others) or param groups (dicts), got "
+                f"{torch.typename(params)}"
+            )
         by_module: str | dict[str, Any] | None = None  # split="auto" or {name: k or sizes}: per module, below
         if isinstance(split, (str, dict)):
             if split != "auto" and not isinstance(split, dict):
