@@ -316,6 +316,35 @@ def dtensor_matches_single_process(rank: int, world: int, tmp: str) -> None:
             assert type(v).__name__ == "DTensor" and tuple(v.shape) == (3, 1), (type(v), v.shape)
 
 
+def bfloat16_compute_matches_single_process(rank: int, world: int, tmp: str) -> None:
+    """The other scenarios pin float32; in bfloat16 (the default on CPUs with native bf16 products, and on GPUs)
+    the owner's O arrives in the parameters' dtype, and NorMuon's row factor and PolarGrad's norm must be applied
+    with the roundings one process applies (the update finished in bfloat16: 6e-5 off after three NorMuon steps
+    before). Replicated and DTensor Shard(0) parameters, Muon, NorMuon and PolarGrad."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    bf16 = {"compute_dtype": "bfloat16"}
+    classes: dict[str, Callable[..., torch.optim.Optimizer]] = {
+        "muon": lambda ps, **kw: orthoptim.Muon(ps, lr=0.02, **bf16, **kw),
+        "normuon": lambda ps, **kw: orthoptim.NorMuon(ps, lr=0.02, **bf16, **kw),
+        "polargrad": lambda ps, **kw: orthoptim.PolarGrad(ps, lr=1e-3, **bf16, **kw),
+    }
+    shapes = [(16, 32), (16, 32), (32, 16), (24, 24), (24, 24), (24, 24)]
+    for sharded in (False, True):
+        for name, make in classes.items():
+            full = make_params(shapes)
+            params = [nn.Parameter(shard(p.detach(), mesh)) for p in full] if sharded else full
+            opt = make(params)
+            for s in range(3):
+                for p, g in zip(params, full_grads(shapes, s), strict=True):
+                    p.grad = shard(g, mesh) if sharded else g
+                opt.step()
+            got = [full_value(p) for p in params]
+            assert_close(got, run_reference(make, shapes, [0, 1, 2]), f"{name} (sharded={sharded})")
+            assert_replicas_equal(got, name)
+
+
 def split_blocks_match_single_process(rank: int, world: int, tmp: str) -> None:
     """``split=2`` (row blocks orthogonalized on their own) over DTensor Shard(0) parameters — an owner gathers
     whole matrices and cuts them — mixed with replicated ones, every class: equal to one process."""
@@ -489,6 +518,7 @@ SCENARIOS: dict[str, Callable[[int, int, str], None]] = {
         raise_on_one_rank,
         grad_missing_on_one_rank,
         dtensor_matches_single_process,
+        bfloat16_compute_matches_single_process,
         split_blocks_match_single_process,
         split_sizes_match_single_process,
         one_rank_mesh,

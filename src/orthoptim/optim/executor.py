@@ -377,8 +377,8 @@ class DistributedExecutor:
                     v_full = torch.cat([_full(full, k + j).view(c, m) for j, c in zip(mine, counts, strict=True)])
                 O = orth(M_full)
                 update, new_v, out_sum, _ = torch_backend.finish_update(backend, O, M_full, v_full, opts, need_flags)
-                for j, u in zip(mine, update.split(counts), strict=True):
-                    results[j] = u.reshape(item_blocks[base + j].shape)
+                for j, u in zip(mine, update.split(counts), strict=True):  # sent in M's dtype (exact)
+                    results[j] = u.reshape(item_blocks[base + j].shape).to(M.dtype)
                 if new_v is not None:
                     for j, v in zip(mine, new_v.split(counts), strict=True):
                         results[k + j] = v.reshape(item_blocks[base + k + j].shape)

@@ -97,15 +97,18 @@ def prepare(
             M = M.mT if split == 1 else M.mT.reshape(mb.matrices, m, n)
         if start is not None:
             orth = functools.partial(polar, plan=plan, opts=opts, copies=copies)
-            started.append((mb, p_mb, b_mb, g_mb, M, old, new, table, scale, start(k, M, orth)))
+            started.append((mb, p_mb, b_mb, g_mb, M, old, new, table, scale, plan.dtype, start(k, M, orth)))
             continue
         O = polar(M, plan, opts, copies, out=O_out, workspace=held, compute_dtype_out=True)
         pending.append(
             _pending(backend, mb, p_mb, b_mb, g_mb, second, steps, M, O, old, new, table, opts, scale, need_flags, held)
         )
-    for mb, p_mb, b_mb, g_mb, M, old, new, table, scale, wait in started:
+    for mb, p_mb, b_mb, g_mb, M, old, new, table, scale, dtype, wait in started:
+        # O travels in M's dtype; in the compute dtype (an exact conversion: that is where its values were made)
+        # the update is finished as on one process — NorMuon's row factor rounds into it the same way.
+        O = wait().to(dtype)
         pending.append(
-            _pending(backend, mb, p_mb, b_mb, g_mb, second, steps, M, wait(), old, new, table, opts, scale, need_flags)
+            _pending(backend, mb, p_mb, b_mb, g_mb, second, steps, M, O, old, new, table, opts, scale, need_flags)
         )
     return pending
 
@@ -302,11 +305,14 @@ def step_factors(opts: MatrixOptions, scale: float) -> tuple[float | Tensor, flo
 
 
 def orthogonalize_megabatch(backend: Backend, opts: MatrixOptions) -> Callable[[Tensor], Tensor]:
-    """``polar`` as a function of ``M`` alone, for the executor's whole matrices (any shape)."""
+    """``polar`` as a function of ``M`` alone, for the executor's whole matrices (any shape): O in the compute
+    dtype, as ``prepare`` makes it, so that the update is finished (NorMuon's row factor, PolarGrad's norm) with
+    the same roundings as on one process."""
     copies = float32_copies(backend, opts)
 
     def orth(M: Tensor) -> Tensor:
-        return polar(M, _polar_plan(opts, M.shape[-2], M.shape[-1], M.device, copies)[0], opts, copies)
+        plan = _polar_plan(opts, M.shape[-2], M.shape[-1], M.device, copies)[0]
+        return polar(M, plan, opts, copies, compute_dtype_out=True)
 
     return orth
 
