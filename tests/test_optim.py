@@ -795,17 +795,19 @@ def test_a_non_finite_gradient_always_reaches_the_checked_update(
             assert_same_state(state, opt.state_dict(), ignore=("nonfinite_skips",))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("value", [0.02, 0.03])
 @pytest.mark.parametrize("cls", [orthoptim.Muon, orthoptim.NorMuon, orthoptim.PolarGrad, orthoptim.Hybrid])
-def test_a_tensor_lr_is_read_live_and_gives_the_float_lr_bits(cls: type, step_paths: str) -> None:
+def test_a_tensor_lr_is_read_live_and_gives_the_float_lr_bits(cls: type, step_paths: str, value: float) -> None:
     """``lr`` as a 0-d tensor (what a captured CUDA graph needs: it reads the value on the device): the same bits as
-    the float lr; changed in place between steps (as torch's schedulers do for tensor lrs: ``fill_``), the next
-    step uses the new value without the optimizer re-reading any Python number."""
+    the float lr of the tensor's value; changed in place between steps (as torch's schedulers do for tensor lrs:
+    ``fill_``), the next step uses the new value without the optimizer re-reading any Python number. 0.03 on the
+    tall matrix: −lr·√1.5 rounds differently in float32 than in float64 (the float lr's), 0.02 happens not to."""
     shapes = [(16, 24), (24, 16), (8,)]
 
     def train(tensor: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
         ps = [nn.Parameter(torch.randn(s)) for s in shapes]
-        lr: float | torch.Tensor = torch.tensor(0.02) if tensor else 0.02
+        lr: float | torch.Tensor = torch.tensor(value) if tensor else float(torch.tensor(value))
         if cls is orthoptim.Hybrid:
             adamw_lr: float | torch.Tensor = torch.tensor(1e-3) if tensor else 1e-3
             opt = cls(

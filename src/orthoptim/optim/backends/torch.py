@@ -299,8 +299,20 @@ def step_factors(opts: MatrixOptions, scale: float) -> tuple[float | Tensor, flo
     lr, wd = opts.lr, opts.weight_decay
     if opts.blocks is not None:  # unequal blocks carry their own lr scales (``finish_update``)
         scale = 1.0
-    alpha = 1.0 if opts.nuclear else -lr * scale
-    decay = 1.0 if not isinstance(wd, Tensor) and wd == 0 else 1.0 - lr * wd
+    if opts.nuclear:
+        alpha: float | Tensor = 1.0
+    elif isinstance(lr, Tensor):  # −lr·scale in float64, rounded once to lr's dtype: the float lr's bits
+        alpha = (lr.to(torch.float64) * -scale).to(lr.dtype)
+    else:
+        alpha = -lr * scale
+    if not isinstance(wd, Tensor) and wd == 0:
+        decay: float | Tensor = 1.0
+    elif isinstance(lr, Tensor) or isinstance(wd, Tensor):  # as alpha: in float64, rounded once
+        dtype = lr.dtype if isinstance(lr, Tensor) else wd.dtype  # type: ignore[union-attr]
+        lr64, wd64 = (v.to(torch.float64) if isinstance(v, Tensor) else v for v in (lr, wd))
+        decay = torch.as_tensor(1.0 - lr64 * wd64).to(dtype)
+    else:
+        decay = 1.0 - lr * wd
     return alpha, decay
 
 
