@@ -171,3 +171,36 @@ def test_split_auto_finds_fused_expert_parameters_by_name() -> None:
     assert splits == {1: [(4, 8, 16)], 2: [(4, 32, 8)]}
     opt = orthoptim.Hybrid(model, split={"experts.down_proj": 2})
     assert {g.get("split") for g in opt.param_groups if any(p is experts.down_proj for p in g["params"])} == {2}
+
+
+@pytest.mark.parametrize(("cell", "gates"), [(nn.LSTM, 4), (nn.GRU, 3)])
+def test_split_auto_orthogonalizes_each_recurrent_gate_on_its_own(cell: type, gates: int) -> None:
+    """An LSTM's weight_ih/weight_hh stack its four gates' matrices by rows (a GRU's three): with split="auto" one
+    step from zero momentum moves gate block i by −lr·√max(1, h/n)·polar(G_i), G_i its rows of the gradient
+    (float64 SVD) — not a quarter of polar(G)."""
+    torch.manual_seed(0)
+    hidden, inputs = 16, 8
+    rnn = cell(inputs, hidden, num_layers=1)
+    model = nn.ModuleDict({"rnn": rnn})
+    opt = orthoptim.Hybrid(
+        model, split="auto", lr=0.1, momentum=0.0, weight_decay=0.0, compute_dtype="float64",
+        schedule="polar_express", ns_steps=12,
+    )  # fmt: skip
+    weights = {"weight_ih_l0": inputs, "weight_hh_l0": hidden}
+    splits = {id(p): g.get("split") for g in opt.param_groups for p in g["params"]}
+    assert all(splits[id(getattr(rnn, name))] == gates for name in weights)
+    before = {name: getattr(rnn, name).detach().clone() for name in weights}
+    for name in weights:
+        getattr(rnn, name).grad = torch.randn(getattr(rnn, name).shape, dtype=torch.float32)
+    for p in rnn.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, n in weights.items():
+        w = getattr(rnn, name)
+        G = w.grad.double()  # type: ignore[union-attr]
+        moved = (w.detach() - before[name]).double()
+        for i in range(gates):
+            rows = slice(i * hidden, (i + 1) * hidden)
+            want = -0.1 * math.sqrt(max(1.0, hidden / n)) * _svd_polar(G[rows])
+            assert torch.allclose(moved[rows], want, atol=1e-6), (name, i)

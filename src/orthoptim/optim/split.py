@@ -240,7 +240,13 @@ def _auto_split(name: str, module: nn.Module, out: int, inputs: int, parent: nn.
     a block count (1: none), or q, k, v sizes for grouped-query attention (``_grouped_query_sizes``)."""
     if isinstance(module, nn.MultiheadAttention):
         return 3  # its in_proj_weight holds q, k and v (3·embed_dim rows)
-    k = AUTO_SPLIT_NAMES.get(name.rsplit(".", 1)[-1].lower(), 1)
+    own = name.rsplit(".", 1)[-1]
+    if isinstance(module, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)) and own.startswith(("weight_ih", "weight_hh")):
+        # The gates' weights stacked by rows: LSTM's input, forget, cell and output gates, GRU's reset, update and
+        # new (torch.nn.LSTM/GRU docs); the projection weight_hr of an LSTM with proj_size is one matrix.
+        gates = 4 if isinstance(module, (nn.LSTM, nn.LSTMCell)) else 3
+        return gates if out % gates == 0 else 1
+    k = AUTO_SPLIT_NAMES.get(own.lower(), 1)
     if k == 3 and out != 3 * inputs:  # not q, k, v of the model's width: grouped-query, if the heads say so
         return _grouped_query_sizes(parent, out) or 1
     return k if out % k == 0 else 1
