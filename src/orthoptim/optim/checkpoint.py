@@ -242,7 +242,7 @@ def refuse_foreign_groups(saved_groups: list[dict[str, Any]], groups: list[dict[
             hint = (
                 "torch.optim.Muon's: load_state_dict(state_dict, convert=True) carries its momentum buffers and "
                 "options over"
-                if "ns_coefficients" in saved and current.get("algorithm") != "adamw"
+                if _is_torch_muons(saved, current)
                 else "another torch optimizer's, e.g. torch.optim.AdamW's"
                 if "betas" in saved
                 else "torch.optim.Muon's would have ns_coefficients"

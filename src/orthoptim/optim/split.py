@@ -82,7 +82,7 @@ def split_params(
     others: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
-            (matrices if p.ndim >= 2 and id(p) not in excluded and not is_vector(p) else others).append(p)
+            (matrices if p.ndim >= 2 and id(p) not in excluded else others).append(p)
     return matrices, others
 
 
@@ -132,7 +132,7 @@ def exclusion_reasons(
                 for p in mod.parameters():
                     reasons.setdefault(id(p), f"embedding table ({type(mod).__name__} {name})")
         for name, p in model.named_parameters():
-            if _own_name_says_embedding(name, parts):
+            if _own_name_says(name, parts):
                 reasons.setdefault(id(p), "embedding (its name)")
     if exclude_head:
         # The model's own word for its head, where it has one: transformers' get_output_embeddings() (an LM head,
@@ -179,10 +179,6 @@ def _own_name_says(name: str, parts: tuple[str, ...]) -> bool:
     return any(part in name.rsplit(".", 1)[-1].lower() for part in parts)
 
 
-def _own_name_says_embedding(name: str, parts: tuple[str, ...] = EMBEDDING_NAME_PARTS) -> bool:
-    return _own_name_says(name, parts)
-
-
 def is_vector(p: torch.Tensor) -> bool:
     """Whether ``p`` has ≥ 2 dims but at most one of them > 1: a vector in a matrix's shape (a weight-norm gain
     ``(out, 1)``, a layer scale ``(C, 1, 1)``, Swin-v2's ``logit_scale`` ``(heads, 1, 1)``). Its "polar factor"
@@ -210,7 +206,7 @@ def _name_says_excluded(name: str) -> bool:
     table is known by its module's type only (``embed_tokens.weight``, ``wte.weight``), which a name does not show."""
     module = name.rsplit(".", 1)[0] if "." in name else ""
     return (
-        _own_name_says_embedding(name)
+        _own_name_says(name, EMBEDDING_NAME_PARTS)
         or _own_name_says(name, TABLE_NAME_PARTS)
         or (bool(module) and module.rsplit(".", 1)[-1] in HEAD_NAMES)
     )
